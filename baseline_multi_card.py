@@ -83,7 +83,8 @@ def main(argv=None):
         criterion = nn.CrossEntropyLoss()
         optimizer = common.make_optimizer(args, model.parameters())
         scaler = common.make_scaler(args, ctx)
-        results = common.Results(args.output, METHOD, ctx, args, info, ctx.is_main, weights=weights,
+        results = common.Results(args.output, METHOD, ctx, args, info, ctx.is_main, kind="baseline_ddp",
+                                 weights=weights,
                                  steps_per_epoch=steps)
         common.print0(ctx, f"{METHOD}: {ctx.world_size} processes ({ctx.backend}, {common.device_name(ctx.device)}), "
                            f"{args.arch} on {info.name} ({info.train_size} train / {info.val_size} val images, "
