@@ -115,8 +115,12 @@ def check_output_path(path):
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist (create it or change --output)")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable (change --output)")
+    try:
+        with open(folder / f".write-test-{os.getpid()}", "w"):
+            pass
+        os.remove(folder / f".write-test-{os.getpid()}")
+    except OSError as e:
+        raise UserError(f"output folder {folder} is not writable: {e.strerror} (change --output)") from None
 
 
 # --------------------------------------------------------------------------- distributed setup
@@ -193,6 +197,22 @@ def run_main(main):
             print("interrupted: results written so far are kept, marked \"status\": \"incomplete\"",
                   file=sys.stderr)
         sys.exit(130)
+    except (dist.DistError, RuntimeError) as e:
+        if not _is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"[rank {os.environ.get('RANK', '0')}] error: communication with another process failed: a peer "
+              f"died or stopped answering within --timeout ({first}); finished epochs are kept in the results "
+              f"file, marked \"status\": \"incomplete\"", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _is_peer_failure(e):
+    """A collective that failed because another rank died or timed out (not a bug in this process)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(s in text for s in (
+        "Connection reset by peer", "Connection closed by peer", "Timed out waiting", "timed out", "Broken pipe",
+        "NCCL communicator was aborted", "Socket Timeout"))
 
 
 _training_started = False  # setup errors are the same on every rank: only rank 0 reports them
@@ -308,12 +328,24 @@ def resolve_data(args):
     return "sample", None
 
 
-def _image_folder(path, transform):
+def _image_folder(path, transform, ctx=None):
+    """torchvision ImageFolder whose mistakes are one line; files that are not images are skipped, counted."""
     from torchvision import datasets
+    skipped = []
+
+    def is_image(file):
+        ok = datasets.folder.has_file_allowed_extension(file, datasets.folder.IMG_EXTENSIONS)
+        if not ok:
+            skipped.append(file)
+        return ok
+
     try:
-        ds = datasets.ImageFolder(str(path), transform=transform, loader=_load_image)
+        ds = datasets.ImageFolder(str(path), transform=transform, loader=_load_image, is_valid_file=is_image)
     except FileNotFoundError as e:
-        raise UserError(f"{path}: {e} (each class needs its own folder of images)") from None
+        raise UserError(f"{path}: {e} (each class needs its own folder of images)".replace("\n", " ")) from None
+    if skipped and ctx is not None:
+        print0(ctx, f"warning: skipped {len(skipped)} file(s) in {path} that are not images by their extension "
+                    f"(e.g. {skipped[0]})")
     return ds
 
 
@@ -368,8 +400,8 @@ def build_data(args, ctx, num_replicas, replica_rank, load=True):
                                    transforms.ToTensor(), normalize])
     val_tf = transforms.Compose([transforms.Resize(int(round(size / 0.875))), transforms.CenterCrop(size),
                                  transforms.ToTensor(), normalize])
-    train_set = _image_folder(Path(root) / "train", train_tf)
-    val_set = _image_folder(Path(root) / "val", val_tf)
+    train_set = _image_folder(Path(root) / "train", train_tf, ctx)
+    val_set = _image_folder(Path(root) / "val", val_tf, ctx)
     if train_set.classes != val_set.classes:
         only_train = sorted(set(train_set.classes) - set(val_set.classes))[:5]
         only_val = sorted(set(val_set.classes) - set(train_set.classes))[:5]
