@@ -88,11 +88,11 @@ def test_empty_class_folder(tmp_path):
     assert "empty_class" in line
 
 
-@pytest.mark.parametrize("workers", ["0", "1"])
-def test_corrupted_image(tmp_path, workers):
+@pytest.mark.parametrize("workers,damage", [("0", "garbage"), ("1", "garbage"), ("0", "truncated")])
+def test_corrupted_image(tmp_path, workers, damage):
     root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2)
     for image in (root / "train" / "class0").iterdir():
-        image.write_bytes(b"this is not a png")
+        image.write_bytes(b"this is not a png" if damage == "garbage" else image.read_bytes()[:60])
     proc = _mistake(tmp_path, "--data-dir", root, "--workers", workers, "--calib-steps", "0")
     line = _one_error_line(proc)
     assert "cannot read image" in line and "class0" in line
@@ -117,3 +117,56 @@ def test_wrong_data_dir_under_torchrun_is_reported_once(tmp_path):
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and "nowhere" in ours[0]
+
+
+def test_non_image_files_are_skipped_with_a_warning(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2)
+    (root / "train" / "class0" / "notes.txt").write_text("not an image")
+    proc = _mistake(tmp_path, "--data-dir", root, "--calib-steps", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: skipped 1 file(s)" in proc.stdout and "notes.txt" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["dataset"]["train_size"] == 8
+
+
+def test_class_folders_differ_between_train_and_val(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2)
+    (root / "val" / "class1").rename(root / "val" / "other")
+    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
+    assert "class folders differ" in line and "class1" in line and "other" in line
+
+
+def test_empty_val(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2)
+    import shutil
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
+    assert str(root / "val") in line
+
+
+def test_batch_larger_than_a_shard(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=1)
+    line = _one_error_line(_mistake(tmp_path, "--data-dir", root, "--batch-size", "9"))
+    assert "--batch-size 9 is larger than the 8 training images" in line
+
+
+@pytest.mark.parametrize("where", ["missing", "unwritable"])
+def test_output_that_cannot_be_written(tmp_path, where):
+    target = tmp_path / "no" / "r.json" if where == "missing" else "/proc/r.json"  # root can't write /proc
+    proc = run_python("baseline_multi_card.py", *FAST_ARGS, "--output", target, cwd=tmp_path, timeout=120)
+    line = _one_error_line(proc)
+    assert str(target.parent if where == "missing" else "/proc") in line
+
+
+def test_weights_file_that_is_not_a_state_dict(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
+    line = _one_error_line(_mistake(tmp_path, "--weights", tmp_path / "w.pth"))
+    assert "is not a resnet18 state dict" in line
+
+
+def test_nan_loss_stops_and_keeps_valid_results(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=40, val_per_class=2)
+    line = _one_error_line(_mistake(tmp_path, "--data-dir", root, "--lr", "1e6", "--calib-steps", "0",
+                                    "--epochs", "3"))
+    assert "loss became nan" in line or "loss became inf" in line
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "incomplete"
