@@ -64,6 +64,7 @@ class Run:
         value = self.data.get("summary", {}).get(key)
         if isinstance(value, (int, float)):
             return float(value)
+        key = {"avg_train_throughput": "train_throughput", "avg_train_time_per_epoch": "train_time"}.get(key, key)
         values = [e[key] for e in self.epochs if isinstance(e.get(key), (int, float))]
         return statistics.mean(values) if values and len(values) == len(self.epochs) else None
 
@@ -285,120 +286,116 @@ COMM_NOTE = ("Times are per training step, as each method's rank 0 (PS: worker r
 
 
 # --------------------------------------------------------------------------- plots
-def _bars(runs, values, path, xlabel, title, text):
-    """A horizontal bar per run in its colour; incomplete runs hatched; the value written on each bar."""
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.55 * len(runs)))
+def bar_axes(runs, extra_height=1.2):
+    """A figure with one horizontal bar row per run, top to bottom, labelled with the run."""
+    fig, ax = plt.subplots(figsize=(10, extra_height + 0.55 * len(runs)))
     y = np.arange(len(runs))[::-1]
-    vals = [v or 0.0 for v in values]
-    bars = ax.barh(y, vals, color=[r.colour for r in runs], edgecolor="black", linewidth=0.6)
-    for bar, r in zip(bars, runs):
-        bar.set_hatch(None if r.complete else "//")
-    for yi, v, r in zip(y, values, runs):
-        ax.text((v or 0) + max(vals) * 0.01, yi, text(v, r), va="center", fontsize=9)
     ax.set_yticks(y, [r.label for r in runs])
-    ax.set_xlim(0, max(vals) * 1.35 if max(vals) > 0 else 1)
+    for tick, r in zip(ax.get_yticklabels(), runs):
+        tick.set_color(r.colour)
+    return fig, ax, y
+
+
+def save(fig, ax, path, xlabel, ylabel, title, legend=None):
     ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="x" if ylabel is None else "both", alpha=0.3)
+    if legend:
+        ax.legend(**legend)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def _bars(runs, values, path, xlabel, title, text):
+    """A horizontal bar per run in its colour; incomplete runs hatched; the value written on each bar."""
+    fig, ax, y = bar_axes(runs)
+    vals = [v or 0.0 for v in values]
+    for yi, v, r in zip(y, values, runs):
+        ax.barh(yi, v or 0, color=r.colour, edgecolor="black", linewidth=0.6, hatch=None if r.complete else "//")
+        ax.text((v or 0) + max(vals) * 0.01, yi, text(v, r), va="center", fontsize=9)
+    ax.set_xlim(0, max(vals) * 1.35 if max(vals) > 0 else 1)
+    save(fig, ax, path, xlabel, None, title)
+
+
 def line_widths(runs):
+    """Widest first, so that curves that coincide (same math) stay visible as nested lines."""
     return np.linspace(5, 1.5, len(runs)) if len(runs) > 1 else [2]
 
 
+NESTED_LEGEND = dict(fontsize=8, title="curves that coincide nest (wider drawn first)", title_fontsize=8,
+                     loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
 def plot_loss(runs, path):
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    for r, width in zip(runs, line_widths(runs)):  # first drawn widest: curves that coincide stay visible
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    for r, width in zip(runs, line_widths(runs)):
         x, y = loss_curve(r)
         if len(y):
             ax.plot(x, y, color=r.colour, alpha=0.2, linewidth=0.8)
             ax.plot(*smoothed_curve(r), color=r.colour, linewidth=width, label=r.label,
                     linestyle="-" if r.complete else "--")
-    ax.set_xlabel("epoch (per-step losses, each run's steps spread over its epoch)")
-    ax.set_ylabel("training loss (cross-entropy)")
-    ax.set_title("Training loss per step (faint: raw, bold: moving average over ~1/4 epoch)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, title="curves that coincide nest (wider drawn first)", title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, ax, path, "epoch (per-step losses, each run's steps spread over its epoch)",
+         "training loss (cross-entropy)", "Training loss per step (faint: raw, bold: moving average over "
+         "~1/4 epoch; dashed: incomplete)", NESTED_LEGEND)
 
 
 def plot_accuracy(runs, path):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, key, title in zip(axes, ("train_accuracy", "val_accuracy"), ("Training accuracy", "Validation accuracy")):
         for i, (r, width) in enumerate(zip(runs, line_widths(runs))):
             pts = [(e["epoch"], e[key]) for e in r.epochs if isinstance(e.get(key), (int, float))]
             if pts:
                 ax.plot(*zip(*pts), marker="osD^vPX"[i % 7], markersize=2.5 * width + 2, linewidth=width,
                         color=r.colour, label=r.label, linestyle="-" if r.complete else "--")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8, title="curves that coincide nest (wider drawn first)", title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, axes[1], path, "epoch", None, "Validation accuracy", NESTED_LEGEND)  # the figure, both panels
 
 
 def plot_comm(runs, path):
-    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.6 * len(runs)))
-    y = np.arange(len(runs))[::-1]
+    fig, ax, y = bar_axes(runs, 1.6)
     ends = []
     for yi, r in zip(y, runs):
-        pull, push, allreduce, total, ops = comm_times(r)
-        hatch = None if r.complete else "//"
-        if ops and total is not None and ops > total * 1.01:
+        pull, push, _, total, ops = comm_times(r)
+        style = dict(color=r.colour, edgecolor="black", linewidth=0.6, hatch=None if r.complete else "//")
+        if ops and total is not None and ops > total * 1.01:  # all comm op time, partly behind backward
             ax.barh(yi, ops * 1e3, color="none", edgecolor=r.colour, linestyle="--", linewidth=1.5)
         if pull is not None and push is not None:
-            ax.barh(yi, pull * 1e3, color=r.colour, edgecolor="black", linewidth=0.6, hatch=hatch)
-            ax.barh(yi, push * 1e3, left=pull * 1e3, color=r.colour, alpha=0.55, edgecolor="black",
-                    linewidth=0.6, hatch=hatch or "..")
+            ax.barh(yi, pull * 1e3, **style)
+            ax.barh(yi, push * 1e3, left=pull * 1e3, alpha=0.55, **{**style, "hatch": style["hatch"] or ".."})
             text = f"{total * 1e3:.1f} ms (pull {pull * 1e3:.1f} + push {push * 1e3:.1f})"
         else:
-            ax.barh(yi, (total or 0) * 1e3, color=r.colour, edgecolor="black", linewidth=0.6, hatch=hatch)
+            ax.barh(yi, (total or 0) * 1e3, **style)
             text = "not measured" if total is None else f"{total * 1e3:.1f} ms" + (
                 f" (ops {ops * 1e3:.1f} ms, rest hidden)" if ops and ops > total * 1.01 else "")
         ends.append(max(total or 0, ops or 0) * 1e3)
-        ax.text(ends[-1] * 1.01 + 0.01, yi, " " + text, va="center", fontsize=9)
-    ax.set_yticks(y, [r.label for r in runs])
+        ax.text(ends[-1] * 1.01, yi, " " + text, va="center", fontsize=9)
     ax.set_xlim(0, max(ends + [1e-3]) * 1.6)
-    ax.set_xlabel("communication a training step waits on (ms per step)")
-    ax.set_title("Communication overhead: PS pull (solid) + push (dotted fill) vs all-reduce vs DDP\n"
-                 "dashed outline: all communication op time, including what overlaps backward")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, ax, path, "communication a training step waits on (ms per step)", None,
+         "Communication overhead: PS pull (solid) + push (dotted fill) vs all-reduce vs DDP\n"
+         "dashed outline: all communication op time, including what overlaps backward")
 
 
 def plot_breakdown(runs, path):
-    fig, ax = plt.subplots(figsize=(10, 1.8 + 0.55 * len(runs)))
-    y = np.arange(len(runs))[::-1]
+    fig, ax, y = bar_axes(runs, 1.8)
     parts = [breakdown(r) for r in runs]
-    totals = [sum(p.values()) * 1e3 for p in parts]
+    left = np.zeros(len(runs))
     for name, colour in PHASE_COLOURS.items():
-        left = [sum(v for k, v in p.items() if list(PHASE_COLOURS).index(k) < list(PHASE_COLOURS).index(name))
-                * 1e3 for p in parts]
-        ax.barh(y, [p[name] * 1e3 for p in parts], left=left, color=colour, edgecolor="white", label=name)
-    for yi, p, t in zip(y, parts, totals):
-        share = 100 * p["exposed comm"] / (t / 1e3) if t else 0
-        ax.text(t * 1.01, yi, f" {t:.1f} ms/step, comm {share:.0f}%", va="center", fontsize=9)
-    ax.set_yticks(y, [r.label for r in runs])
-    for tick, r in zip(ax.get_yticklabels(), runs):
-        tick.set_color(r.colour)
-    ax.set_xlim(0, max(totals + [1e-3]) * 1.45)
-    ax.set_xlabel("time per training step (ms); compute = step - data - comm - update")
-    ax.set_title("Where a training step goes")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / (1.8 + 0.55 * len(runs))), fontsize=9, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+        widths = np.array([p[name] * 1e3 for p in parts])
+        ax.barh(y, widths, left=left, color=colour, edgecolor="white", label=name)
+        left += widths
+    for yi, p, total in zip(y, parts, left):
+        ax.text(total * 1.01, yi, f" {total:.1f} ms/step, comm {100 * p['exposed comm'] * 1e3 / total:.0f}%",
+                va="center", fontsize=9)
+    ax.set_xlim(0, max(left) * 1.45)
+    save(fig, ax, path, "time per training step (ms); compute = step - data - comm - update", None,
+         "Where a training step goes", dict(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / (1.8 + 0.55 * len(runs))), fontsize=9, ncol=4))
 
 
 def scaling_groups(runs):
@@ -414,26 +411,19 @@ def plot_scaling(runs, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
     sizes = set()
     for (kind, variant), group in scaling_groups(runs).items():
-        ws = [r.world_size for r in group]
-        thr = [r.metric("avg_train_throughput") for r in group]
+        ws, thr = [r.world_size for r in group], [r.metric("avg_train_throughput") for r in group]
         name = KINDS[kind][0] + (f" ({variant})" if variant else "")
-        colour = group[0].colour
-        ax.plot(ws, thr, marker="o", color=colour, linewidth=2, label=name)
         ideal = [thr[0] * r.trainers / group[0].trainers for r in group]
-        ax.plot(ws, ideal, linestyle=":", color=colour, label=f"{name}: ideal (linear in trainers)")
-        for r, t, i in zip(group, thr, ideal):
+        ax.plot(ws, thr, marker="o", color=group[0].colour, linewidth=2, label=name)
+        ax.plot(ws, ideal, linestyle=":", color=group[0].colour, label=f"{name}: ideal (linear in trainers)")
+        for r, t, i in list(zip(group, thr, ideal))[1:]:
             ax.annotate(f"{t:.0f} ({100 * t / i:.0f}%)" + ("" if r.complete else " incomplete"),
-                        (r.world_size, t), textcoords="offset points", xytext=(5, -12), fontsize=8)
+                        (r.world_size, t), textcoords="offset points", xytext=(6, -4), fontsize=8)
         sizes.update(ws)
     ax.set_xticks(sorted(sizes))
-    ax.set_xlabel("processes (world size; the PS trains on all but one)")
-    ax.set_ylabel("training throughput (img/s)")
-    ax.set_title("Scaling: throughput vs processes (label: img/s and % of ideal)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, ax, path, "processes (world size; the PS trains on all but one)", "training throughput (img/s)",
+         "Scaling: throughput vs processes (labels: img/s and % of ideal from the smallest run)",
+         dict(fontsize=8))
 
 
 def make_plots(runs, plots):
