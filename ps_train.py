@@ -55,9 +55,9 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- the exchange
 def make_buckets(tensors, bucket_mb):
     """Consecutive groups of `tensors` of about `bucket_mb` MiB each (at least one tensor a group)."""
-    buckets, size = [[]], 0
+    buckets, size = [], 0
     for t in tensors:
-        if buckets[-1] and size + 4 * t.numel() > bucket_mb * 2**20:
+        if not buckets or size + 4 * t.numel() > bucket_mb * 2**20:
             buckets.append([])
             size = 0
         buckets[-1].append(t)

@@ -1,0 +1,184 @@
+"""ps_train.py: the server/worker exchange in real gloo groups, against a single-process reference."""
+import copy
+import json
+
+import numpy as np
+
+import torch
+import torch.nn as nn
+
+import common
+import ps_train
+from dist_helpers import FAST_ARGS, error_lines, run_in_group, run_python, run_script
+
+STEPS = 3
+COMMS = ("p2p", "collective", "overlap")
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3), nn.BatchNorm2d(6),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+
+
+NETS = {"mlp": (_mlp, (8,)), "bn": (_bn_net, (3, 8, 8))}
+
+
+def _batch(worker, step, shape, poison=None):
+    """Worker `worker`'s batch at `step` (different for every worker); `poison` = (worker, step) gets an inf."""
+    g = torch.Generator().manual_seed(1000 * worker + step)
+    images = 3 * torch.randn(6, *shape, generator=g)
+    if poison == (worker, step):
+        images[0].fill_(float("inf"))
+    return images, torch.randint(0, 4, (6,), generator=g)
+
+
+def _args(*extra):
+    return ps_train.parse_args(["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.01", *extra])
+
+
+def _ps_run(rank, world_size, net, comm, extra, poison):
+    """STEPS steps of the PS algorithm as ps_train runs them; returns this rank's parameters and buffers."""
+    make, shape = NETS[net]
+    args = _args(*extra)
+    ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
+    model = make()
+    # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised).
+    comm_ = ps_train.PSComm(model, comm, world_size - 1, bucket_mb=0.0005)
+    assert len(comm_.pull_buckets) > 2 and len(comm_.push_buckets) > 2
+    if rank == 0:
+        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
+        for _ in range(STEPS):
+            ps_train.server_step(comm_, optimizer, scaler)
+        scales = scaler.get_scale()
+    else:
+        for step in range(STEPS):
+            clock = common.StepClock(ctx.device)
+            clock.begin()
+            images, targets = _batch(rank, step, shape, poison)
+            ps_train.worker_step(model, comm_, nn.CrossEntropyLoss(), images, targets, args, ctx, clock)
+            assert {"pull", "compute", "push"} <= {name for name, _ in clock.steps[-1]}
+        scales = None
+    comm_.sync()  # the workers fetch the final update, as before validation
+    return _arrays(model), scales
+
+
+def _reference(world_size, net, extra, poison):
+    """Single process: SGD (GradScaler with fp16) applying the mean of every worker's gradient, BN buffers
+    averaged the same way."""
+    make, shape = NETS[net]
+    args = _args(*extra)
+    ctx = common.DistContext(0, 0, 1, 1, torch.device("cpu"), "gloo", True)
+    model = make()
+    optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
+    for step in range(STEPS):
+        grads, buffers = [], []
+        for worker in range(1, world_size):
+            replica = copy.deepcopy(model)
+            replica.zero_grad(set_to_none=True)
+            images, targets = _batch(worker, step, shape, poison)
+            with common.autocast(args, ctx):
+                loss = nn.CrossEntropyLoss()(replica(images), targets)
+            scaler.scale(loss).backward()
+            grads.append([p.grad for p in replica.parameters()])
+            buffers.append([b.clone() for b in replica.buffers()])
+        with torch.no_grad():
+            for p, *gs in zip(model.parameters(), *grads):
+                p.grad = sum(gs) / (world_size - 1)
+            for b, *bs in zip(model.buffers(), *buffers):
+                b.copy_(sum(bs) / (world_size - 1))
+        scaler.step(optimizer)
+        scaler.update()
+    return _arrays(model), scaler.get_scale()
+
+
+def _arrays(model):
+    """Parameters then buffers, as numpy arrays (tensors would cross the result queue as shared memory that
+    dies with the child)."""
+    return [t.detach().numpy().copy() for t in (*model.parameters(), *model.buffers())]
+
+
+def _all_modes(rank, world_size, net, extra, poison):
+    """Every --comm in turn in one group, then (on the server) the reference, in the same 1-thread process."""
+    runs = {comm: _ps_run(rank, world_size, net, comm, extra, poison) for comm in COMMS}
+    return runs, _reference(world_size, net, extra, poison) if rank == 0 else None
+
+
+def _check_exact(world_size, net, extra=(), poison=None):
+    ranks = run_in_group(_all_modes, world_size, net, list(extra), poison)
+    (reference, ref_scale) = ranks[0][1]
+    for comm in COMMS:
+        assert ranks[0][0][comm][1] == ref_scale, comm
+        for rank, (runs, _) in enumerate(ranks):
+            tensors, _ = runs[comm]
+            for i, (got, want) in enumerate(zip(tensors, reference)):
+                assert np.array_equal(got, want), f"--comm {comm}, rank {rank}, tensor {i}: differs from the reference"
+    return ranks, reference
+
+
+def test_p2p_collective_overlap_equal_single_process_sgd():
+    ranks, reference = _check_exact(3, "mlp")
+    initial = [t.detach().numpy() for t in _mlp().parameters()]
+    assert not any(np.array_equal(a, b) for a, b in zip(initial, reference))  # training moved every tensor
+
+
+def test_batchnorm_buffers_identical_on_every_worker():
+    ranks, reference = _check_exact(3, "bn")
+    # running_mean / running_var / num_batches_tracked of both BatchNorms: averaged, then served back
+    buffers = reference[-6:]
+    assert buffers[2] == STEPS and not np.array_equal(buffers[0], np.zeros(6))
+    for comm in COMMS:
+        worker1, worker2 = ranks[1][0][comm][0], ranks[2][0][comm][0]
+        assert all(np.array_equal(a, b) for a, b in zip(worker1[-6:], worker2[-6:])), comm
+
+
+def test_one_worker():
+    _check_exact(2, "bn")
+
+
+def test_fp16_scaler_skips_an_inf_step_like_gradscaler():
+    # Worker 2's batch at step 1 overflows: the server skips that update for everyone and halves the scale.
+    ranks, _ = _check_exact(3, "mlp", ("--amp", "--amp-dtype", "fp16"), poison=(2, 1))
+    assert ranks[0][0]["collective"][1] == 65536.0 / 2
+
+
+def test_default_outputs_and_flags():
+    assert ps_train.parse_args([]).output == "results_ps.json"
+    assert ps_train.parse_args(["--comm", "p2p"]).output == "results_ps_p2p.json"
+    assert ps_train.parse_args(["--comm", "overlap", "--output", "x.json"]).output == "x.json"
+    assert ps_train.parse_args(["--comm", "overlap"]).bucket_mb == 25.0
+
+
+def test_world_size_one_is_one_clear_line(tmp_path):
+    proc = run_python("ps_train.py", *FAST_ARGS, "--output", tmp_path / "r.json", cwd=tmp_path)
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and "at least 2 processes" in lines[0] and "--nproc_per_node" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_end_to_end_three_processes(tmp_path):
+    out = tmp_path / "ps.json"
+    proc = run_script("ps_train.py", *FAST_ARGS, "--max-steps", "3", "--comm", "overlap", "--output", out,
+                      nproc=3, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    # Every field the guide's results_ps.json names.
+    assert {"method", "world_size", "num_workers", "batch_size", "epochs", "summary", "all_losses"} <= set(data)
+    assert {"epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
+            "avg_comm_time_pull", "avg_comm_time_push", "val_loss", "val_accuracy"} <= set(data["epochs"][0])
+    assert {"avg_train_throughput", "avg_train_time_per_epoch", "avg_comm_time_pull", "avg_comm_time_push",
+            "best_val_accuracy", "avg_server_update_time"} <= set(data["summary"])
+    assert data["status"] == "complete" and data["kind"] == "ps" and data["comm"] == "overlap"
+    assert data["num_workers"] == 2 and data["world_size"] == 3 and data["mode"] == "sync"
+    epoch = data["epochs"][0]
+    assert epoch["images_trained"] == 2 * 3 * 4  # two workers, three steps of batch 4: the server trains none
+    assert epoch["avg_comm_time"] == epoch["avg_comm_time_pull"] + epoch["avg_comm_time_push"]
+    assert epoch["avg_server_update_time"] > 0 and len(data["all_losses"]) == 3
+    # One voice: the epoch summary once (rank 1), the server's statistics once (rank 0).
+    assert proc.stdout.count("epoch 1: train loss") == 1 and proc.stdout.count("server epoch 1:") == 1
