@@ -8,6 +8,7 @@ never from its name; a file that cannot be read is named in one line and skipped
 finish is kept but marked "(incomplete)" everywhere.
 """
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -147,23 +148,27 @@ def load_all(results_dir):
 
 
 # --------------------------------------------------------------------------- derived numbers
+Comm = collections.namedtuple("Comm", "pull push allreduce total ops")
+
+
 def comm_times(run):
-    """Seconds per step: (pull, push, all-reduce, exposed total, comm ops total incl. hidden), None if unknown."""
+    """Seconds per step (None where not measured): PS pull and push, all-reduce, the exposed total a step
+    waits on, and the communication ops' own time including what overlaps backward."""
     pull, push = run.metric("avg_comm_time_pull"), run.metric("avg_comm_time_push")
     if run.kind == "ps":
         total = pull + push if pull is not None and push is not None else run.metric("avg_comm_time")
-        return pull, push, None, total, total
+        return Comm(pull, push, None, total, total)
     exposed = run.metric("avg_comm_time")
-    if exposed is None and run.kind == "baseline_ddp":
+    if exposed is None and run.kind == "baseline_ddp":  # DDP's calibrated exposed communication
         exposed = run.data.get("comm_calibration", {}).get("exposed_comm_time")
-    return None, None, exposed, exposed, run.metric("avg_comm_op_time")
+    return Comm(None, None, exposed, exposed, run.metric("avg_comm_op_time"))
 
 
 def breakdown(run):
     """Seconds per step spent in each phase; compute is the rest of the step, so the parts add up."""
     step = run.metric("avg_batch_time")
     data = run.metric("avg_data_time") or 0.0
-    comm = comm_times(run)[3] or 0.0
+    comm = comm_times(run).total or 0.0
     updates = [e.get("phase_times", {}).get("update", 0.0) for e in run.epochs]
     update = statistics.mean(updates)
     return {"compute": max(0.0, step - data - comm - update), "exposed comm": comm,
@@ -208,10 +213,15 @@ def smooth(y, window):
     return (c[hi] - c[lo]) / (hi - lo)
 
 
+def smoothing_window(run):
+    """About a quarter of an epoch's steps (1, no smoothing, for short epochs)."""
+    steps = sum(len(e.get("all_losses") or []) for e in run.epochs)
+    return max(1, min(steps // 4, round(steps / len(run.epochs) / 4)))
+
+
 def smoothed_curve(run):
     x, y = loss_curve(run)
-    steps_per_epoch = len(y) / max(1, len(run.epochs))
-    return x, smooth(y, max(1, min(len(y) // 4, round(steps_per_epoch / 4))))
+    return x, smooth(y, smoothing_window(run))
 
 
 def curve_difference(run, ref):
@@ -337,9 +347,11 @@ def plot_loss(runs, path):
             ax.plot(x, y, color=r.colour, alpha=0.2, linewidth=0.8)
             ax.plot(*smoothed_curve(r), color=r.colour, linewidth=width, label=r.label,
                     linestyle="-" if r.complete else "--")
+    smoothed = any(smoothing_window(r) > 1 for r in runs)
     save(fig, ax, path, "epoch (per-step losses, each run's steps spread over its epoch)",
-         "training loss (cross-entropy)", "Training loss per step (faint: raw, bold: moving average over "
-         "~1/4 epoch; dashed: incomplete)", NESTED_LEGEND)
+         "training loss (cross-entropy)", "Training loss per step" + (
+             " (faint: raw, bold: moving average over ~1/4 epoch)" if smoothed else "")
+         + ("; dashed: incomplete run" if not all(r.complete for r in runs) else ""), NESTED_LEGEND)
 
 
 def plot_accuracy(runs, path):
@@ -485,7 +497,7 @@ def analysis(runs):
             out.append(f"- Throughput at {ws} processes: {best.label} is fastest at {t:.1f} img/s; "
                        f"that is {others}.")
     for r in runs:
-        pull, push, allreduce, total, ops = comm_times(r)
+        pull, push, _, total, ops = comm_times(r)
         step = r.metric("avg_batch_time")
         if total is None or not step:
             out.append(f"- {r.label}: communication time not recorded.")
@@ -525,7 +537,9 @@ def convergence(runs):
         _, ya = loss_curve(r)
         _, yb = loss_curve(ref)
         step_diff = float(np.max(np.abs(ya - yb))) if len(ya) == len(yb) and len(ya) else None
-        verdict = ("match step by step (the same math)" if step_diff is not None and step_diff < 1e-3
+        same_batches = r.kind != "ps" and r.data["batch_size"] == ref.data["batch_size"]  # the same data order
+        verdict = ("match step by step (the same math)" if same_batches and step_diff is not None
+                   and step_diff < 0.01 * float(np.mean(np.abs(yb)))
                    else "agree (within 2%)" if worst < 0.02 else "agree closely (within 5%)" if worst < 0.05
                    else "agree roughly (within 15%)" if worst < 0.15 else "DIFFER: check the method")
         text = (f"- Loss curves: {r.label} vs {ref.label}: per-epoch train loss differs by at most "
@@ -543,46 +557,37 @@ def convergence(runs):
 
 
 def ps_analysis(runs):
-    out = []
-    for r in (r for r in runs if r.kind == "ps"):
-        pull, push, _, total, _ = comm_times(r)
-        if pull is None or push is None:
-            continue
-        n = r.trainers
+    """The single server's bottleneck, argued with the measured pull/push times."""
+    out, ps_runs = [], [r for r in runs if r.kind == "ps" and comm_times(r).pull is not None]
+    for r in ps_runs:
+        c, n = comm_times(r), r.trainers
         text = (f"- PS bottleneck ({r.label}): every step the single server sends the parameters to and receives "
                 f"a gradient from each of its {n} worker(s), so its link carries {2 * n} model copies per step "
                 f"while an all-reduce rank moves 2(N-1)/N (under 2) whatever N; measured, workers wait "
-                f"{1e3 * pull:.1f} ms to pull and {1e3 * push:.1f} ms to push per step")
-        upd = r.metric("avg_server_update_time")
-        if upd is not None:
-            text += f", and the server's aggregation and update takes {1e3 * upd:.1f} ms" + (
-                "" if "async" in r.variant else " while every worker waits for the new parameters")
-        peers = [a for a in runs if a.kind in ("all_reduce", "baseline_ddp") and a.world_size == r.world_size
-                 and comm_times(a)[3]]
+                f"{1e3 * c.pull:.1f} ms to pull and {1e3 * c.push:.1f} ms to push per step")
+        serve, update = r.metric("avg_server_pull_time"), r.metric("avg_server_update_time")
+        if serve is not None:
+            text += f"; the server spends {1e3 * serve:.1f} ms per step serving the pulls"
+        if update is not None:
+            text += f" and {1e3 * update:.1f} ms aggregating and updating" + (
+                "" if "async" in r.variant else ", while every worker waits for the new parameters")
+        peers = [a for a in runs if a.kind != "ps" and a.world_size == r.world_size and comm_times(a).total]
         if peers:
-            fastest = min(peers, key=lambda a: comm_times(a)[3])
-            text += (f"; pull + push is {total / comm_times(fastest)[3]:.1f}x the {1e3 * comm_times(fastest)[3]:.1f} ms "
-                     f"{fastest.label} waits on")
+            best = min(peers, key=lambda a: comm_times(a).total)
+            text += (f"; pull + push is {c.total / comm_times(best).total:.1f}x the "
+                     f"{1e3 * comm_times(best).total:.1f} ms {best.label} waits on")
         out.append(text + ".")
-    ps_runs = [r for r in runs if r.kind == "ps" and comm_times(r)[0] is not None]
-    by_size = {}
+    for (kind, variant), group in scaling_groups(ps_runs).items():
+        a, b = group[0], group[-1]
+        out.append(f"- PS ({variant}) pull+push went from {1e3 * comm_times(a).total:.1f} ms with "
+                   f"{a.trainers} worker(s) to {1e3 * comm_times(b).total:.1f} ms with {b.trainers} "
+                   f"({comm_times(b).total / comm_times(a).total:.2f}x for {b.trainers / a.trainers:.2f}x the workers).")
     for r in ps_runs:
-        by_size.setdefault(r.variant, []).append(r)
-    for variant, group in by_size.items():
-        group = sorted(group, key=lambda r: r.world_size)
-        if len({r.world_size for r in group}) > 1:
-            a, b = group[0], group[-1]
-            out.append(f"- PS ({variant}) pull+push went from {1e3 * comm_times(a)[3]:.1f} ms with "
-                       f"{a.trainers} worker(s) to {1e3 * comm_times(b)[3]:.1f} ms with {b.trainers} "
-                       f"({comm_times(b)[3] / comm_times(a)[3]:.2f}x for {b.trainers / a.trainers:.2f}x the workers).")
-    for ws in sorted({r.world_size for r in ps_runs}):
-        variants = {r.variant: r for r in ps_runs if r.world_size == ws}
-        if "p2p" in variants and len(variants) > 1:
-            p2p = comm_times(variants["p2p"])[3]
-            for v, r in variants.items():
-                if v != "p2p":
-                    out.append(f"- PS at {ws} processes: {v} communication is {comm_times(r)[3] / p2p:.2f}x the "
-                               f"guide's per-parameter p2p ({1e3 * comm_times(r)[3]:.1f} vs {1e3 * p2p:.1f} ms).")
+        p2p = next((q for q in ps_runs if q.variant == "p2p" and q.world_size == r.world_size), None)
+        if p2p and r is not p2p:
+            out.append(f"- PS at {r.world_size} processes: {r.variant} communication is "
+                       f"{comm_times(r).total / comm_times(p2p).total:.2f}x the guide's per-parameter p2p "
+                       f"({1e3 * comm_times(r).total:.1f} vs {1e3 * comm_times(p2p).total:.1f} ms).")
     return out
 
 
