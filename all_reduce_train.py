@@ -110,7 +110,7 @@ def make_buckets(params, bucket_bytes):
 
 
 class Bucket:
-    """A flat buffer holding the gradients of some parameters, one view per parameter."""
+    """A flat buffer holding the gradients of some parameters; each parameter's .grad becomes a view of it."""
 
     def __init__(self, params):
         self.params = params
@@ -120,21 +120,17 @@ class Bucket:
 
     @torch.no_grad()
     def pack(self, world_size):
-        # Divided before summing, as DDP does: one pass that also fills the buffer (and in overlap mode
-        # runs while backward still runs); a gradient a rank did not produce counts as zeros.
+        # Divided before summing, as DDP does, in the same pass that fills the buffer. The .grad left
+        # pointing into the buffer receives the sum in place, so nothing is copied back; a grad that is
+        # already that view (zero_grad(set_to_none=False)) only needs the division; a missing one is zeros.
         for p, view in zip(self.params, self.views):
             if p.grad is None:
                 view.zero_()
+            elif p.grad.data_ptr() == view.data_ptr():
+                view.div_(world_size)
             else:
                 torch.div(p.grad, world_size, out=view)
-
-    @torch.no_grad()
-    def unpack(self):
-        for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                p.grad = view.clone()
-            else:
-                p.grad.copy_(view)
+            p.grad = view
 
 
 class GradSync:
@@ -195,14 +191,12 @@ class GradSync:
                     ring_all_reduce(bucket.flat)
                 else:
                     dist.all_reduce(bucket.flat)
-                bucket.unpack()
         else:
             while self.launched < len(self.buckets):  # buckets holding a parameter that got no gradient
                 self._launch(self.buckets[self.launched])
             for work in self.works:
                 work.wait()
             for bucket in self.buckets:
-                bucket.unpack()
                 bucket.ready = 0
             self.works, self.launched = [], 0
             if self.timed:

@@ -1,0 +1,127 @@
+"""Benchmark: DDP against every --sync mode of all_reduce_train.py on the same settings, beside the backend's
+own all-reduce of one flat buffer the size of the model's gradients (and of its tensors one by one).
+
+    flock /tmp/cpu.lock python bench/bench_all_reduce.py --write bench/RESULTS_all_reduce.md
+
+Each training run: torchrun, 4 processes, gloo on CPU, ResNet50 on the sample dataset, 1 epoch of
+--max-steps steps (the first left out as warm-up). Prints a markdown table of per-step time, communication
+time and throughput, with ratios to DDP (and communication to the raw flat all-reduce).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("per-param", "bucketed", "overlap", "ring")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc", type=int, default=4, help="training processes")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step per process")
+    p.add_argument("--methods", default=",".join(("ddp",) + MODES), help="comma-separated subset to run")
+    p.add_argument("--max-steps", type=int, default=8, help="training steps per run (the first is warm-up)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each method, interleaved; the table shows each method's median")
+    p.add_argument("--out-dir", default="/tmp/bench_all_reduce", help="where the runs' results JSON go")
+    p.add_argument("--write", default=None, help="also write the table (markdown) to this file")
+    p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: the raw all-reduce worker's output
+    return p.parse_args(argv)
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+
+def raw_worker(args):
+    """Under torchrun: median time of one all_reduce of a flat buffer the size of the model's gradients,
+    and of the same gradients as separate tensors one by one."""
+    import torch
+    import torch.distributed as dist
+    from torchvision import models
+    sys.path.insert(0, str(REPO))
+    import common
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    model = models.get_model(args.arch, num_classes=10)  # the sample dataset's 10 classes, as in training
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat_s = common.median_time(lambda: dist.all_reduce(flat), 5, flat.device)
+    per_tensor_s = common.median_time(lambda: [dist.all_reduce(g) for g in grads], 3, flat.device)
+    if dist.get_rank() == 0:
+        Path(args.raw).write_text(json.dumps({"flat": flat_s, "per_tensor": per_tensor_s, "tensors": len(grads),
+                                              "bytes": flat.numel() * flat.element_size()}))
+    dist.destroy_process_group()
+
+
+def run_training(method, args, out):
+    common_args = ["--epochs", 1, "--max-steps", args.max_steps, "--batch-size", args.batch_size, "--arch", args.arch,
+                   "--workers", 0, "--backend", "gloo", "--output", out]
+    if method == "ddp":
+        torchrun(args.nproc, "baseline_multi_card.py", *common_args, "--calib-steps", 2)
+    else:
+        torchrun(args.nproc, "all_reduce_train.py", *common_args, "--sync", method)
+    data = json.loads(Path(out).read_text())
+    e = data["epochs"][0]
+    return {"step": e["avg_batch_time"], "comm": e.get("avg_comm_time"), "comm_op": e.get("avg_comm_op_time"),
+            "throughput": e["train_throughput"]}
+
+
+def table(rows, raw, args):
+    ddp = rows.get("ddp") or next(iter(rows.values()))
+    ms = lambda s: "-" if s is None else f"{1e3 * s:.0f}"
+    lines = ["| method | step (ms) | step vs DDP | comm wait (ms) | comm ops (ms) | comm wait vs raw flat | "
+             "throughput (img/s) | throughput vs DDP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        label = "DDP (baseline)" if name == "ddp" else f"`--sync {name}`"
+        vs_raw = "-" if r["comm"] is None else f"{r['comm'] / raw['flat']:.2f}x"
+        lines.append(f"| {label} | {ms(r['step'])} | {r['step'] / ddp['step']:.2f}x | {ms(r['comm'])} | "
+                     f"{ms(r['comm_op'])} | {vs_raw} | {r['throughput']:.1f} | {r['throughput'] / ddp['throughput']:.2f}x |")
+    lines.append(f"| raw `all_reduce`, one flat buffer ({raw['bytes'] / 1e6:.0f} MB) | - | - | - | {ms(raw['flat'])} "
+                 f"| 1.00x | - | - |")
+    lines.append(f"| raw `all_reduce`, {raw['tensors']} tensors one by one | - | - | - | {ms(raw['per_tensor'])} | "
+                 f"{raw['per_tensor'] / raw['flat']:.2f}x | - | - |")
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    if args.raw:
+        return raw_worker(args)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    print(f"raw all-reduce ({args.nproc} processes) ...", flush=True)
+    torchrun(args.nproc, Path(__file__).resolve(), "--arch", args.arch, "--raw", out_dir / "raw.json")
+    raw = json.loads((out_dir / "raw.json").read_text())
+    runs = {m: [] for m in args.methods.split(",")}
+    for repeat in range(args.repeats):
+        for method in runs:
+            print(f"run {repeat + 1}/{args.repeats}: {method} ...", flush=True)
+            runs[method].append(run_training(method, args, out_dir / f"{method}_{repeat}.json"))
+    rows = {m: {k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}
+            for m, rs in runs.items()}
+    header = (f"{args.nproc} processes, gloo on CPU ({os.cpu_count()} cores), {args.arch} on the sample dataset "
+              f"(32px), batch {args.batch_size}/process, {args.max_steps} steps ({args.max_steps - 1} timed), "
+              f"median of {args.repeats} interleaved runs; took {time.time() - t0:.0f}s")
+    text = f"{header}\n\n{table(rows, raw, args)}\n"
+    print(text)
+    with open(out_dir / "runs.json", "w") as f:
+        json.dump({"raw": raw, "runs": runs}, f, indent=2)
+    if args.write:
+        Path(args.write).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
