@@ -11,7 +11,8 @@ import pytest
 
 from dist_helpers import REPO, free_port, make_image_folder
 
-TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--workers", "0", "--calib-steps", "0"]
+TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--workers", "0"]
+OWN = {"baseline_multi_card.py": ["--calib-steps", "0"], "all_reduce_train.py": [], "ps_train.py": []}
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def _torchrun(script, nproc, args, cwd, *, nnodes=1, node_rank=0, port=None):
         f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
         f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=kit-test"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
-           "--max_restarts=0", str(REPO / script), *map(str, args)]
+           "--max_restarts=0", str(REPO / script), *OWN[script], *map(str, args)]
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -63,7 +64,11 @@ def _assert_kept(path, min_epochs=1):
 
 
 FAULTS = [("baseline_multi_card.py", 2, 1, signal.SIGKILL),
-          ("baseline_multi_card.py", 2, 1, signal.SIGSTOP)]  # a hung peer: only --timeout ends the wait
+          ("baseline_multi_card.py", 2, 1, signal.SIGSTOP),  # a hung peer: only --timeout ends the wait
+          ("all_reduce_train.py", 2, 1, signal.SIGKILL),
+          ("ps_train.py", 3, 0, signal.SIGKILL),  # the server
+          ("ps_train.py", 3, 2, signal.SIGKILL),  # a worker that does not write the results
+          ("ps_train.py", 3, 0, signal.SIGSTOP)]  # a hung server
 
 
 @pytest.mark.parametrize("script,nproc,victim,sig", FAULTS)
@@ -102,7 +107,7 @@ def test_ctrl_c_keeps_finished_epochs(tmp_path, data):
     _assert_kept(out)
 
 
-SCALE_OUT = [("baseline_multi_card.py", 1)]
+SCALE_OUT = [("baseline_multi_card.py", 1), ("all_reduce_train.py", 1), ("ps_train.py", 2)]
 
 
 @pytest.mark.parametrize("script,per_node", SCALE_OUT)
