@@ -60,7 +60,7 @@ def main():
             comm = "-" if r["comm"] is None else f"{1e3 * r['comm']:.0f}"
             lines.append(f"| {label} | {m} | {r['thr']:.1f} | {r['thr'] / med['DDP']['thr']:.2f}x | "
                          f"{1e3 * r['step']:.0f} | {1e3 * r['data']:.1f} | {100 * r['data'] / r['step']:.1f}% | {comm} |")
-        print("\n".join(lines), flush=True)
+        print(f"done: {label}", file=sys.stderr, flush=True)
     text = "\n".join(lines)
     print(text)
     if args.write:
