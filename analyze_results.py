@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 KINDS = {
     "baseline_ddp": ("Baseline DDP", "Blues", [None]),
     "all_reduce": ("Manual All-Reduce", "Oranges", ["overlap", "bucketed", "per-param", "ring"]),
-    "ps": ("Parameter Server", "Greens", ["collective", "p2p"]),
+    "ps": ("Parameter Server", "Greens", ["collective", "p2p", "overlap"]),
 }
 EPOCH_KEYS = ("epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time")
 PHASE_COLOURS = {"compute": "#555555", "exposed comm": "#d62728", "data loading": "#bbbbbb", "update": "#9467bd"}
@@ -132,9 +132,9 @@ def load_all(results_dir):
     for run in runs:
         name = KINDS[run.kind][0] + (f" ({run.variant})" if run.variant else "")
         run.label = name + (f" [{run.world_size} proc]" if several_sizes else "")
+    counts = collections.Counter(r.label for r in runs)
     for run in runs:  # two files of the same method, variant and size: tell them apart by file
-        if sum(r.label == run.label for r in runs) > 1:
-            run.label += f" <{run.path.name}>"
+        run.label += f" <{run.path.name}>" if counts[run.label] > 1 else ""
     for run in runs:
         run.label += "" if run.complete else " (incomplete)"
     for kind, (_, cmap, _) in KINDS.items():  # one colour per method variant, shades of one hue per method
@@ -310,7 +310,7 @@ def save(fig, ax, path, xlabel, ylabel, title, legend=None):
     ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, pad=24 if legend and legend.get("loc") == "lower center" else 6)
     ax.grid(axis="x" if ylabel is None else "both", alpha=0.3)
     if legend:
         ax.legend(**legend)
@@ -407,7 +407,8 @@ def plot_breakdown(runs, path):
                 va="center", fontsize=9)
     ax.set_xlim(0, max(left) * 1.45)
     save(fig, ax, path, "time per training step (ms); compute = step - data - comm - update", None,
-         "Where a training step goes", dict(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.5 / (1.8 + 0.55 * len(runs))), fontsize=9, ncol=4))
+         "Where a training step goes", dict(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=9,
+                                            frameon=False))  # between the title and the bars
 
 
 def scaling_groups(runs):
@@ -523,9 +524,13 @@ def analysis(runs):
 
 
 def convergence(runs):
+    """Each run's loss curve against DDP's: with the same trainers and batch it is the same math."""
     out = []
     for r in runs:
-        ref = baseline_for(r, runs)
+        # A PS with N workers does DDP-with-N-processes' math (same shards, same global batch): prefer that DDP.
+        twins = [d for d in runs if d.kind == "baseline_ddp" and d.world_size == r.trainers
+                 and d.data["batch_size"] == r.data["batch_size"]]
+        ref = twins[0] if r.kind == "ps" and twins else baseline_for(r, runs)
         if ref is None or ref is r:
             continue
         diffs = [abs(a["train_loss"] - b["train_loss"]) / abs(b["train_loss"])
@@ -537,7 +542,7 @@ def convergence(runs):
         _, ya = loss_curve(r)
         _, yb = loss_curve(ref)
         step_diff = float(np.max(np.abs(ya - yb))) if len(ya) == len(yb) and len(ya) else None
-        same_batches = r.kind != "ps" and r.data["batch_size"] == ref.data["batch_size"]  # the same data order
+        same_batches = r.trainers == ref.trainers and r.data["batch_size"] == ref.data["batch_size"]
         verdict = ("match step by step (the same math)" if same_batches and step_diff is not None
                    and step_diff < 0.01 * float(np.mean(np.abs(yb)))
                    else "agree (within 2%)" if worst < 0.02 else "agree closely (within 5%)" if worst < 0.05
@@ -547,8 +552,8 @@ def convergence(runs):
                 f"{verdict}")
         if step_diff is not None:
             text += f"; step by step the losses differ by at most {step_diff:.2g}"
-        if r.kind == "ps":
-            text += " (the PS averages over a different global batch and data split, so some noise is expected)"
+        if not same_batches:
+            text += " (it trains on a different global batch and data split, so some difference is expected)"
         fa, fb = best_accuracy(r), best_accuracy(ref)
         if fa is not None and fb is not None:
             text += f"; best val accuracy {fa:.2f}% vs {fb:.2f}%"

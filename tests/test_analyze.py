@@ -244,3 +244,27 @@ def test_no_results_is_one_line_error(tmp_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out" / "plots").exists()
+
+
+def test_two_files_of_the_same_run_are_told_apart_by_name(tmp_path, capsys):
+    again = fixture("results_ps.json")
+    again["summary"]["avg_train_throughput"] = 99.0
+    rc, out, _, _ = analyze(tmp_path, setup_dir(tmp_path, extra={"results_ps_again.json": again}), capsys)
+    assert rc == 0
+    perf, _ = md_tables(out)
+    assert perf["Parameter Server (collective) <results_ps.json>"]["Avg throughput (img/s)"] == \
+        f"{fixture('results_ps.json')['summary']['avg_train_throughput']:.1f}"
+    assert perf["Parameter Server (collective) <results_ps_again.json>"]["Avg throughput (img/s)"] == "99.0"
+
+
+def test_ps_is_compared_with_the_ddp_of_as_many_trainers(tmp_path, capsys):
+    # A PS with 2 workers does the math of DDP on 2 processes (same shards, same global batch).
+    ddp = fixture("results_baseline_ddp.json")
+    twin = fixture("results_ps.json")
+    twin.update(world_size=3, num_workers=2, epochs=ddp["epochs"], all_losses=ddp["all_losses"])
+    rc, out, _, _ = analyze(tmp_path, setup_dir(tmp_path, ("results_baseline_ddp.json",),
+                                                {"results_ps.json": twin}), capsys)
+    assert rc == 0
+    report = (out / "performance_report.txt").read_text()
+    assert "Parameter Server (collective) [3 proc] vs Baseline DDP [2 proc]: per-epoch train loss differs by " \
+           "at most 0.00%" in report and "match step by step" in report
