@@ -8,7 +8,8 @@ own shard and pushes them; the server averages them, takes the optimizer step an
 --comm chooses how pulls and pushes travel (the server's side of `collective` and `overlap` is the same):
   p2p         the guide's original: one dist.send / dist.recv per tensor and per worker (the reference).
   collective  (default) the guide's improvement: tensors packed into --bucket-mb flat buffers; pull =
-              dist.broadcast from the server, push = dist.reduce(SUM) to the server (which adds zeros).
+              dist.broadcast from the server, push = dist.reduce(SUM) to the server (which adds zeros); all
+              buckets in flight at once, so packing one overlaps the others' transfer; blocking per step.
   overlap     collective, BytePS-style: each gradient bucket is pushed (async reduce) from gradient hooks as
               soon as backward has produced it, buckets in reverse parameter order; the pull is launched
               async and each module waits, in a forward pre-hook, only for the bucket holding its own
@@ -126,9 +127,13 @@ class PSComm:
                 else:
                     dist.recv(t.detach(), src=SERVER)
         elif self.is_server or self.comm == "collective":
+            # Every bucket in flight, then all waited for: packing or unpacking one overlaps the others' transfer.
+            works = []
             for bucket in self.pull_buckets:
                 flat = pack(bucket) if self.is_server else self._empty(bucket)
-                dist.broadcast(flat, src=SERVER)
+                works.append((dist.broadcast(flat, src=SERVER, async_op=True), flat, bucket))
+            for work, flat, bucket in works:
+                work.wait()
                 if not self.is_server:
                     unpack(flat, bucket)
         else:  # overlap worker: start every bucket now; each module's forward pre-hook waits for its own
@@ -170,9 +175,13 @@ class PSComm:
                 else:
                     dist.send(self._outgoing(t), dst=SERVER)
         elif self.is_server or self.comm == "collective":
+            works = []
             for bucket in self.push_buckets:
                 flat = self._empty(bucket).zero_() if self.is_server else pack([self._outgoing(t) for t in bucket])
-                dist.reduce(flat, dst=SERVER)  # the server's zeros plus every worker's tensors
+                # the server's zeros plus every worker's tensors
+                works.append((dist.reduce(flat, dst=SERVER, async_op=True), flat, bucket))
+            for work, flat, bucket in works:
+                work.wait()
                 if self.is_server:
                     unpack(flat, [self._slot(t) for t in bucket])
         else:  # overlap worker: the gradient hooks have sent most buckets already; send the rest, then wait
@@ -186,7 +195,8 @@ class PSComm:
     def average(self):
         """Server: the pushed sums become the workers' mean gradient and mean BatchNorm buffers."""
         for t in self.push_items:
-            self._slot(t).copy_(self._slot(t) / self.num_workers)
+            slot = self._slot(t)
+            slot.div_(self.num_workers) if slot.is_floating_point() else slot.floor_divide_(self.num_workers)
 
     # Overlap hooks ------------------------------------------------------------------------------------
     def _install_hooks(self, model):
