@@ -254,7 +254,7 @@ def performance_table(runs):
         acc = best_accuracy(r)
         setup = f"{r.trainers} x {r.data['batch_size']}" + (" (+1 server)" if r.kind == "ps" else "")
         rows.append([r.label, fmt(thr, 1), fmt(r.metric("avg_train_time_per_epoch")),
-                     fmt(acc) if acc is not None or not is_synthetic(r) else "n/a (synthetic)",
+                     "n/a (synthetic)" if is_synthetic(r) else fmt(acc),
                      speed, setup])
     return headers, rows
 
