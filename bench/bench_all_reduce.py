@@ -44,22 +44,34 @@ def torchrun(nproc, *args):
 
 
 def raw_worker(args):
-    """Under torchrun: median time of one all_reduce of a flat buffer the size of the model's gradients,
-    and of the same gradients as separate tensors one by one."""
+    """Under torchrun: median time of one all_reduce of a flat buffer the size of the model's gradients, of
+    the same gradients as separate tensors one by one, and of GradSync.finish() per blocking mode, all
+    barrier-synchronized (so, unlike in training, no rank waits for a slower rank's backward)."""
     import torch
     import torch.distributed as dist
     from torchvision import models
     sys.path.insert(0, str(REPO))
     import common
+    from all_reduce_train import GradSync
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     model = models.get_model(args.arch, num_classes=10)  # the sample dataset's 10 classes, as in training
-    grads = [torch.randn_like(p) for p in model.parameters()]
+    params = list(model.parameters())
+    grads = [torch.randn_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    flat_s = common.median_time(lambda: dist.all_reduce(flat), 5, flat.device)
-    per_tensor_s = common.median_time(lambda: [dist.all_reduce(g) for g in grads], 3, flat.device)
+    cpu = flat.device
+    times = {"flat": common.median_time(lambda: dist.all_reduce(flat), 5, cpu),
+             "per_tensor": common.median_time(lambda: [dist.all_reduce(g) for g in grads], 3, cpu)}
+    for mode in ("per-param", "bucketed", "ring"):
+        sync = GradSync(model, mode)
+
+        def step():
+            for p, g in zip(params, grads):
+                p.grad = g  # fresh gradients, as after backward with zero_grad(set_to_none=True)
+            sync.finish()
+        times[f"finish_{mode}"] = common.median_time(step, 3, cpu)
     if dist.get_rank() == 0:
-        Path(args.raw).write_text(json.dumps({"flat": flat_s, "per_tensor": per_tensor_s, "tensors": len(grads),
+        Path(args.raw).write_text(json.dumps({**times, "tensors": len(grads),
                                               "bytes": flat.numel() * flat.element_size()}))
     dist.destroy_process_group()
 
@@ -80,7 +92,7 @@ def run_training(method, args, out):
 def table(rows, raw, args):
     ddp = rows.get("ddp") or next(iter(rows.values()))
     ms = lambda s: "-" if s is None else f"{1e3 * s:.0f}"
-    lines = ["| method | step (ms) | step vs DDP | comm wait (ms) | comm ops (ms) | comm wait vs raw flat | "
+    lines = ["| method | step (ms) | step vs DDP | comm wait (ms) | comm ops (ms) | comm vs raw flat | "
              "throughput (img/s) | throughput vs DDP |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
@@ -92,6 +104,10 @@ def table(rows, raw, args):
                  f"| 1.00x | - | - |")
     lines.append(f"| raw `all_reduce`, {raw['tensors']} tensors one by one | - | - | - | {ms(raw['per_tensor'])} | "
                  f"{raw['per_tensor'] / raw['flat']:.2f}x | - | - |")
+    for mode in ("per-param", "bucketed", "ring"):
+        t = raw[f"finish_{mode}"]
+        lines.append(f"| `--sync {mode}` sync alone, no training (`GradSync.finish()`, barrier first) | - | - | - | "
+                     f"{ms(t)} | {t / raw['flat']:.2f}x | - | - |")
     return "\n".join(lines)
 
 
