@@ -259,8 +259,9 @@ def main(argv=None):
                                  sync=args.sync, bucket_mb=args.bucket_mb, num_buckets=len(sync.buckets),
                                  comm_time_definition=COMM_DEFINITION, weights=weights,
                                  steps_per_epoch=steps)
-        layout = f"{len(sync.params)} gradient tensors" + (f" in {len(sync.buckets)} buckets of <= {args.bucket_mb:g} MiB"
-                                                           if sync.buckets else ", one all-reduce each")
+        layout = (f" in {len(sync.buckets)} buckets of <= {args.bucket_mb:g} MiB" if sync.buckets
+                  else ", one all-reduce each")
+        layout = f"{len(sync.params)} gradient tensors{layout}"
         common.print0(ctx, f"{METHOD} (--sync {args.sync}, {layout}): {ctx.world_size} processes ({ctx.backend}, "
                            f"{common.device_name(ctx.device)}), {args.arch} on {info.name} ({info.train_size} train / "
                            f"{info.val_size} val images, {info.image_size}px), {steps} steps/epoch, "
