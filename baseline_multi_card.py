@@ -110,6 +110,7 @@ def main(argv=None):
             common.warn_if_data_bound(ctx, record)
         results.finish()
         common.print0(ctx, f"wrote {args.output}")
+        common.cleanup_distributed(barrier=True)
     finally:
         common.cleanup_distributed()
 

@@ -168,9 +168,12 @@ def setup_distributed(args):
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, rank == 0)
 
 
-def cleanup_distributed():
-    """Leaves the process group if one was joined."""
+def cleanup_distributed(barrier=False):
+    """Leaves the process group if one was joined. `barrier` (end of a successful run): first wait until every
+    rank is done, so no rank tears its connections down while a peer may still be reading from them."""
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -34,7 +34,9 @@ def test_setup_joins_a_real_group(world_size):
     out = run_in_group(_setup_and_sum, world_size, init=False)
     assert [o["rank"] for o in out] == list(range(world_size))
     assert all(o["world"] == world_size and o["total"] == world_size for o in out)
-    assert all(o["backend"] == "gloo" and o["device"] == "cpu" for o in out)  # no GPU here: auto is gloo
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expected = ("nccl", "cuda:") if gpus >= world_size else ("gloo", "cpu")  # auto: NCCL only with a GPU each
+    assert all(o["backend"] == expected[0] and o["device"].startswith(expected[1]) for o in out)
     assert [o["is_main"] for o in out] == [True] + [False] * (world_size - 1)
 
 
