@@ -21,7 +21,7 @@ def _args(**overrides):
 def _setup_and_sum(rank, world_size):
     ctx = common.setup_distributed(_args(backend="auto", timeout=1.0))
     try:
-        t = torch.ones(1)
+        t = torch.ones(1, device=ctx.device)
         common.all_reduce_sum(t)
         return dict(rank=ctx.rank, world=ctx.world_size, backend=ctx.backend, device=str(ctx.device),
                     is_main=ctx.is_main, total=t.item())
