@@ -164,7 +164,8 @@ def setup_distributed(args):
     if "MASTER_ADDR" not in os.environ:  # plain `python script.py`: a group of one
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=args.timeout))
+                            timeout=datetime.timedelta(minutes=args.timeout),
+                            device_id=device if backend == "nccl" else None)  # binds NCCL to this GPU
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, rank == 0)
 
 
