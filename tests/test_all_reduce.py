@@ -146,3 +146,43 @@ def test_script_end_to_end(tmp_path):
                 "avg_comm_time", "avg_comm_op_time"):
         assert key in data["summary"], key
     assert "epoch 2: train loss" in proc.stdout and "comm " in proc.stdout
+
+
+def _match_ddp_amp(rank, world_size, amp_dtype, modes):
+    """Mixed precision: autocast forward (and, for fp16, a GradScaler) around our sync and around DDP."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp_dtype]
+    out = {}
+    for mode in modes:
+        base = small_model(seed=7)
+        ours, ddp = copy.deepcopy(base), DDP(copy.deepcopy(base))
+        sync = ar.GradSync(ours, mode, 25.0)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, ddp)]
+        scalers = [torch.amp.GradScaler("cpu", enabled=amp_dtype == "fp16") for _ in range(2)]
+        for step in range(3):
+            g = torch.Generator().manual_seed(1000 * step + rank)
+            x, y = torch.randn(6, 3, 9, 7, generator=g), torch.randint(0, 3, (6,), generator=g)
+            sync.broadcast_buffers()
+            for model, opt, scaler, is_ours in ((ours, opts[0], scalers[0], True), (ddp, opts[1], scalers[1], False)):
+                with torch.autocast("cpu", dtype=dtype):
+                    loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if is_ours:
+                    sync.finish()  # scaled gradients averaged; scaler.step unscales them once, as under DDP
+                scaler.step(opt)
+                scaler.update()
+        out[mode] = (_rel_err(list(ours.parameters()), list(ddp.module.parameters())),
+                     scalers[0].get_scale() if amp_dtype == "fp16" else None,
+                     scalers[1].get_scale() if amp_dtype == "fp16" else None)
+    return out
+
+
+@pytest.mark.parametrize("amp_dtype", ["bf16", "fp16"])
+def test_mixed_precision_matches_ddp(amp_dtype):
+    modes = ("overlap", "bucketed", "ring")
+    for out in run_in_group(_match_ddp_amp, 2, amp_dtype, modes):
+        for mode in modes:
+            err, our_scale, ddp_scale = out[mode]
+            assert err < TOL, (amp_dtype, mode, err)
+            assert our_scale == ddp_scale
