@@ -10,13 +10,12 @@ time and throughput, with ratios to DDP (and communication to the raw flat all-r
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, interleaved, torchrun
+
 MODES = ("per-param", "bucketed", "overlap", "ring")
 
 
@@ -34,13 +33,6 @@ def parse_args(argv=None):
     p.add_argument("--write", default=None, help="also write the table (markdown) to this file")
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: the raw all-reduce worker's output
     return p.parse_args(argv)
-
-
-def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 def raw_worker(args):
@@ -121,13 +113,8 @@ def main():
     print(f"raw all-reduce ({args.nproc} processes) ...", flush=True)
     torchrun(args.nproc, Path(__file__).resolve(), "--arch", args.arch, "--raw", out_dir / "raw.json")
     raw = json.loads((out_dir / "raw.json").read_text())
-    runs = {m: [] for m in args.methods.split(",")}
-    for repeat in range(args.repeats):
-        for method in runs:
-            print(f"run {repeat + 1}/{args.repeats}: {method} ...", flush=True)
-            runs[method].append(run_training(method, args, out_dir / f"{method}_{repeat}.json"))
-    rows = {m: {k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}
-            for m, rs in runs.items()}
+    runs, rows = interleaved(args.methods.split(","), args.repeats,
+                             lambda m, r: run_training(m, args, out_dir / f"{m}_{r}.json"))
     header = (f"{args.nproc} processes, gloo on CPU ({os.cpu_count()} cores), {args.arch} on the sample dataset "
               f"(32px), batch {args.batch_size}/process, {args.max_steps} steps ({args.max_steps - 1} timed), "
               f"median of {args.repeats} interleaved runs; took {time.time() - t0:.0f}s")

@@ -9,13 +9,10 @@ With --synthetic the data wait should be near zero: the methods then differ only
 """
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import interleaved, torchrun
 METHODS = {"DDP": ("baseline_multi_card.py", "--calib-steps", "2"),
            "manual all-reduce (overlap)": ("all_reduce_train.py",),
            "parameter server (collective)": ("ps_train.py",),
@@ -24,13 +21,8 @@ METHODS = {"DDP": ("baseline_multi_card.py", "--calib-steps", "2"),
 
 def run(method, data_args, args, out):
     script, *own = METHODS[method]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           script, *own, "--epochs", "1", "--max-steps", str(args.max_steps), "--arch", args.arch,
-           "--image-size", "32", "--batch-size", "64", "--workers", "16", "--backend", "gloo", "--output", str(out),
-           *data_args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    torchrun(args.nproc, script, *own, "--epochs", 1, "--max-steps", args.max_steps, "--arch", args.arch,
+             "--image-size", 32, "--batch-size", 64, "--workers", 16, "--backend", "gloo", "--output", out, *data_args)
     e = json.loads(out.read_text())["epochs"][0]
     return {"thr": e["train_throughput"], "step": e["avg_batch_time"], "data": e["avg_data_time"],
             "comm": e.get("avg_comm_time")}
@@ -50,12 +42,9 @@ def main():
     lines = ["| data | method | throughput (img/s) | vs DDP | step (ms) | data wait (ms) | data share | "
              "exposed comm (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, data_args in (("--synthetic", ["--synthetic"]), ("sample (ImageFolder)", [])):
-        runs = {m: [] for m in METHODS}
-        for r in range(args.repeats):
-            for m in METHODS:
-                runs[m].append(run(m, data_args, args, out / f"r{r}_{len(data_args)}_{m[:6]}.json"))
-        med = {m: {k: statistics.median(x[k] for x in rs) if rs[0][k] is not None else None for k in rs[0]}
-               for m, rs in runs.items()}
+        tag = "synthetic" if data_args else "sample"
+        _, med = interleaved(METHODS, args.repeats,
+                             lambda m, r: run(m, data_args, args, out / f"{tag}_{list(METHODS).index(m)}_{r}.json"))
         for m, r in med.items():
             comm = "-" if r["comm"] is None else f"{1e3 * r['comm']:.0f}"
             lines.append(f"| {label} | {m} | {r['thr']:.1f} | {r['thr'] / med['DDP']['thr']:.2f}x | "

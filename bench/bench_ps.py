@@ -10,13 +10,12 @@ pull and push wait per step, the server's update time and throughput, with ratio
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchlib import REPO, interleaved, torchrun
+
 COMMS = ("p2p", "collective", "overlap")
 
 
@@ -33,13 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--write", default=None, help="also write the table (markdown) to this file")
     p.add_argument("--raw", default=None, help=argparse.SUPPRESS)  # internal: the raw exchange worker's output
     return p.parse_args(argv)
-
-
-def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
 
 
 def raw_worker(args):
@@ -126,13 +118,8 @@ def main():
     print(f"raw exchange ({args.nproc} processes) ...", flush=True)
     torchrun(args.nproc, Path(__file__).resolve(), "--arch", args.arch, "--raw", out_dir / "raw.json")
     raw = json.loads((out_dir / "raw.json").read_text())
-    runs = {m: [] for m in ("ddp", *COMMS)}
-    for repeat in range(args.repeats):
-        for method in runs:
-            print(f"run {repeat + 1}/{args.repeats}: {method} ...", flush=True)
-            runs[method].append(run_training(method, args, out_dir / f"{method}_{repeat}.json"))
-    rows = {m: {k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}
-            for m, rs in runs.items()}
+    runs, rows = interleaved(("ddp", *COMMS), args.repeats,
+                             lambda m, r: run_training(m, args, out_dir / f"{m}_{r}.json"))
     header = (f"{args.nproc} processes (PS: 1 server + {args.nproc - 1} workers), gloo on CPU ({os.cpu_count()} cores), "
               f"{args.arch} on the sample dataset (32px), batch {args.batch_size}/training process, "
               f"{args.max_steps} steps ({args.max_steps - 1} timed), median of {args.repeats} interleaved runs; "
