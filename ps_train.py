@@ -306,7 +306,8 @@ def serve_one_epoch(comm, optimizer, scaler, steps, epoch, ctx, args):
     warmup = min(args.warmup_steps, steps - 1) if epoch == 1 else 0
     times = [server_step(comm, optimizer, scaler)
              for _ in tqdm(range(steps), desc=f"epoch {epoch} [server: batches served]", leave=False,
-                           position=1, dynamic_ncols=True, file=sys.stdout)]
+                           position=1, dynamic_ncols=True, file=sys.stdout,
+                           disable=not sys.stdout.isatty())]  # a second bar's cursor moves garble logs
     comm.sync()
     return torch.tensor(times[warmup:], dtype=torch.float64, device=ctx.device).mean(0)
 
