@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import REPO, interleaved, torchrun
+from benchlib import REPO, interleaved, measure_raw, report, torchrun
 
 MODES = ("per-param", "bucketed", "overlap", "ring")
 
@@ -110,20 +110,14 @@ def main():
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"raw all-reduce ({args.nproc} processes) ...", flush=True)
-    torchrun(args.nproc, Path(__file__).resolve(), "--arch", args.arch, "--raw", out_dir / "raw.json")
-    raw = json.loads((out_dir / "raw.json").read_text())
+    raw = measure_raw(__file__, args.nproc, args.arch, out_dir)
     runs, rows = interleaved(args.methods.split(","), args.repeats,
                              lambda m, r: run_training(m, args, out_dir / f"{m}_{r}.json"))
     header = (f"{args.nproc} processes, gloo on CPU ({os.cpu_count()} cores), {args.arch} on the sample dataset "
               f"(32px), batch {args.batch_size}/process, {args.max_steps} steps ({args.max_steps - 1} timed), "
               f"median of {args.repeats} interleaved runs; took {time.time() - t0:.0f}s")
     text = f"{header}\n\n{table(rows, raw, args)}\n"
-    print(text)
-    with open(out_dir / "runs.json", "w") as f:
-        json.dump({"raw": raw, "runs": runs}, f, indent=2)
-    if args.write:
-        Path(args.write).write_text(text)
+    report(text, out_dir, args.write, raw=raw, runs=runs)
 
 
 if __name__ == "__main__":

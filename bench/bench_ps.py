@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import REPO, interleaved, torchrun
+from benchlib import REPO, interleaved, measure_raw, report, torchrun
 
 COMMS = ("p2p", "collective", "overlap")
 
@@ -115,9 +115,7 @@ def main():
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    print(f"raw exchange ({args.nproc} processes) ...", flush=True)
-    torchrun(args.nproc, Path(__file__).resolve(), "--arch", args.arch, "--raw", out_dir / "raw.json")
-    raw = json.loads((out_dir / "raw.json").read_text())
+    raw = measure_raw(__file__, args.nproc, args.arch, out_dir)
     runs, rows = interleaved(("ddp", *COMMS), args.repeats,
                              lambda m, r: run_training(m, args, out_dir / f"{m}_{r}.json"))
     header = (f"{args.nproc} processes (PS: 1 server + {args.nproc - 1} workers), gloo on CPU ({os.cpu_count()} cores), "
@@ -125,11 +123,7 @@ def main():
               f"{args.max_steps} steps ({args.max_steps - 1} timed), median of {args.repeats} interleaved runs; "
               f"took {time.time() - t0:.0f}s")
     text = f"{header}\n\n{table(rows, raw)}\n"
-    print(text)
-    with open(out_dir / "runs.json", "w") as f:
-        json.dump({"raw": raw, "runs": runs}, f, indent=2)
-    if args.write:
-        Path(args.write).write_text(text)
+    report(text, out_dir, args.write, raw=raw, runs=runs)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """What the benchmarks share: launching a script under torchrun, and interleaved repeats reduced to medians."""
+import json
 import os
 import statistics
 import subprocess
@@ -28,3 +29,18 @@ def interleaved(methods, repeats, run_one):
     medians = {m: {k: None if rs[0][k] is None else statistics.median(r[k] for r in rs) for k in rs[0]}
                for m, rs in runs.items()}
     return runs, medians
+
+
+def measure_raw(script, nproc, arch, out_dir):
+    """Runs `script --raw` under torchrun (the backend's own floor, measured by the script's raw_worker)."""
+    print(f"raw exchange ({nproc} processes) ...", file=sys.stderr, flush=True)
+    torchrun(nproc, Path(script).resolve(), "--arch", arch, "--raw", Path(out_dir) / "raw.json")
+    return json.loads((Path(out_dir) / "raw.json").read_text())
+
+
+def report(text, out_dir, write=None, **data):
+    """Prints the table, keeps every run's numbers in out_dir/runs.json, and also writes the table to `write`."""
+    print(text)
+    (Path(out_dir) / "runs.json").write_text(json.dumps(data, indent=2))
+    if write:
+        Path(write).write_text(text)
