@@ -738,6 +738,8 @@ class Results:
             "host": socket.gethostname(), "python": platform.python_version(), "args": vars(args),
             "epochs": [], "summary": {}, "all_losses": [],
         }
+        if args.synthetic:
+            self.data["accuracy_note"] = "synthetic data: random images and labels, so accuracy is meaningless"
         self.save()
 
     def add_epoch(self, record):

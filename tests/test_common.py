@@ -213,6 +213,9 @@ def test_results_are_rewritten_atomically_with_status(tmp_path):
     assert data["status"] == "complete" and data["summary"]["avg_train_throughput"] == 60.0
     assert data["summary"]["best_val_accuracy"] == 20.0
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    assert "accuracy_note" not in data
+    common.Results(tmp_path / "s.json", "M", ctx, _args(synthetic=True), info, True)
+    assert "meaningless" in json.loads((tmp_path / "s.json").read_text())["accuracy_note"]
 
 
 def test_output_folder_checked_before_training(tmp_path):
