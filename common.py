@@ -593,7 +593,8 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, log_rank=0, group=
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every replica
     warmup = min(args.warmup_steps, steps - 1) if epoch == 1 else 0
     clock = StepClock(ctx.device)
-    sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # loss_sum, correct, seen, timed_seen
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss_sum, correct: stay on the device
+    seen = timed_seen = 0  # image counts are known on the host: no per-step host-to-device copy
     losses = []
     bar = tqdm(total=steps, desc=f"epoch {epoch} [{label}]", disable=ctx.rank != log_rank,
                dynamic_ncols=True, leave=False, file=sys.stdout)
@@ -611,23 +612,24 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, log_rank=0, group=
         loss, logits = train_step(images, targets, clock)
         loss = loss.detach()
         n = targets.numel()
-        sums += torch.stack([loss.double() * n, (logits.argmax(1) == targets).sum().double(),
-                             torch.tensor(n, dtype=torch.float64, device=ctx.device),
-                             torch.tensor(n if step >= warmup else 0, dtype=torch.float64, device=ctx.device)])
+        sums += torch.stack([loss.double() * n, (logits.argmax(1) == targets).sum().double()])
+        seen += n
+        timed_seen += n if step >= warmup else 0
         losses.append(loss)
         if ctx.rank == log_rank and ((step + 1) % args.log_every == 0 or step + 1 == steps):
-            loss_sum, correct, seen, _ = sums.tolist()  # host sync: once per --log-every steps
+            loss_sum, correct = sums.tolist()  # host sync: once per --log-every steps
             check_finite(loss_sum, epoch, step)
             elapsed = time.perf_counter() - t_start
+            replicas = dist.get_world_size(group) if dist.is_initialized() else 1
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}%",
-                            img_s=f"{seen * args_replicas(ctx, group) / elapsed:.1f}")
+                            img_s=f"{seen * replicas / elapsed:.1f}")
         bar.update(1)
     synchronize(ctx.device)
     t_end = time.perf_counter()
     bar.close()
     phases = clock.phase_means(skip=warmup)
-    all_reduce_sum(sums, group)
-    loss_sum, correct, seen, timed_seen = sums.tolist()
+    totals = torch.cat([sums, torch.tensor([seen, timed_seen], dtype=torch.float64, device=ctx.device)])
+    loss_sum, correct, seen, timed_seen = all_reduce_sum(totals, group).tolist()  # one reduction per epoch
     step_losses = torch.stack(losses).float().tolist()
     check_finite(loss_sum, epoch, steps - 1)
     timed = t_end - t_timed
@@ -645,11 +647,6 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, log_rank=0, group=
         "images_trained": int(seen),
         "all_losses": step_losses,
     }
-
-
-def args_replicas(ctx, group):
-    """How many processes train in `group` (for the bar's img/s estimate)."""
-    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def check_finite(loss_sum, epoch, step):
