@@ -9,9 +9,10 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parent.parent
-# Small, fast settings for script runs on a 2-core CPU; tests that need the real ResNet50 path override them.
+# Small, fast settings for script runs on a 2-core CPU, without the communication yardstick (--overhead-pairs 0);
+# tests that need the real ResNet50 path or the yardstick override them.
 FAST_ARGS = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0",
-             "--timeout", "2"]
+             "--timeout", "2", "--overhead-pairs", "0"]
 
 
 def free_port():

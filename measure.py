@@ -1,0 +1,365 @@
+"""How the kit measures, the same way for every method: clocks, the epoch loop, exact evaluation, the
+communication yardstick and the link counters. Every number in a results JSON comes from here or from a
+method's own clock marks; docs/results_schema.md says what each one means.
+"""
+import collections
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from common import UserError, autocast, first_rank, lr_at
+from data import to_device
+
+
+# --------------------------------------------------------------------------- clocks and the epoch loop
+def synchronize(device):
+    """Waits for the device's queued work, so a host clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """Per-step phase timer: CUDA events on GPU (no host sync until read), perf_counter on CPU.
+    `begin()` starts a step; each `mark(name)` closes the phase `name` that ran since the previous mark."""
+
+    def __init__(self, device):
+        self.device, self.cuda, self.steps = device, device.type == "cuda", []
+
+    def _stamp(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self):
+        self.steps.append([("begin", self._stamp())])
+
+    def mark(self, name):
+        self.steps[-1].append((name, self._stamp()))
+
+    def phase_sums(self, skip=0):
+        """Total seconds of each phase over the steps after the first `skip`."""
+        synchronize(self.device)
+        sums = {}
+        for marks in self.steps[skip:]:
+            for (_, a), (name, b) in zip(marks, marks[1:]):
+                sums[name] = sums.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return sums
+
+
+class NoClock:
+    """A clock that records nothing: for steps outside the epoch loop (the yardstick's)."""
+
+    def mark(self, name):
+        pass
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None):
+    """In-place reduction over `group` (a no-op outside a group or in a group of one)."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+class Progress:
+    """The reporting rank's progress: a tqdm bar on a terminal, else a plain line every --log-every steps."""
+
+    def __init__(self, desc, total, enabled):
+        from tqdm import tqdm
+        self.desc, self.total, self.enabled, self.tty = desc, total, enabled, sys.stdout.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout) \
+            if enabled and self.tty else None
+
+    def update(self, step, **values):
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(values)
+        elif self.enabled:
+            print(f"{self.desc} step {step}/{self.total} " + " ".join(f"{k} {v}" for k, v in values.items()),
+                  flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of_epoch=None):
+    """`steps` steps of `train_step(images, targets, clock, lr) -> (loss, logits)` by the trainers in `group`
+    (None: every rank); returns the epoch's record, reduced over the trainers.
+
+    Loss and accuracy accumulate on the device; every --log-every steps every trainer reads the group's sums
+    (the same host sync on every rank, and a NaN anywhere stops them all). The first --warmup-steps steps of
+    epoch 1 are left out of throughput and phase times. Phase times: `data` is the wait for the next batch,
+    the method's marks name the rest; mean and max over the trainers. `end_of_epoch(clock)` runs inside the
+    clock, as part of the last step (e.g. the PS's last pull).
+    """
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every replica
+    warmup = min(args.warmup_steps, steps - 1) if epoch == 1 else 0
+    clock, sums, losses, lrs = StepClock(ctx.device), torch.zeros(2, dtype=torch.float64, device=ctx.device), [], []
+    seen = timed_seen = 0  # image counts are known on the host: no per-step copy
+    progress = Progress(f"epoch {epoch}", steps, ctx.rank == first_rank(group))
+    tracer = Tracer(args, ctx, warmup, steps) if args.profile and ctx.rank == first_rank(group) else None
+    try:
+        synchronize(ctx.device)
+        t_start = t_timed = time.perf_counter()
+        batches = iter(loader)
+        for step in range(steps):
+            if step == warmup and warmup:
+                synchronize(ctx.device)
+                t_timed = time.perf_counter()
+            if tracer:
+                tracer.at(step)
+            clock.begin()
+            images, targets = to_device(*next(batches), ctx, args)
+            clock.mark("data")
+            lrs.append(lr_at(args, epoch - 1 + step / steps))
+            loss, logits = train_step(images, targets, clock, lrs[-1])
+            n = targets.numel()
+            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+            seen, timed_seen = seen + n, timed_seen + (n if step >= warmup else 0)
+            losses.append(loss.detach())
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                loss_sum, correct = all_reduce(sums.clone(), group=group).tolist()
+                check_finite(loss_sum, epoch, step)
+                trainers = dist.get_world_size(group) if dist.is_initialized() else 1
+                progress.update(step + 1, loss=f"{loss_sum / (seen * trainers):.4f}",
+                                acc=f"{100 * correct / (seen * trainers):.2f}%",
+                                img_s=f"{seen * trainers / (time.perf_counter() - t_start):.1f}")
+        if end_of_epoch:
+            end_of_epoch(clock)
+        if tracer:
+            tracer.at(steps)
+        synchronize(ctx.device)
+        t_end = time.perf_counter()
+    finally:
+        progress.close()  # before any error line, so that line starts clean
+    phases = clock.phase_sums(skip=warmup)
+    names = sorted(phases)
+    totals = torch.tensor([seen, timed_seen, t_end - t_start, t_end - t_timed, *(phases[k] for k in names)],
+                          dtype=torch.float64, device=ctx.device)
+    slowest = all_reduce(totals[2:].clone(), dist.ReduceOp.MAX, group).tolist()
+    seen, timed_seen, _, _, *phase_means = all_reduce(torch.cat([totals[:2], totals[2:]]), group=group).tolist()
+    loss_sum, correct = all_reduce(sums, group=group).tolist()
+    trainers, timed_steps = (dist.get_world_size(group) if dist.is_initialized() else 1), steps - warmup
+    train_time, timed = slowest[0], slowest[1]  # the epoch lasts until its slowest trainer is done
+    return {
+        "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+        "train_time": train_time, "train_throughput": timed_seen / timed, "avg_batch_time": timed / timed_steps,
+        "avg_data_time": phase_means[names.index("data")] / trainers / timed_steps,
+        "phase_times": {k: v / trainers / timed_steps for k, v in zip(names, phase_means)},
+        "phase_times_max": {k: v / timed_steps for k, v in zip(names, slowest[2:])},
+        "steps": steps, "warmup_steps": warmup, "images_trained": int(seen),
+        "all_losses": torch.stack(losses).float().tolist(), "lrs": lrs,
+        **({"profile": tracer.summary} if tracer and tracer.summary else {}),
+    }
+
+
+def check_finite(loss_sum, epoch, step):
+    """Stops the run with a clear message when the loss is NaN or inf."""
+    if not math.isfinite(loss_sum):
+        raise UserError(f"training loss became {loss_sum} in epoch {epoch} by step {step + 1} "
+                        "(lower --lr, add --lr-warmup-epochs, or try without --amp); finished epochs are kept")
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx, args, group=None):
+    """Validation loss and accuracy over the whole val set, exact: every image counted exactly once."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss_sum, correct, count
+    for images, targets in loader:
+        images, targets = to_device(images, targets, ctx, args)
+        with autocast(args, ctx):
+            logits = model(images)
+        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum").double(),
+                             (logits.argmax(1) == targets).sum().double(), torch.tensor(targets.numel()).double()])
+    model.train()
+    loss_sum, correct, count = all_reduce(sums, group=group).tolist()
+    if count != len(loader.dataset):
+        raise RuntimeError(f"evaluated {count} images but the val set has {len(loader.dataset)}")
+    return loss_sum / count, 100.0 * correct / count
+
+
+# --------------------------------------------------------------------------- the communication yardstick
+OVERHEAD_DEFINITION = (
+    "overhead: the method's training step minus the same step with no communication at all (forward, backward "
+    "and optimizer update on every trainer at once), on one fixed batch before epoch 1, in --overhead-pairs "
+    "pairs after an untimed warm-up of each kind, the order alternating (ABBA), a barrier before each step; "
+    "per trainer the median over pairs (min and max beside it), then the mean over trainers (and the max). "
+    "share = overhead / step; scaling efficiency = throughput / (trainers x batch / local step). blocking: the "
+    "same buckets synchronized after backward, so hidden_share = 1 - overhead / blocking overhead. Seconds.")
+
+
+def overhead_schedule(kinds, pairs, run_length=1):
+    """[(kind, timed)]: each kind once untimed (warm-up), then `pairs` rounds in alternating order (ABBA), each
+    kind `run_length` times in a row, the last one timed (2 when a step waits on the one before, as a PS pull
+    waits for the server's previous update)."""
+    plan = [(kind, False) for kind in kinds]
+    for i in range(pairs):
+        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+            plan += [(kind, False)] * (run_length - 1) + [(kind, True)]
+    return plan
+
+
+def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_length=1):
+    """Times `steps` = {"comm": fn, "local": fn, optionally "blocking": fn} (each fn(images, targets) one
+    whole step) as `overhead_schedule` says; returns the JSON block. The caller restores the training state
+    (see `preserved`), so that training goes on as if this had not happened."""
+    times = {kind: [] for kind in steps}
+    for kind, timed in overhead_schedule(list(steps), args.overhead_pairs, run_length):
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        synchronize(ctx.device)
+        start = time.perf_counter()
+        steps[kind](images, targets)
+        synchronize(ctx.device)
+        if timed:
+            times[kind].append(time.perf_counter() - start)
+    local = times["local"]
+    own = [statistics.median(times["comm"]), statistics.median(local)]
+    for kind in ("comm", "blocking"):
+        if kind in times:
+            diffs = [a - b for a, b in zip(times[kind], local)]
+            own += [statistics.median(diffs), min(diffs), max(diffs)]
+    own = torch.tensor(own, dtype=torch.float64, device=ctx.device)
+    slowest = all_reduce(own.clone(), dist.ReduceOp.MAX, group).tolist()
+    mean = (all_reduce(own, group=group) / (dist.get_world_size(group) if dist.is_initialized() else 1)).tolist()
+    out = {"definition": OVERHEAD_DEFINITION, "pairs": args.overhead_pairs, "run_length": run_length,
+           "step_time": mean[0], "local_step_time": mean[1], "overhead": mean[2], "overhead_min": mean[3],
+           "overhead_max": mean[4], "overhead_slowest_trainer": slowest[2], "overhead_share": mean[2] / mean[0]}
+    if "blocking" in times:
+        out.update(blocking_overhead=mean[5], blocking_overhead_min=mean[6], blocking_overhead_max=mean[7],
+                   hidden_share=1 - mean[2] / mean[5] if mean[5] > 0 else None)
+    return out
+
+
+@contextlib.contextmanager
+def preserved(model, *stateful):
+    """On exit puts back the parameters, buffers, gradients, RNG and each of `stateful` (anything with a
+    state_dict: optimizer, GradScaler) exactly as they were: for steps that must leave no trace."""
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [t.detach().clone() for t in tensors]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    states = [copy.deepcopy(s.state_dict()) for s in stateful]
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, s in zip(tensors, saved):
+                t.copy_(s)
+            for p, g in zip(model.parameters(), grads):
+                if g is None:
+                    p.grad = None
+                elif p.grad is not None and p.grad.shape == g.shape:
+                    p.grad.copy_(g)  # in place: a gradient may be a view of a flat buffer
+                else:
+                    p.grad = g
+        for s, state in zip(stateful, states):
+            s.load_state_dict(state)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+
+
+def fixed_batch(args, info, ctx):
+    """The yardstick's batch: random images of the training shape, the same on every rank."""
+    g = torch.Generator().manual_seed(args.seed + 999)
+    images = torch.randn(args.batch_size, 3, info.image_size, info.image_size, generator=g)
+    targets = torch.randint(0, info.num_classes, (args.batch_size,), generator=g)
+    return to_device(images, targets, ctx, args)
+
+
+# --------------------------------------------------------------------------- network links
+def read_link_bytes(ctx):
+    """[sent, received] bytes so far on this node's link (its local rank 0 reads KIT_NET_IFNAME's counters,
+    which emulate_cluster.sh sets; zeros elsewhere or without it)."""
+    name = os.environ.get("KIT_NET_IFNAME")
+    counts = [0.0, 0.0]
+    if name and ctx.local_rank == 0:
+        stats = Path("/sys/class/net") / name / "statistics"
+        with contextlib.suppress(OSError, ValueError):
+            counts = [float((stats / f).read_text()) for f in ("tx_bytes", "rx_bytes")]
+    return torch.tensor(counts, dtype=torch.float64, device=ctx.device)
+
+
+def busiest_link(ctx, before, steps):
+    """Bytes per step sent and received through the busiest node link since `before` (a world collective)."""
+    if not os.environ.get("KIT_NET_IFNAME"):
+        return None
+    sent, received = all_reduce((read_link_bytes(ctx) - before) / steps, dist.ReduceOp.MAX).tolist()
+    return {"sent_bytes_per_step": sent, "received_bytes_per_step": received}
+
+
+# --------------------------------------------------------------------------- the profiler
+COMM_NAMES = ("nccl", "gloo", "c10d::", "broadcast", "allreduce", "all_reduce", "reduce_", "send", "recv")
+
+
+class Tracer:
+    """--profile N: traces N steps after the warm-up with torch.profiler, writes a Chrome/Perfetto trace next to
+    the results and measures from it how much of the communication overlapped compute: NCCL kernels against the
+    other kernels on a GPU; on a CPU, gloo's operations (in gloo's threads) against the training thread's ops."""
+
+    def __init__(self, args, ctx, first, steps):
+        self.first, self.last = first, min(steps, first + args.profile)
+        self.path = Path(args.output).with_name(f"trace_{Path(args.output).stem}.json")
+        self.cuda, self.summary, self.profiler = ctx.device.type == "cuda", None, None
+
+    def at(self, step):
+        """Called before each step (and with the step count at the end): starts and stops the trace."""
+        if step == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.start()
+        elif step == self.last and self.profiler is not None and self.summary is None:
+            self.profiler.stop()
+            self.profiler.export_chrome_trace(str(self.path))
+            self.summary = {"trace": str(self.path), "steps": self.last - self.first, **trace_overlap(self.path)}
+            print(f"profile: {self.summary['steps']} steps traced to {self.path}: "
+                  f"{1e3 * self.summary['comm_time']:.1f} ms of communication "
+                  f"({self.summary['comm_source']}), {100 * self.summary['overlap_share']:.0f}% of it overlapping "
+                  f"compute", flush=True)
+
+
+def trace_overlap(path):
+    """From a Chrome trace: seconds of communication, and the share of it that ran while compute ran."""
+    events = [e for e in json.loads(Path(path).read_text())["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    if kernels:  # GPU: communication and compute kernels
+        comm = [e for e in kernels if "nccl" in e["name"].lower()]
+        compute = [e for e in kernels if "nccl" not in e["name"].lower()]
+        source = "NCCL kernels against compute kernels"
+    else:  # CPU: gloo's operations run in gloo's threads; compute is the training thread's aten ops
+        comm = [e for e in events if e["name"].startswith("gloo:")]
+        main = collections.Counter(e["tid"] for e in events if e["name"].startswith("aten::")).most_common(1)
+        compute = [e for e in events if main and e["tid"] == main[0][0] and e["name"].startswith("aten::")
+                   and not any(n in e["name"] for n in COMM_NAMES)]
+        source = "gloo operations against the training thread's ops (on shared CPU cores)"
+    comm_spans, compute_spans = _union(comm), _union(compute)
+    total = sum(b - a for a, b in comm_spans)
+    overlapped = sum(max(0.0, min(b, d) - max(a, c)) for a, b in comm_spans for c, d in compute_spans)
+    return {"comm_time": total / 1e6, "overlapped_time": overlapped / 1e6,
+            "overlap_share": overlapped / total if total else 0.0, "comm_source": source}
+
+
+def _union(events):
+    """Disjoint (start, end) microsecond intervals covering `events`."""
+    spans = []
+    for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    return spans

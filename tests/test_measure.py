@@ -1,0 +1,220 @@
+"""measure.py: the epoch loop's counts and reductions, and the communication yardstick, which must measure
+what it claims: a known delay injected into every communication call raises each method's overhead by that
+much, one process has about none, and the measurement leaves the training state exactly as it was."""
+import copy
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import all_reduce_train as ar
+import baseline_multi_card as ddp_script
+import common
+import measure
+import ps_train as ps
+from data import DataInfo
+from dist_helpers import run_in_group
+
+CPU = torch.device("cpu")
+INFO = DataInfo("test", "/", 3, 0, 0, 8, 1, False)  # 3 classes, 8 px images: the yardstick's batch shape
+
+
+def _ctx(rank=0, world=1):
+    return common.DistContext(rank, rank, world, world, CPU, "gloo", rank == 0)
+
+
+def _args(*extra):
+    return ddp_script.parse_args(["--batch-size", "4", *extra])
+
+
+# --------------------------------------------------------------------------- the epoch loop
+def test_run_epoch_counts_losses_and_phases():
+    args = _args("--log-every", "2", "--warmup-steps", "1")
+    images, targets = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    losses = iter([torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)])
+    seen_lrs = []
+
+    def step(x, y, clock, lr):
+        clock.mark("compute")
+        seen_lrs.append(lr)
+        return next(losses), torch.tensor([[1.0, 0.0]] * 4)  # always predicts class 0: 50% correct
+
+    rec = measure.run_epoch(_ctx(), args, 1, [(images, targets)] * 5, 3, step)  # the loader has more: 3 steps
+    assert rec["all_losses"] == [1.0, 2.0, 3.0] and rec["steps"] == 3
+    assert rec["train_loss"] == pytest.approx(2.0) and rec["train_accuracy"] == pytest.approx(50.0)
+    assert rec["images_trained"] == 12 and rec["warmup_steps"] == 1
+    assert set(rec["phase_times"]) == set(rec["phase_times_max"]) == {"data", "compute"}
+    assert rec["train_throughput"] > 0 and rec["avg_batch_time"] > 0
+    assert rec["lrs"] == seen_lrs == [0.01] * 3
+
+
+def test_progress_without_a_terminal_is_plain_lines(capsys):
+    args = _args("--log-every", "2")
+    batch = (torch.randn(2, 3), torch.tensor([0, 1]))
+    measure.run_epoch(_ctx(), args, 1, [batch] * 5, 5, lambda x, y, c, lr: (torch.tensor(1.0), torch.zeros(2, 2)))
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert [line.split(" loss")[0] for line in out.splitlines()] == [
+        "epoch 1 step 2/5", "epoch 1 step 4/5", "epoch 1 step 5/5"]
+
+
+def _nan_on_rank_1(rank, world_size):
+    def step(x, y, clock, lr):
+        return torch.tensor(float("nan") if rank == 1 else 1.0), torch.zeros(2, 2)
+    try:
+        measure.run_epoch(_ctx(rank, world_size), _args("--log-every", "2"), 1,
+                          [(torch.randn(2, 3), torch.tensor([0, 1]))] * 4, 4, step)
+    except common.UserError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank():
+    for message in run_in_group(_nan_on_rank_1, 2):
+        assert "loss became nan" in message
+
+
+# --------------------------------------------------------------------------- the yardstick
+def test_schedule_alternates_and_times_the_last_of_each_run():
+    plan = measure.overhead_schedule(["c", "l"], 2, run_length=2)
+    assert plan == [("c", False), ("l", False),
+                    ("c", False), ("c", True), ("l", False), ("l", True),
+                    ("l", False), ("l", True), ("c", False), ("c", True)]
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 7, 3),
+                         nn.BatchNorm2d(7), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(7, 3))
+
+
+class Delay:
+    """A test-only wrapper: sleeps `seconds` in every communication call and counts the calls."""
+    CALLS = ("all_reduce", "broadcast", "reduce", "send", "recv", "batch_isend_irecv")
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, 0
+        for name in self.CALLS:
+            setattr(dist, name, self._wrap(getattr(dist, name)))
+
+    def _wrap(self, call):
+        def delayed(*args, **kwargs):
+            self.calls += 1
+            time.sleep(self.seconds)
+            return call(*args, **kwargs)
+        return delayed
+
+    def ddp_hook(self, state, bucket):  # DDP's reducer calls the backend directly: delay its buckets here
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        self.calls += 1
+        time.sleep(self.seconds)
+        return default_hooks.allreduce_hook(state, bucket)
+
+
+def _state(model, *stateful):
+    return ([t.detach().clone() for t in (*model.parameters(), *model.buffers())],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+            [copy.deepcopy(s.state_dict()) for s in stateful])
+
+
+def _same_state(a, b):
+    tensors = all(torch.equal(x, y) for x, y in zip(a[0] + [g for g in a[1] if g is not None],
+                                                      b[0] + [g for g in b[1] if g is not None]))
+    return tensors and [g is None for g in a[1]] == [g is None for g in b[1]] and repr(a[2]) == repr(b[2])
+
+
+def _yardstick(rank, world_size, method, delay, seconds):
+    """Builds `method` on small_net in this group, counts the communication calls of one step, then
+    measures the overhead without and with `delay.seconds` in every call; returns (plain overhead block,
+    delayed block, calls per step, state unchanged by both?) (the blocks are None on the PS server)."""
+    ctx = _ctx(rank, world_size)
+    args = (ps.parse_args if method.startswith("ps") else ar.parse_args)(
+        ["--batch-size", "4", "--overhead-pairs", "3", *(["--sync", method[3:]] if method.startswith("ar") else []),
+         *(["--comm", method[3:]] if method.startswith("ps") else [])])
+    x, y = measure.fixed_batch(args, INFO, ctx)
+    model, clock, lr = small_net(), measure.NoClock(), 0.01
+    if method == "ddp":
+        model = DDP(model)
+        model.register_comm_hook(None, delay.ddp_hook)
+        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
+        step = ddp_script.make_train_step(model, optimizer, scaler, args, ctx)
+        run = lambda: step(x, y, clock, lr)  # noqa: E731
+        measure_it = lambda: ddp_script.measure_overhead(model, optimizer, scaler, step, args, ctx, INFO)  # noqa
+        stateful = (optimizer, scaler)
+    elif method.startswith("ar"):
+        sync = ar.GradSync(model, args.sync)
+        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
+        step = ar.make_train_step(model, sync, optimizer, scaler, args, ctx)
+        run = lambda: step(x, y, clock, lr)  # noqa: E731
+        measure_it = lambda: ar.measure_overhead(model, sync, optimizer, scaler, step, args, ctx, INFO)  # noqa
+        stateful = (optimizer, scaler)
+    else:
+        workers = dist.new_group(list(range(1, world_size)))
+        layout = ps.Layout(model, args.bucket_mb)
+        comm = ps.make_transport(args.comm, layout, world_size - 1, rank == 0, model)
+        optimizer = common.make_optimizer(args, model.parameters()) if rank == 0 else None
+        scaler = common.make_scaler(args, ctx)
+        step = ps.make_worker_step(model, comm, args, ctx)
+        run = (lambda: ps.server_step(comm, optimizer, scaler, lr, clock)) if rank == 0 else \
+            (lambda: step(x, y, clock))
+        measure_it = lambda: ps.measure_overhead(model, comm, optimizer, scaler, args, ctx, INFO, workers)  # noqa
+        stateful = (optimizer, scaler) if rank == 0 else ()
+    run()  # warm-up
+    delay.calls = 0
+    run()
+    calls = delay.calls
+    before = _state(model, *stateful)
+    plain = measure_it()
+    delay.seconds = seconds
+    delayed = measure_it()
+    delay.seconds = 0.0
+    return plain, delayed, calls, _same_state(before, _state(model, *stateful))
+
+
+def _all(rank, world_size, methods, seconds):
+    delay = Delay(0.0)
+    return {method: _yardstick(rank, world_size, method, delay, seconds) for method in methods}
+
+
+GROUPS = {2: ("ddp", "ar-overlap", "ar-bucketed", "ar-per-param", "ar-ring", "ps-p2p"),
+          3: ("ps-collective", "ps-overlap")}
+
+
+@pytest.fixture(scope="module")
+def yardstick():
+    """Every method in one spawn per group size (2 and 3 processes), with and without a 20 ms delay."""
+    return {size: run_in_group(_all, size, methods, 0.02) for size, methods in GROUPS.items()}
+
+
+@pytest.mark.parametrize("method", [m for ms in GROUPS.values() for m in ms])
+def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
+    size = next(s for s, ms in GROUPS.items() if method in ms)
+    ranks = [r[method] for r in yardstick[size]]
+    assert all(same for *_, same in ranks), "the measurement changed the training state"
+    expected = 0.02 * max(calls for _, _, calls, _ in ranks)  # the busiest rank sets the pace
+    for rank, (plain, delayed, _, _) in enumerate(ranks):
+        if method.startswith("ps") and rank == 0:
+            assert plain is None and delayed is None  # the server reports nothing: it does not train
+            continue
+        rise = delayed["overhead"] - plain["overhead"]
+        assert 0.75 * expected - 0.005 < rise < 1.3 * expected + 0.015, (method, rank, rise, expected)
+        assert plain["overhead_min"] <= plain["overhead"] <= plain["overhead_max"]
+    if method in ("ar-overlap", "ps-overlap"):  # blocking after backward: the same calls, delayed alike
+        _, delayed, _, _ = ranks[1]
+        rise = delayed["blocking_overhead"] - ranks[1][0]["blocking_overhead"]
+        assert 0.75 * expected - 0.005 < rise < 1.3 * expected + 0.015, (method, "blocking", rise, expected)
+
+
+def test_one_process_has_about_no_overhead():
+    out, = run_in_group(_all, 1, ("ddp", "ar-overlap"), 0.0)
+    for method, (overhead, _, _, same) in out.items():
+        assert same
+        assert abs(overhead["overhead"]) < max(0.003, 0.15 * overhead["local_step_time"]), (method, overhead)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
