@@ -2,73 +2,112 @@
 
     torchrun --nproc_per_node=4 baseline_multi_card.py
 
-Sync strategy: DDP all-reduces gradients in ~25 MB buckets from autograd hooks while backward is still
-running, so most communication hides behind compute; it also broadcasts buffers from rank 0 each forward.
+Sync strategy: DDP all-reduces gradients in --bucket-mb (25 MB) buckets from autograd hooks while backward is
+still running, so most communication hides behind compute; it also broadcasts buffers from rank 0 each forward.
+--comm-hook registers one of torch's own DDP communication hooks: fp16 or bf16 compression (cast, all-reduce,
+cast back) or PowerSGD (low-rank gradients with error feedback, after --powersgd-warmup plain steps).
+Writes results_baseline_ddp.json (no hook) or results_baseline_ddp_<hook>.json unless --output is given.
 """
-import torch
+import copy
+
 import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import data
+import measure
 
 METHOD = "Baseline DDP (PyTorch)"
+COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")  # the first is the default
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.splitlines()[0], "results_baseline_ddp.json")
-    p.add_argument("--calib-steps", type=int, default=3,
-                   help="steps timed with and without gradient sync to measure DDP's exposed "
-                        "communication (0: skip)")
-    return p.parse_args(argv)
+    p = common.make_parser(__doc__.splitlines()[0])
+    p.add_argument("--bucket-mb", type=common.positive(float), default=25.0, help="DDP's bucket_cap_mb (MiB)")
+    p.add_argument("--comm-hook", choices=COMM_HOOKS, default=COMM_HOOKS[0],
+                   help="torch's DDP communication hook: gradients in fp16 or bf16, or PowerSGD")
+    p.add_argument("--powersgd-rank", type=common.positive(int), default=1,
+                   help="PowerSGD's matrix_approximation_rank (torch's default)")
+    p.add_argument("--powersgd-warmup", type=common.positive(int), default=1000,
+                   help="PowerSGD's start_powerSGD_iter: plain all-reduce steps before compressing (torch's "
+                        "default; must be > 1)")
+    args = common.parse(p, argv, lambda a: common.variant_output("baseline_ddp", a.comm_hook, COMM_HOOKS[0]))
+    if args.comm_hook == "powersgd" and args.powersgd_warmup < 2:
+        p.error("--powersgd-warmup must be at least 2 (PowerSGD's error feedback needs two plain steps first)")
+    return args
 
 
-def calibrate_comm(model, ctx, args, batch_shape, num_classes, criterion):
-    """DDP's exposed communication per step: median forward+backward time with gradient sync minus the
-    same under `no_sync()` (compute only), on a fixed random batch.
+class PowerSGDSnapshot:
+    """state_dict / load_state_dict for a PowerSGD state (error feedback, memories, step counter), so that the
+    yardstick can put it back like the optimizer's."""
 
-    Gradients are zeroed and BatchNorm buffers restored afterwards, so training is unchanged.
-    Returns (exposed, with_sync, compute_only) in seconds, averaged over ranks.
-    """
-    g = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(batch_shape, generator=g).to(ctx.device)
-    targets = torch.randint(0, num_classes, (batch_shape[0],), generator=g).to(ctx.device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    def __init__(self, state):
+        self.state = state
 
-    def fwd_bwd():
+    def state_dict(self):
+        return {slot: copy.deepcopy(getattr(self.state, slot)) for slot in self.state.__slots__
+                if slot != "process_group"}
+
+    def load_state_dict(self, saved):
+        for slot, value in saved.items():
+            setattr(self.state, slot, copy.deepcopy(value))
+
+
+def register_hook(model, args):
+    """--comm-hook on the DDP model; returns what must be snapshotted with it (a PowerSGD state) and the bytes
+    one rank puts on the wire per all-reduce of the gradients (computed from the tensor shapes)."""
+    grads = [p for p in model.parameters() if p.requires_grad]
+    plain = sum(p.numel() * p.element_size() for p in grads)
+    if args.comm_hook in ("fp16", "bf16"):
+        model.register_comm_hook(None, getattr(default_hooks, f"{args.comm_hook}_compress_hook"))
+        return [], plain // 2
+    if args.comm_hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=args.powersgd_rank,
+                                            start_powerSGD_iter=args.powersgd_warmup)
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        wire = 0
+        for p in grads:  # rank-r factors P (n x r) and Q (m x r) where that compresses, else the tensor itself
+            n, m = p.shape[0], p.numel() // p.shape[0]
+            r = min(args.powersgd_rank, n, m)
+            wire += 4 * ((n + m) * r if p.dim() > 1 and (n + m) * r * 2 <= n * m else p.numel())
+        return [PowerSGDSnapshot(state)], wire
+    return [], plain
+
+
+def make_train_step(model, optimizer, scaler, args, ctx):
+    """One DDP training step; with communicate=False the same step on the bare module: no all-reduce, no
+    buffer broadcast (the yardstick's no-communication step)."""
+    criterion = nn.CrossEntropyLoss()
+
+    def train_step(images, targets, clock, lr, communicate=True):
+        net = model if communicate else model.module
         with common.autocast(args, ctx):
-            loss = criterion(model(images), targets)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def compute_only():
-        with model.no_sync():
-            fwd_bwd()
-
-    with common.preserved_buffers(model):
-        with_sync = common.median_time(fwd_bwd, args.calib_steps, ctx.device)
-        alone = common.median_time(compute_only, args.calib_steps, ctx.device)
-    times = torch.tensor([with_sync, alone], dtype=torch.float64, device=ctx.device)
-    with_sync, alone = (common.all_reduce_sum(times) / ctx.world_size).tolist()
-    return max(0.0, with_sync - alone), with_sync, alone
-
-
-def train_one_epoch(model, optimizer, scaler, criterion, loader, steps, epoch, ctx, args):
-    """One epoch of DDP training; returns the epoch's metrics."""
-
-    def train_step(images, targets, clock):
-        with common.autocast(args, ctx):
-            logits = model(images)
+            logits = net(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # DDP's bucketed all-reduce runs inside, overlapped
         clock.mark("compute")
+        common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
         clock.mark("update")
         return loss, logits
 
-    return common.run_epoch(ctx, args, epoch, loader, steps, train_step)
+    return train_step
+
+
+def measure_overhead(model, optimizer, scaler, step, args, ctx, info, hook_state=()):
+    """The yardstick: DDP's step against the same step on the bare module (no communication at all)."""
+    clock, lr = measure.NoClock(), common.lr_at(args, 0)
+    kinds = {"comm": lambda x, y: step(x, y, clock, lr), "local": lambda x, y: step(x, y, clock, lr, False)}
+    with measure.preserved(model, optimizer, scaler, *hook_state):
+        overhead = measure.measure_overhead(ctx, args, kinds, *measure.fixed_batch(args, info, ctx))
+    common.log(ctx, f"communication overhead: {1e3 * overhead['overhead']:.1f} ms/step "
+                    f"({100 * overhead['overhead_share']:.0f}% of a {1e3 * overhead['step_time']:.1f} ms step; "
+                    f"{overhead['pairs']} pairs, min {1e3 * overhead['overhead_min']:.1f}, "
+                    f"max {1e3 * overhead['overhead_max']:.1f})")
+    return overhead
 
 
 def main(argv=None):
@@ -76,40 +115,53 @@ def main(argv=None):
     common.check_output_path(args.output)
     ctx = common.setup_distributed(args)
     try:
-        train_loader, val_loader, info, steps = common.build_data(args, ctx, ctx.world_size, ctx.rank)
+        ds = data.open_data(args, ctx, ctx.world_size)
+        info = ds.info
+        train_loader = data.train_loader(ds, args, ctx, ctx.world_size, ctx.rank)
+        val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
         model, weights = common.build_model(args, ctx, info.num_classes)
         # Same seed on every rank gives the same initial weights; DDP also broadcasts rank 0's at wrap.
-        model = DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-        criterion = nn.CrossEntropyLoss()
+        model = DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                    bucket_cap_mb=args.bucket_mb)
+        hook_state, wire_bytes = register_hook(model, args)
         optimizer = common.make_optimizer(args, model.parameters())
         scaler = common.make_scaler(args, ctx)
-        results = common.Results(args.output, METHOD, ctx, args, info, ctx.is_main, kind="baseline_ddp",
-                                 weights=weights,
-                                 steps_per_epoch=steps)
-        common.print0(ctx, f"{METHOD}: {ctx.world_size} processes ({ctx.backend}, {common.device_name(ctx.device)}), "
-                           f"{args.arch} on {info.name} ({info.train_size} train / {info.val_size} val images, "
-                           f"{info.image_size}px), {steps} steps/epoch, batch {args.batch_size}/process")
-        calibration = None
-        if args.calib_steps > 0:
-            exposed, with_sync, alone = calibrate_comm(
-                model, ctx, args, (args.batch_size, 3, info.image_size, info.image_size), info.num_classes, criterion)
-            calibration = {"exposed_comm_time": exposed, "fwd_bwd_with_sync": with_sync,
-                           "fwd_bwd_compute_only": alone, "steps": args.calib_steps,
-                           "definition": "median forward+backward time with DDP gradient sync minus the same "
-                                         "under no_sync(), same random batch, mean over ranks (seconds)"}
-            results.data["comm_calibration"] = calibration
-            common.print0(ctx, f"calibration: fwd+bwd {1e3 * with_sync:.1f}ms with sync, {1e3 * alone:.1f}ms "
-                               f"compute only -> exposed communication {1e3 * exposed:.1f}ms/step")
-        for epoch in range(1, args.epochs + 1):
-            record = train_one_epoch(model, optimizer, scaler, criterion, train_loader, steps, epoch, ctx, args)
-            record["val_loss"], record["val_accuracy"] = common.evaluate(model.module, val_loader, ctx, args)
-            if calibration:
-                record["avg_comm_time"] = calibration["exposed_comm_time"]
+        step = make_train_step(model, optimizer, scaler, args, ctx)
+        results = common.Results(args.output, METHOD, "baseline_ddp", ctx, args, info, writer=ctx.is_main,
+                                 trainers=ctx.world_size, weights=weights, bucket_mb=args.bucket_mb,
+                                 comm_hook=args.comm_hook, gradient_bytes=sum(
+                                     p.numel() * p.element_size() for p in model.parameters()),
+                                 wire_bytes_per_step=wire_bytes)
+        common.log(ctx, f"{METHOD} (buckets of {args.bucket_mb:g} MiB, comm hook {args.comm_hook}): "
+                        f"{ctx.world_size} processes ({ctx.backend}, {common.device_name(ctx.device)}), {args.arch} on {info.name} ({info.train_size} train / {info.val_size} val images, "
+                        f"{info.image_size}px), {info.steps} steps/epoch, batch {args.batch_size}/process")
+        resumed = common.load_checkpoint(args, ctx, owner=0, writer=0)
+        if resumed:
+            start, state, saved = resumed
+            for part, obj in zip(("model", "optimizer", "scaler", "hook"),
+                                 (model.module, optimizer, scaler, *hook_state)):
+                obj.load_state_dict(state[part])
+            results.resume(saved)
+            # One step that leaves no trace, after which DDP rebuilds its buckets in the order gradients arrive,
+            # as it did early in the interrupted run: the same bucket layout, so the same rounding.
+            with measure.preserved(model, optimizer, scaler, *hook_state):
+                step(*measure.fixed_batch(args, info, ctx), measure.NoClock(), args.lr)
+            common.log(ctx, f"resumed after epoch {start} from {common.checkpoint_dir(args)}")
+        elif args.overhead_pairs:
+            results.update(comm_overhead=measure_overhead(model, optimizer, scaler, step, args, ctx, info, hook_state))
+        for epoch in range(1 + (resumed[0] if resumed else 0), args.epochs + 1):
+            link = measure.read_link_bytes(ctx)
+            record = measure.run_epoch(ctx, args, epoch, train_loader, info.steps, step)
+            record["link"] = measure.busiest_link(ctx, link, record["steps"])
+            record["val_loss"], record["val_accuracy"] = measure.evaluate(model.module, val_loader, ctx, args)
             results.add_epoch(record)
-            common.print0(ctx, common.epoch_line(record))
+            common.checkpoint_epoch(args, ctx, epoch, results, state=None if ctx.rank else {
+                "model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                **({"hook": hook_state[0].state_dict()} if hook_state else {})})
+            common.log(ctx, common.epoch_line(record))
             common.warn_if_data_bound(ctx, record)
         results.finish()
-        common.print0(ctx, f"wrote {args.output}")
+        common.log(ctx, f"wrote {args.output}")
         common.cleanup_distributed(barrier=True)
     finally:
         common.cleanup_distributed()

@@ -1,6 +1,8 @@
 """baseline_multi_card.py end to end (torchrun, gloo), and one clear line for each user mistake."""
+import concurrent.futures
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ GUIDE_SUMMARY = ["avg_train_throughput", "avg_train_time_per_epoch", "best_val_a
 def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
     """The guide's command with no data argument: the sample dataset, the real ResNet50, every guide field."""
     out = tmp_path / "results_baseline_ddp.json"
-    proc = run_script("baseline_multi_card.py", "--epochs", "2", "--max-steps", "2", "--calib-steps", "1",
+    proc = run_script("baseline_multi_card.py", "--epochs", "2", "--max-steps", "2", "--overhead-pairs", "1",
                       "--workers", "0", "--output", out, nproc=2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sample dataset" in proc.stdout and "epoch 2: train loss" in proc.stdout
@@ -35,17 +37,30 @@ def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
         assert e["train_throughput"] > 0 and 0 < e["avg_batch_time"] < e["train_time"]
         assert len(e["all_losses"]) == 2
     assert len(data["all_losses"]) == 4 and data["all_losses"][0] == pytest.approx(math.log(10), rel=0.3)
-    cal = data["comm_calibration"]
-    assert cal["fwd_bwd_with_sync"] > 0 and cal["fwd_bwd_compute_only"] > 0 and cal["exposed_comm_time"] >= 0
-    assert data["summary"]["avg_comm_time"] == cal["exposed_comm_time"]
+    assert data["trainers"] == 2 and data["steps_per_epoch"] == 2 and data["comm_hook"] == "none"
+    assert data["dataset"]["dropped_last_image"] is False  # 480 images a process: 7 x 64 + 32
+    assert data["gradient_bytes"] == data["wire_bytes_per_step"] > 9e7  # ResNet50: 23.5M float32 gradients
+    # The communication yardstick, end to end: one pair of DDP steps against the bare module's, before epoch 1.
+    overhead = data["comm_overhead"]
+    assert overhead["pairs"] == 1 and overhead["run_length"] == 1 and "definition" in overhead
+    assert overhead["step_time"] > 0 and overhead["local_step_time"] > 0
+    assert overhead["overhead_min"] <= overhead["overhead"] <= overhead["overhead_max"]
+    assert overhead["overhead_share"] == pytest.approx(overhead["overhead"] / overhead["step_time"])
+    assert "blocking_overhead" not in overhead  # DDP has one way to synchronize
+    assert "communication overhead:" in proc.stdout
+    for e in data["epochs"]:
+        assert e["scaling_efficiency"] == pytest.approx(e["train_throughput"] / (2 * 64 / overhead["local_step_time"]))
+        assert set(e["phase_times"]) == {"data", "compute", "update"} and e["lrs"] == [0.01] * 2
+    assert data["summary"]["scaling_efficiency"] == pytest.approx(
+        sum(e["scaling_efficiency"] for e in data["epochs"]) / 2)
     assert data["summary"]["best_val_accuracy"] == max(e["val_accuracy"] for e in data["epochs"])
 
 
 def test_ddp_trains_on_a_given_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "imagenet", classes=3, train_per_class=8, val_per_class=3)
     out = tmp_path / "r.json"
-    proc = run_script("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out,
-                      "--calib-steps", "0", nproc=2, cwd=tmp_path)
+    proc = run_script("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out, nproc=2,
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["dataset"]["name"] == "imagefolder" and data["dataset"]["root"] == str(root.resolve())
@@ -61,53 +76,131 @@ def _one_error_line(proc):
     return lines[0]
 
 
-def _mistake(tmp_path, *args):
-    return run_python("baseline_multi_card.py", *FAST_ARGS, "--output", tmp_path / "r.json", *args,
-                      cwd=tmp_path, timeout=120)
+# --------------------------------------------------------------------------- one clear line per user mistake
+# Each mistake is its own single-process run (`python baseline_multi_card.py`, in its own folder). They are
+# independent, and each uses one core, so the `mistakes` fixture runs them all, two at a time, and each test
+# checks its own run.
+def _no_setup(folder):
+    return []
 
 
-def test_missing_data_dir(tmp_path):
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", tmp_path / "nowhere"))
-    assert str(tmp_path / "nowhere") in line and "does not exist" in line
-    assert not (tmp_path / "r.json").exists()  # never a silent fallback to the sample dataset
+def _data_dir(**kw):
+    def setup(folder):
+        return ["--data-dir", make_image_folder(folder / "d", **kw)]
+    return setup
 
 
-def test_missing_val_folder(tmp_path):
-    root = make_image_folder(tmp_path / "d")
-    import shutil
+def _without_val(folder):
+    root = make_image_folder(folder / "d")
     shutil.rmtree(root / "val")
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
-    assert str(root / "val") in line
+    return ["--data-dir", root]
 
 
-def test_empty_class_folder(tmp_path):
-    root = make_image_folder(tmp_path / "d")
+def _empty_class(folder):
+    root = make_image_folder(folder / "d")
     (root / "train" / "empty_class").mkdir()
     (root / "val" / "empty_class").mkdir()
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
-    assert "empty_class" in line
+    return ["--data-dir", root]
 
 
-@pytest.mark.parametrize("workers,damage", [("0", "garbage"), ("1", "garbage"), ("0", "truncated")])
-def test_corrupted_image(tmp_path, workers, damage):
-    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2)
-    for image in (root / "train" / "class0").iterdir():
-        image.write_bytes(b"this is not a png" if damage == "garbage" else image.read_bytes()[:60])
-    proc = _mistake(tmp_path, "--data-dir", root, "--workers", workers, "--calib-steps", "0")
+def _corrupted(workers, damage):
+    def setup(folder):
+        root = make_image_folder(folder / "d", classes=2, train_per_class=4, val_per_class=2)
+        for image in (root / "train" / "class0").iterdir():
+            image.write_bytes(b"this is not a png" if damage == "garbage" else image.read_bytes()[:60])
+        return ["--data-dir", root, "--workers", workers]
+    return setup
+
+
+def _with_notes(folder):
+    root = make_image_folder(folder / "d", classes=2, train_per_class=4, val_per_class=2)
+    (root / "train" / "class0" / "notes.txt").write_text("not an image")
+    return ["--data-dir", root]
+
+
+def _classes_differ(folder):
+    root = make_image_folder(folder / "d", classes=2)
+    (root / "val" / "class1").rename(root / "val" / "other")
+    return ["--data-dir", root]
+
+
+def _empty_val(folder):
+    root = make_image_folder(folder / "d", classes=2)
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()
+    return ["--data-dir", root]
+
+
+def _bad_weights(folder):
+    (folder / "w.pth").write_bytes(b"not a checkpoint")
+    return ["--weights", folder / "w.pth"]
+
+
+CORRUPTED = [("0", "garbage"), ("1", "garbage"), ("0", "truncated")]
+NON_POSITIVE = [("--batch-size", "0"), ("--epochs", "0"), ("--batch-size", "-3"), ("--epochs", "two")]
+MISTAKES = {
+    "missing_data_dir": lambda folder: ["--data-dir", folder / "nowhere"],
+    "missing_val": _without_val,
+    "empty_class": _empty_class,
+    **{f"corrupted-{w}-{d}": _corrupted(w, d) for w, d in CORRUPTED},
+    "nccl": lambda folder: ["--backend", "nccl"],
+    **{f"setting{flag}={value}": lambda folder, f=flag, v=value: [f, v] for flag, value in NON_POSITIVE},
+    "non_image_files": _with_notes,
+    "classes_differ": _classes_differ,
+    "empty_val": _empty_val,
+    "batch_larger_than_shard": lambda folder: [*_data_dir(classes=2, train_per_class=4, val_per_class=1)(folder),
+                                               "--batch-size", "9"],
+    "output_missing": lambda folder: ["--output", folder / "no" / "r.json"],
+    "output_unwritable": lambda folder: ["--output", "/proc/r.json"],  # even root cannot write /proc
+    "bad_weights": _bad_weights,
+    "nan_loss": lambda folder: [*_data_dir(classes=2, train_per_class=40, val_per_class=2)(folder), "--lr", "1e6",
+                                "--epochs", "3"],
+}
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """{name: (folder, CompletedProcess)} for every run in MISTAKES."""
+    def run(name):
+        folder = tmp_path_factory.mktemp(name.replace("=", "_"))
+        args = MISTAKES[name](folder)
+        return folder, run_python("baseline_multi_card.py", *FAST_ARGS, "--output", folder / "r.json", *args,
+                                  cwd=folder, timeout=300)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(MISTAKES, pool.map(run, MISTAKES)))
+
+
+def test_missing_data_dir(mistakes):
+    folder, proc = mistakes["missing_data_dir"]
     line = _one_error_line(proc)
+    assert str(folder / "nowhere") in line and "does not exist" in line
+    assert not (folder / "r.json").exists()  # never a silent fallback to the sample dataset
+
+
+def test_missing_val_folder(mistakes):
+    folder, proc = mistakes["missing_val"]
+    assert str(folder / "d" / "val") in _one_error_line(proc)
+
+
+def test_empty_class_folder(mistakes):
+    assert "empty_class" in _one_error_line(mistakes["empty_class"][1])
+
+
+@pytest.mark.parametrize("workers,damage", CORRUPTED)
+def test_corrupted_image(mistakes, workers, damage):
+    line = _one_error_line(mistakes[f"corrupted-{workers}-{damage}"][1])
     assert "cannot read image" in line and "class0" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPUs")
-def test_nccl_without_gpus(tmp_path):
-    line = _one_error_line(_mistake(tmp_path, "--backend", "nccl"))
+def test_nccl_without_gpus(mistakes):
+    line = _one_error_line(mistakes["nccl"][1])
     assert "GPU" in line and "--backend gloo" in line
 
 
-@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--epochs", "0"), ("--batch-size", "-3"),
-                                        ("--epochs", "two")])
-def test_non_positive_settings(tmp_path, flag, value):
-    line = _one_error_line(_mistake(tmp_path, flag, value))
+@pytest.mark.parametrize("flag,value", NON_POSITIVE)
+def test_non_positive_settings(mistakes, flag, value):
+    line = _one_error_line(mistakes[f"setting{flag}={value}"][1])
     assert flag in line
 
 
@@ -119,54 +212,41 @@ def test_wrong_data_dir_under_torchrun_is_reported_once(tmp_path):
     assert len(ours) == 1 and "nowhere" in ours[0]
 
 
-def test_non_image_files_are_skipped_with_a_warning(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=2)
-    (root / "train" / "class0" / "notes.txt").write_text("not an image")
-    proc = _mistake(tmp_path, "--data-dir", root, "--calib-steps", "0")
+def test_non_image_files_are_skipped_with_a_warning(mistakes):
+    folder, proc = mistakes["non_image_files"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: skipped 1 file(s)" in proc.stdout and "notes.txt" in proc.stdout
-    assert json.loads((tmp_path / "r.json").read_text())["dataset"]["train_size"] == 8
+    assert json.loads((folder / "r.json").read_text())["dataset"]["train_size"] == 8
 
 
-def test_class_folders_differ_between_train_and_val(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=2)
-    (root / "val" / "class1").rename(root / "val" / "other")
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
+def test_class_folders_differ_between_train_and_val(mistakes):
+    line = _one_error_line(mistakes["classes_differ"][1])
     assert "class folders differ" in line and "class1" in line and "other" in line
 
 
-def test_empty_val(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=2)
-    import shutil
-    shutil.rmtree(root / "val")
-    (root / "val").mkdir()
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root))
-    assert str(root / "val") in line
+def test_empty_val(mistakes):
+    folder, proc = mistakes["empty_val"]
+    assert str(folder / "d" / "val") in _one_error_line(proc)
 
 
-def test_batch_larger_than_a_shard(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=4, val_per_class=1)
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root, "--batch-size", "9"))
+def test_batch_larger_than_a_shard(mistakes):
+    line = _one_error_line(mistakes["batch_larger_than_shard"][1])
     assert "--batch-size 9 is larger than the 8 training images" in line
 
 
 @pytest.mark.parametrize("where", ["missing", "unwritable"])
-def test_output_that_cannot_be_written(tmp_path, where):
-    target = tmp_path / "no" / "r.json" if where == "missing" else "/proc/r.json"  # root can't write /proc
-    proc = run_python("baseline_multi_card.py", *FAST_ARGS, "--output", target, cwd=tmp_path, timeout=120)
+def test_output_that_cannot_be_written(mistakes, where):
+    folder, proc = mistakes[f"output_{where}"]
     line = _one_error_line(proc)
-    assert str(target.parent if where == "missing" else "/proc") in line
+    assert str(folder / "no" if where == "missing" else "/proc") in line
 
 
-def test_weights_file_that_is_not_a_state_dict(tmp_path):
-    (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
-    line = _one_error_line(_mistake(tmp_path, "--weights", tmp_path / "w.pth"))
-    assert "is not a resnet18 state dict" in line
+def test_weights_file_that_is_not_a_state_dict(mistakes):
+    assert "is not a resnet18 state dict" in _one_error_line(mistakes["bad_weights"][1])
 
 
-def test_nan_loss_stops_and_keeps_valid_results(tmp_path):
-    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=40, val_per_class=2)
-    line = _one_error_line(_mistake(tmp_path, "--data-dir", root, "--lr", "1e6", "--calib-steps", "0",
-                                    "--epochs", "3"))
+def test_nan_loss_stops_and_keeps_valid_results(mistakes):
+    folder, proc = mistakes["nan_loss"]
+    line = _one_error_line(proc)
     assert "loss became nan" in line or "loss became inf" in line
-    assert json.loads((tmp_path / "r.json").read_text())["status"] == "incomplete"
+    assert json.loads((folder / "r.json").read_text())["status"] == "incomplete"

@@ -1,13 +1,15 @@
 """ps_train.py: the server/worker exchange in real gloo groups, against a single-process reference."""
 import copy
 import json
+import math
 
 import numpy as np
-
+import pytest
 import torch
 import torch.nn as nn
 
 import common
+import measure
 import ps_train
 from dist_helpers import FAST_ARGS, error_lines, run_in_group, run_python, run_script
 
@@ -49,23 +51,31 @@ def _ps_run(rank, world_size, net, comm, extra, poison):
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
     # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised).
-    comm_ = ps_train.PSComm(model, comm, world_size - 1, bucket_mb=0.0005)
-    assert len(comm_.pull_buckets) > 2 and len(comm_.push_buckets) > 2
+    layout = ps_train.Layout(model, bucket_mb=0.0005)
+    assert len(layout.pull) > 2 and len(layout.push) > 2
+    transport = ps_train.make_transport(comm, layout, world_size - 1, rank == 0, model)
+    scaler = common.make_scaler(args, ctx)
     if rank == 0:
-        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
+        optimizer = common.make_optimizer(args, model.parameters())
         for _ in range(STEPS):
-            ps_train.server_step(comm_, optimizer, scaler)
+            ps_train.server_step(transport, optimizer, scaler, args.lr, measure.NoClock())
+        ps_train.serve(transport, scaler)  # the final pull, as before validation
         scales = scaler.get_scale()
     else:
-        for step in range(STEPS):
-            clock = common.StepClock(ctx.device)
+        step = ps_train.make_worker_step(model, transport, args, ctx)
+        for i in range(STEPS):
+            clock = measure.StepClock(ctx.device)
             clock.begin()
-            images, targets = _batch(rank, step, shape, poison)
-            ps_train.worker_step(model, comm_, nn.CrossEntropyLoss(), images, targets, args, ctx, clock)
+            images, targets = _batch(rank, i, shape, poison)
+            step(images, targets, clock)
             assert {"pull", "compute", "push"} <= {name for name, _ in clock.steps[-1]}
+        transport.pull()  # the workers fetch the final update, as before validation
+        transport.finish_pull()
         scales = None
-    comm_.sync()  # the workers fetch the final update, as before validation
-    return _arrays(model), scales
+    # On every rank, gradients are views of the push buckets (backward writes straight into what is pushed).
+    views = all(p.grad.untyped_storage().data_ptr() == b.flat.untyped_storage().data_ptr()
+                and p.grad.stride() == p.stride() for b in layout.grad_buckets for p in b.tensors)
+    return _arrays(model), scales, views
 
 
 def _reference(world_size, net, extra, poison):
@@ -103,32 +113,48 @@ def _arrays(model):
     return [t.detach().numpy().copy() for t in (*model.parameters(), *model.buffers())]
 
 
-def _all_modes(rank, world_size, net, extra, poison):
-    """Every --comm in turn in one group, then (on the server) the reference, in the same 1-thread process."""
-    runs = {comm: _ps_run(rank, world_size, net, comm, extra, poison) for comm in COMMS}
-    return runs, _reference(world_size, net, extra, poison) if rank == 0 else None
+def _all_modes(rank, world_size, cases):
+    """For each case, every --comm in turn in one group, then (on the server) the reference, in the same
+    1-thread process."""
+    out = {}
+    for name, (net, extra, poison) in cases.items():
+        runs = {comm: _ps_run(rank, world_size, net, comm, extra, poison) for comm in COMMS}
+        out[name] = runs, _reference(world_size, net, extra, poison) if rank == 0 else None
+    return out
 
 
-def _check_exact(world_size, net, extra=(), poison=None):
-    ranks = run_in_group(_all_modes, world_size, net, list(extra), poison)
+CASES = {"mlp": ("mlp", [], None), "bn": ("bn", [], None),
+         # Worker 2's batch at step 1 overflows: the server skips that update for everyone and halves the scale.
+         "fp16": ("mlp", ["--amp", "--amp-dtype", "fp16"], (2, 1))}
+
+
+@pytest.fixture(scope="module")
+def three():
+    """Every case in one group of 3 (a server and two workers)."""
+    return run_in_group(_all_modes, 3, CASES)
+
+
+def _check_exact(ranks, case):
+    ranks = [r[case] for r in ranks]
     (reference, ref_scale) = ranks[0][1]
     for comm in COMMS:
         assert ranks[0][0][comm][1] == ref_scale, comm
         for rank, (runs, _) in enumerate(ranks):
-            tensors, _ = runs[comm]
+            tensors, _, views = runs[comm]
+            assert views, f"--comm {comm}, rank {rank}: a gradient is not a view of its push bucket"
             for i, (got, want) in enumerate(zip(tensors, reference)):
                 assert np.array_equal(got, want), f"--comm {comm}, rank {rank}, tensor {i}: differs from the reference"
     return ranks, reference
 
 
-def test_p2p_collective_overlap_equal_single_process_sgd():
-    ranks, reference = _check_exact(3, "mlp")
+def test_p2p_collective_overlap_equal_single_process_sgd(three):
+    ranks, reference = _check_exact(three, "mlp")
     initial = [t.detach().numpy() for t in _mlp().parameters()]
     assert not any(np.array_equal(a, b) for a, b in zip(initial, reference))  # training moved every tensor
 
 
-def test_batchnorm_buffers_identical_on_every_worker():
-    ranks, reference = _check_exact(3, "bn")
+def test_batchnorm_buffers_identical_on_every_worker(three):
+    ranks, reference = _check_exact(three, "bn")
     # running_mean / running_var / num_batches_tracked of both BatchNorms: averaged, then served back
     buffers = reference[-6:]
     assert buffers[2] == STEPS and not np.array_equal(buffers[0], np.zeros(6))
@@ -138,20 +164,24 @@ def test_batchnorm_buffers_identical_on_every_worker():
 
 
 def test_one_worker():
-    _check_exact(2, "bn")
+    _check_exact(run_in_group(_all_modes, 2, {"bn": CASES["bn"]}), "bn")
 
 
-def test_fp16_scaler_skips_an_inf_step_like_gradscaler():
-    # Worker 2's batch at step 1 overflows: the server skips that update for everyone and halves the scale.
-    ranks, _ = _check_exact(3, "mlp", ("--amp", "--amp-dtype", "fp16"), poison=(2, 1))
+def test_fp16_scaler_skips_an_inf_step_like_gradscaler(three):
+    ranks, _ = _check_exact(three, "fp16")
     assert ranks[0][0]["collective"][1] == 65536.0 / 2
 
 
-def test_default_outputs_and_flags():
+def test_default_outputs_and_flags(capsys):
     assert ps_train.parse_args([]).output == "results_ps.json"
     assert ps_train.parse_args(["--comm", "p2p"]).output == "results_ps_p2p.json"
     assert ps_train.parse_args(["--comm", "overlap", "--output", "x.json"]).output == "x.json"
     assert ps_train.parse_args(["--comm", "overlap"]).bucket_mb == 25.0
+    assert ps_train.parse_args(["--channels-last"]).channels_last
+    with pytest.raises(SystemExit):
+        ps_train.parse_args(["--comm", "p2p", "--channels-last"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --comm p2p") and "contiguous" in lines[0]
 
 
 def test_world_size_one_is_one_clear_line(tmp_path):
@@ -163,22 +193,36 @@ def test_world_size_one_is_one_clear_line(tmp_path):
 
 
 def test_end_to_end_three_processes(tmp_path):
+    """A server and two workers, --comm overlap, with the yardstick (one pair) before epoch 1."""
     out = tmp_path / "ps.json"
-    proc = run_script("ps_train.py", *FAST_ARGS, "--max-steps", "3", "--comm", "overlap", "--output", out,
-                      nproc=3, cwd=tmp_path, timeout=300)
+    proc = run_script("ps_train.py", *FAST_ARGS, "--max-steps", "3", "--comm", "overlap", "--overhead-pairs", "1",
+                      "--output", out, nproc=3, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     # Every field the guide's results_ps.json names.
     assert {"method", "world_size", "num_workers", "batch_size", "epochs", "summary", "all_losses"} <= set(data)
     assert {"epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
             "avg_comm_time_pull", "avg_comm_time_push", "val_loss", "val_accuracy"} <= set(data["epochs"][0])
+    server_times = ("avg_server_serve_time", "avg_server_push_wait_time", "avg_server_update_time")
     assert {"avg_train_throughput", "avg_train_time_per_epoch", "avg_comm_time_pull", "avg_comm_time_push",
-            "best_val_accuracy", "avg_server_update_time"} <= set(data["summary"])
+            "avg_comm_time", "best_val_accuracy", "scaling_efficiency", *server_times} <= set(data["summary"])
     assert data["status"] == "complete" and data["kind"] == "ps" and data["comm"] == "overlap"
-    assert data["num_workers"] == 2 and data["world_size"] == 3 and data["mode"] == "sync"
+    assert data["num_workers"] == data["trainers"] == 2 and data["world_size"] == 3
+    assert data["messages_per_step"] >= 2 and data["state_bytes"] > 4e7  # resnet18: 11M float32 parameters
     epoch = data["epochs"][0]
     assert epoch["images_trained"] == 2 * 3 * 4  # two workers, three steps of batch 4: the server trains none
+    assert set(epoch["phase_times"]) == {"data", "pull", "compute", "push"}
+    assert epoch["avg_comm_time_pull"] == epoch["phase_times"]["pull"]
+    assert epoch["avg_comm_time_push"] == epoch["phase_times"]["push"]
     assert epoch["avg_comm_time"] == epoch["avg_comm_time_pull"] + epoch["avg_comm_time_push"]
-    assert epoch["avg_server_update_time"] > 0 and len(data["all_losses"]) == 3
+    assert all(epoch[key] > 0 for key in server_times) and len(data["all_losses"]) == 3
+    assert epoch["lrs"] == [0.01] * 3  # the server's, sent to the workers
+    assert 0 <= epoch["val_accuracy"] <= 100 and math.isfinite(epoch["val_loss"])
+    overhead = data["comm_overhead"]
+    assert overhead["pairs"] == 1 and overhead["run_length"] == 2 and overhead["step_time"] > 0
+    assert overhead["local_step_time"] > 0 and "blocking_overhead" in overhead and "hidden_share" in overhead
+    assert epoch["scaling_efficiency"] == pytest.approx(
+        epoch["train_throughput"] / (2 * 4 / overhead["local_step_time"]))
     # One voice: the epoch summary once (rank 1), the server's statistics once (rank 0).
     assert proc.stdout.count("epoch 1: train loss") == 1 and proc.stdout.count("server epoch 1:") == 1
+    assert proc.stdout.count("communication overhead:") == 1

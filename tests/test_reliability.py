@@ -1,18 +1,28 @@
 """Faults and scale-out with real processes: a killed, stopped or interrupted rank never hangs the run nor
-loses finished epochs; two torchrun agents (two simulated nodes) train exactly like one."""
+loses finished epochs, also on a loaded machine; every failure under torchrun is one `error:` line on a line of
+its own; two torchrun agents (two simulated nodes) train exactly like one."""
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from dist_helpers import REPO, free_port, make_image_folder
 
-TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--workers", "0"]
-OWN = {"baseline_multi_card.py": ["--calib-steps", "0"], "all_reduce_train.py": [], "ps_train.py": []}
+# Tiny runs without the communication yardstick.
+TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--workers", "0", "--overhead-pairs", "0"]
+OWN = {"baseline_multi_card.py": [], "all_reduce_train.py": [], "ps_train.py": []}
 
 
 @pytest.fixture(scope="module")
@@ -71,31 +81,79 @@ FAULTS = [("baseline_multi_card.py", 2, 1, signal.SIGKILL),
           ("ps_train.py", 3, 0, signal.SIGSTOP)]  # a hung server
 
 
+def _our_tracebacks(text):
+    """Lines of Python tracebacks from our processes: a frame in one of this repository's scripts, or a rank's
+    traceback. (torchrun's own ChildFailedError report, which follows any failed child, has neither.)"""
+    ours = re.compile(rf'File "{re.escape(str(REPO))}/[^/"]+\.py"|^\[rank\d+\]:\s*Traceback')
+    return [line for line in text.splitlines() if ours.search(line)]
+
+
+def _busy_loops(n):
+    """`n` processes that keep a CPU core busy: a loaded machine, where timings stretch."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 @pytest.mark.parametrize("script,nproc,victim,sig", FAULTS)
 def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(tmp_path, data, script, nproc, victim, sig):
+    _fail_a_rank(tmp_path, data, script, nproc, victim, sig)
+
+
+def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, data):
+    """The SIGSTOP'd peer again, while two busy loops compete for the 2 cores."""
+    load = _busy_loops(2)
+    try:
+        err = _fail_a_rank(tmp_path, data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP)
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err[-3000:]
+
+
+def _alive(pid):
+    """Whether process `pid` still runs (a zombie waiting for torchrun to reap it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _fail_a_rank(tmp_path, data, script, nproc, victim, sig):
+    """Kills or stops rank `victim` after epoch 1: every other rank must end within --timeout (plus slack),
+    the run must fail, and the finished epoch be kept. Returns torchrun's stderr."""
     out = tmp_path / "r.json"
     timeout_min = 0.15
-    agent = _torchrun(script, nproc, [*TINY, "--epochs", "500", "--timeout", timeout_min, "--data-dir", data,
-                                      "--output", out], tmp_path)
+    agent = _torchrun(script, nproc, [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min,
+                                      "--data-dir", data, "--output", out], tmp_path)
     try:
         _wait_for_epochs(out, 1, agent)
-        os.kill(_rank_pids(agent)[victim], sig)
+        pids = _rank_pids(agent)
+        os.kill(pids[victim], sig)
         killed = time.time()
-        _, err = agent.communicate(timeout=60 * timeout_min + 60)
-        assert time.time() - killed < 60 * timeout_min + 45
+        survivors = [pid for rank, pid in pids.items() if rank != victim]
+        while any(map(_alive, survivors)) and time.time() - killed < 60 * timeout_min + 45:
+            time.sleep(0.1)
+        ended = time.time() - killed
+        if sig == signal.SIGSTOP:  # torchrun's SIGTERM then ends it at once, not after torchrun's 30 s grace
+            os.kill(pids[victim], signal.SIGCONT)
+        _, err = agent.communicate(timeout=60)
+        assert ended < 60 * timeout_min + 45, f"the other ranks took {ended:.0f}s to give up"
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
     assert agent.returncode != 0
     _assert_kept(out)
     if sig == signal.SIGSTOP:  # survivors say in one line what happened instead of a gloo traceback
-        assert "error: communication with another process failed" in err
+        assert "error: communication with another process failed" in err, err[-3000:]
+        assert not _our_tracebacks(err), err[-3000:]
+    return err
 
 
 def test_ctrl_c_keeps_finished_epochs(tmp_path, data):
     out = tmp_path / "r.json"
-    agent = _torchrun("baseline_multi_card.py", 2, [*TINY, "--epochs", "500", "--data-dir", data, "--output", out],
-                      tmp_path)
+    agent = _torchrun("baseline_multi_card.py", 2, [*TINY, "--epochs", "500", "--max-steps", "3", "--data-dir", data,
+                                                    "--output", out], tmp_path)
     try:
         _wait_for_epochs(out, 1, agent)
         os.killpg(agent.pid, signal.SIGINT)
@@ -114,13 +172,28 @@ SCALE_OUT = [("baseline_multi_card.py", 1), ("all_reduce_train.py", 1), ("ps_tra
 def test_two_nodes_train_exactly_like_one(tmp_path, data, script, per_node):
     """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = one agent with the same world size and seed."""
     args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", data]
-    single = _torchrun(script, 2 * per_node, [*args, "--output", tmp_path / "one.json"], tmp_path)
-    assert single.wait(timeout=300) == 0, single.communicate()[1][-3000:]
-    port = free_port()
-    nodes = [_torchrun(script, per_node, [*args, "--output", tmp_path / f"two{n}.json"], tmp_path, nnodes=2,
-                       node_rank=n, port=port) for n in (0, 1)]
-    for node in nodes:
-        assert node.wait(timeout=300) == 0, node.communicate()[1][-3000:]
+    jobs = []
+
+    def finish(*started):
+        for job in started:
+            _, err = job.communicate(timeout=300)
+            assert job.returncode == 0, err[-3000:]
+
+    try:
+        jobs.append(_torchrun(script, 2 * per_node, [*args, "--output", tmp_path / "one.json"], tmp_path))
+        # One process a node: both jobs at once (their start-ups and rendezvous overlap); the PS's 4 + 4
+        # processes at once would only crowd 2 cores, so they go in turn.
+        in_turn = per_node > 1
+        if in_turn:
+            finish(jobs[0])
+        port = free_port()
+        jobs += [_torchrun(script, per_node, [*args, "--output", tmp_path / f"two{n}.json"], tmp_path, nnodes=2,
+                           node_rank=n, port=port) for n in (0, 1)]
+        finish(*jobs[1 if in_turn else 0:])
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
     one = json.loads((tmp_path / "one.json").read_text())
     written = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("two*.json"))]
     assert len(written) == 1  # one writer in the whole job, whichever node it is on
@@ -128,3 +201,88 @@ def test_two_nodes_train_exactly_like_one(tmp_path, data, script, per_node):
     assert two["world_size"] == one["world_size"] == 2 * per_node
     assert two["all_losses"] == pytest.approx(one["all_losses"], rel=1e-6)
     assert two["epochs"][-1]["val_loss"] == pytest.approx(one["epochs"][-1]["val_loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- one error line, on a line of its own
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPUs")
+def test_nccl_without_gpus_under_torchrun_is_one_line_every_time(tmp_path):
+    """Both ranks fail at once, before any group exists: the first to report prints, the other stays silent
+    (10 runs, two at a time)."""
+    for round_ in range(5):
+        runs = [_torchrun("baseline_multi_card.py", 2, ["--backend", "nccl", "--output", tmp_path / f"r{i}.json"],
+                          tmp_path) for i in range(2)]
+        for run in runs:
+            try:
+                out, err = run.communicate(timeout=120)
+            finally:
+                if run.poll() is None:
+                    os.killpg(run.pid, signal.SIGKILL)
+            lines = [line for line in (out + err).splitlines() if "error:" in line]
+            assert run.returncode != 0 and len(lines) == 1, (round_, out, err[-3000:])
+            assert lines[0].startswith("error: --backend nccl needs GPUs") and "--backend gloo" in lines[0]
+            assert not _our_tracebacks(err), err[-3000:]
+    assert not list(tmp_path.glob("r*.json"))
+
+
+def _run_in_terminal(cmd, cwd, timeout):
+    """Runs `cmd` with stdout and stderr on one pseudo-terminal (what a user watching it sees: tqdm's bar and
+    the error line, interleaved); returns (exit code, everything written, as text)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    chunks = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("output", ["pipe", "terminal"])
+def test_a_corrupted_image_mid_epoch_under_torchrun_is_one_line_of_its_own(tmp_path, output):
+    """Rank 1 meets a corrupted image at step 6 of 12 while rank 0 reports progress at every step: one
+    `error:` line, which starts a line, never glued to a progress line. `pipe`: stdout and stderr into one
+    pipe (plain progress lines); `terminal`: both on a pseudo-terminal (tqdm's bar, redrawn with \\r)."""
+    from torchvision import datasets
+    root = make_image_folder(tmp_path / "d", classes=2, train_per_class=24, val_per_class=2, size=16)
+    train = datasets.ImageFolder(str(root / "train"))
+    order = torch.utils.data.DistributedSampler(list(range(len(train))), 2, 1, shuffle=True, seed=0)
+    order.set_epoch(1)  # as run_epoch does for epoch 1
+    bad = Path(train.samples[list(order)[2 * 5]][0])  # rank 1, step 6 (batch 2)
+    bad.write_bytes(b"not a png")
+    args = [*TINY, "--log-every", "1", "--timeout", "0.5", "--data-dir", root, "--output", tmp_path / "r.json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max_restarts=0",
+           str(REPO / "baseline_multi_card.py"), *map(str, args)]
+    if output == "pipe":
+        proc = subprocess.run(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        code, text = proc.returncode, proc.stdout
+        assert "epoch 1 step 5/12" in text, text[-3000:]  # progress lines came before the error
+    else:
+        code, text = _run_in_terminal(cmd, tmp_path, 180)
+        assert "5/12 [" in text, text[-3000:]  # tqdm's bar came before the error
+    assert code != 0
+    lines = [line for line in text.split("\n") if "error:" in line]
+    assert len(lines) == 1, text[-3000:]
+    # It starts its line (after a torchrun "[rankN]:" prefix, if any) and shares it with no progress output.
+    assert re.match(r"(\[[^\]]*\]:?\s*)?error: cannot read image ", lines[0].lstrip("\r")), repr(lines[0])
+    assert str(bad) in lines[0] and not re.search(r"epoch 1|step \d+/12|it/s|%\|", lines[0]), repr(lines[0])
+    assert not _our_tracebacks(text), text[-3000:]
