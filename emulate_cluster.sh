@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# An emulated cluster on one Linux machine, to see what communication costs without a cluster: N nodes (network
+# namespaces), each on its own rate-limited link into one switch (a Linux bridge in its own namespace): a star,
+# like a real cluster's top-of-rack switch. Each link is shaped both ways with tc's token bucket (tbf). The nodes
+# live on a private 10.213.0.0/24, node i = 10.213.0.(100+i) (three digits: torchrun's c10d rendezvous ranks the
+# nodes by their address as a string), and are never connected to this host's network.
+usage() {
+  cat <<'EOF'
+usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
+       emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--logs DIR] -- SCRIPT ARGS...
+       emulate_cluster.sh run [up options] [--nproc-per-node P] [--logs DIR] -- SCRIPT ARGS...
+       emulate_cluster.sh status [--name NAME]
+       emulate_cluster.sh down [--name NAME]
+
+  up        create cluster NAME (default kit; a stale one of that name is removed first): N nodes (default 4),
+            each on its own link of RATE (default 1gbit; tc's bit units: kbit, mbit, gbit, ...) both ways.
+            --delay D (e.g. 2ms): one-way latency between two nodes; needs the kernel's netem qdisc.
+  torchrun  one torchrun per node (the first K nodes; default all), P processes each (default 1), torchrun's
+            c10d rendezvous on node 0. Node 0's output goes to the terminal and DIR/node0.log, node i's to
+            DIR/node<i>.log (default DIR: ./cluster_logs). Waits for all; if a node fails, the others get 10 s
+            (KIT_GRACE_S) and are then killed; their scripts' "error:" lines are repeated here. Exit status:
+            node 0's if it failed, else the first failure's.
+  run       up + torchrun + down in one command; the cluster is removed however it ends (also on Ctrl-C).
+  status    nodes, addresses and each link's shaping.    down: kill whatever runs in the nodes, remove them.
+
+Each node's environment: GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (its interface), NCCL_HOSTID (one per node, so
+NCCL goes through the network), OMP_NUM_THREADS (default 1), and for the results: KIT_NET_IFNAME, KIT_NET_NODES,
+KIT_NET_PROCS_PER_NODE, KIT_NET_RATE, KIT_NET_RATE_BITS (bits/s), KIT_NET_DELAY, KIT_NET_TOPOLOGY.
+Needs root (ip netns, tc). PYTHON: default the repo's .venv/bin/python, else python3. Example:
+  sudo bash emulate_cluster.sh run --nodes 4 --rate 1gbit -- baseline_multi_card.py --epochs 1
+EOF
+}
+set -euo pipefail
+PROG=emulate_cluster.sh
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SUBNET=10.213.0 STATE_DIR=/run/emulate_cluster GRACE=${KIT_GRACE_S:-10}
+die() { echo "$PROG: error: $1 ($2)" >&2; exit 2; }
+try() {  # a setup command; if it fails, one line naming it and its message
+  local out; out=$("$@" 2>&1) || die "'$*' failed: ${out//$'\n'/ }" "see the message; needs root with CAP_NET_ADMIN"
+}
+cluster_ns() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^$NAME-(node[0-9]+|switch)\$" || true; }
+ns_pids() { local ns; for ns; do ip netns pids "$ns" 2>/dev/null || true; done; }
+signal_ns() { local sig=$1 pids; shift; pids=$(ns_pids "$@"); [ -z "$pids" ] || kill -s "$sig" $pids 2>/dev/null || true; }
+kill_ns() {  # NAMESPACE...: SIGTERM to everything in them, up to 3 s to end, then SIGKILL
+  local t; signal_ns TERM "$@"
+  for t in $(seq 30); do [ -z "$(ns_pids "$@")" ] && return 0; sleep 0.1; done
+  signal_ns KILL "$@"
+}
+
+parse_rate() {  # RATE -> RATE_BITS, with tc's bit units (SI and IEC prefixes, case-insensitive)
+  local m
+  [[ $RATE =~ ^([0-9]+(\.[0-9]+)?)([A-Za-z]*)$ ]] || die "--rate '$RATE' is not a rate" "e.g. --rate 1gbit or 100mbit"
+  case "${BASH_REMATCH[3],,}" in
+    bit) m=1 ;; kbit) m=1e3 ;; mbit) m=1e6 ;; gbit) m=1e9 ;; tbit) m=1e12 ;;
+    kibit) m=1024 ;; mibit) m=1048576 ;; gibit) m=1073741824 ;; tibit) m=1099511627776 ;;
+    *bps) die "--rate '$RATE': tc reads 'bps' as BYTES per second" "write the rate in bits, e.g. 100mbit; 1mbps = 8mbit" ;;
+    '') die "--rate '$RATE' has no unit" "write e.g. 1gbit or 100mbit" ;;
+    *) die "--rate '$RATE' has an unknown unit" "use tc's bit units: bit, kbit, mbit, gbit, tbit (or kibit, mibit, ...)" ;;
+  esac
+  RATE_BITS=$(awk -v n="${BASH_REMATCH[1]}" -v m="$m" 'BEGIN { printf "%.0f", n * m }')
+  [ "$RATE_BITS" -ge 1000 ] || die "--rate '$RATE' is below 1kbit" "give a rate of at least 1kbit"
+}
+
+need_system() {
+  local tool cap
+  for tool in ip tc; do
+    command -v $tool >/dev/null 2>&1 || die "'$tool' not found" "install iproute2, which provides ip and tc"
+  done
+  cap=$(awk '/^CapEff:/ { print $2 }' /proc/self/status)
+  (( (16#$cap >> 12 & 1) && (16#$cap >> 21 & 1) )) ||
+    die "network namespaces and tc need root (CAP_NET_ADMIN and CAP_SYS_ADMIN)" "run it as root, e.g. sudo bash $PROG ..."
+}
+
+cluster_down() {
+  local all; all=$(cluster_ns)
+  if [ -n "$all" ]; then
+    kill_ns $all
+    for ns in $all; do ip netns del "$ns" 2>/dev/null || true; done
+  fi
+  rm -f "$STATE_DIR/$NAME"
+}
+
+shape() {  # NAMESPACE DEVICE [DELAY]: tbf at RATE on the device's egress (with a DELAY: netem, tbf under it)
+  if [ -n "${3:-}" ]; then
+    try ip netns exec "$1" tc qdisc add dev "$2" root handle 1: netem delay "$3" limit 100000
+    try ip netns exec "$1" tc qdisc add dev "$2" parent 1:1 handle 10: tbf rate "$RATE" burst 1mb latency 100ms
+  else
+    try ip netns exec "$1" tc qdisc add dev "$2" root tbf rate "$RATE" burst 1mb latency 100ms
+  fi
+}
+
+cluster_up() {
+  local i ns
+  cluster_down
+  trap 'trap "" INT TERM; cluster_down' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM  # never half-built
+  try ip netns add "$SW"
+  ip netns exec "$SW" tc qdisc add dev lo root tbf rate 1mbit burst 1mb latency 100ms >/dev/null 2>&1 ||
+    die "this kernel has no tbf qdisc (token bucket), which shapes the links" "use a kernel with CONFIG_NET_SCH_TBF"
+  ip netns exec "$SW" tc qdisc del dev lo root
+  if [ -n "$DELAY" ]; then
+    ip netns exec "$SW" tc qdisc add dev lo root netem delay "$DELAY" >/dev/null 2>&1 ||
+      die "--delay needs the kernel's netem qdisc, which this kernel lacks" "drop --delay, or use a kernel with sch_netem"
+    ip netns exec "$SW" tc qdisc del dev lo root
+  fi
+  try ip -n "$SW" link add br0 type bridge forward_delay 0 stp_state 0
+  for i in $(seq 0 $((NODES - 1))); do
+    ns="$NAME-node$i"
+    try ip netns add "$ns"
+    # the veth pair is created right in the two namespaces: it never exists in this host's namespace
+    try ip link add name "eth-n$i" netns "$ns" type veth peer name "sw-p$i" netns "$SW"
+    try ip -n "$ns" addr add "$SUBNET.$((100 + i))/24" dev "eth-n$i"
+    try ip -n "$ns" link set lo up
+    try ip -n "$ns" link set "eth-n$i" up
+    try ip -n "$SW" link set "sw-p$i" master br0 up
+    shape "$ns" "eth-n$i" "$DELAY"  # node -> switch
+    shape "$SW" "sw-p$i"            # switch -> node
+  done
+  try ip -n "$SW" link set br0 up
+  mkdir -p "$STATE_DIR"
+  echo "NODES=$NODES RATE=$RATE RATE_BITS=$RATE_BITS DELAY=$DELAY" > "$STATE_DIR/$NAME"
+  [ "$CMD" = run ] || trap - EXIT  # run: removed at its exit
+  echo "$PROG: cluster '$NAME' up: $NODES nodes $SUBNET.100-$SUBNET.$((99 + NODES)) (namespaces $NAME-node0..$((NODES - 1)))," \
+       "each on its own $RATE link (both ways) into switch $SW${DELAY:+, $DELAY one-way delay}"
+}
+
+load_state() {
+  [ -f "$STATE_DIR/$NAME" ] && ip netns list | grep -q "^$NAME-node0\b" ||
+    die "no cluster '$NAME' is up" "start it with: $PROG up --name $NAME"
+  read -r NODES RATE RATE_BITS DELAY < <(sed 's/[A-Z_]*=//g' "$STATE_DIR/$NAME")
+  DELAY=${DELAY:-}
+}
+
+cluster_status() {
+  local i
+  echo "cluster '$NAME': $NODES nodes, star into switch $SW (bridge br0), $RATE per link each way, delay ${DELAY:-none}"
+  for i in $(seq 0 $((NODES - 1))); do
+    echo "node $i: namespace $NAME-node$i, eth-n$i $(ip -n "$NAME-node$i" -br addr show dev "eth-n$i" | awk '{print $2, $3}')"
+    echo "  node -> switch (eth-n$i): $(ip netns exec "$NAME-node$i" tc qdisc show dev "eth-n$i" | paste -sd';')"
+    echo "  switch -> node (sw-p$i):  $(ip netns exec "$SW" tc qdisc show dev "sw-p$i" | paste -sd';')"
+  done
+}
+
+USED=()
+on_signal() {  # Ctrl-C / TERM: pass it to everything in the nodes, give them 10 s, then kill what is left
+  trap '' INT TERM
+  if [ ${#USED[@]} -gt 0 ]; then
+    signal_ns "$1" "${USED[@]}"
+    for _ in $(seq 100); do [ -z "$(ns_pids "${USED[@]}")" ] && break; sleep 0.1; done
+    kill_ns "${USED[@]}"
+  fi
+  echo "$PROG: interrupted (SIG$1); every process in the nodes was stopped" >&2
+  exit "$2"
+}
+
+cluster_torchrun() {
+  local k=${USE_NODES:-$NODES} port=$((29500 + RANDOM % 1000)) py=${PYTHON:-} i pids=() rcs=() failed=()
+  [ "$k" -le "$NODES" ] || die "--nodes $k is more than the $NODES nodes of cluster '$NAME'" "bring it up with more nodes"
+  [ -n "$py" ] || { [ -x "$HERE/.venv/bin/python" ] && py="$HERE/.venv/bin/python" || py=python3; }
+  mkdir -p "$LOGS"; : > "$LOGS/node0.log"
+  trap 'on_signal INT 130' INT; trap 'on_signal TERM 143' TERM
+  echo "$PROG: torchrun on $k nodes x $NPROC process(es) of cluster '$NAME', rendezvous $SUBNET.100:$port;" \
+       "node 0's output below, node i's in $LOGS/node<i>.log" >&2
+  for i in $(seq 0 $((k - 1))); do
+    USED+=("$NAME-node$i")
+    # its own session: signals reach it once, through us, not also from the terminal;
+    # no --node_rank: c10d ignores it (with a warning) and ranks the nodes by --local_addr
+    local cmd=(setsid ip netns exec "$NAME-node$i" env GLOO_SOCKET_IFNAME="eth-n$i" NCCL_SOCKET_IFNAME="eth-n$i"
+      NCCL_HOSTID="$NAME-node$i" NCCL_IB_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" KIT_NET_IFNAME="eth-n$i"
+      KIT_NET_NODES="$k" KIT_NET_PROCS_PER_NODE="$NPROC" KIT_NET_RATE="$RATE" KIT_NET_RATE_BITS="$RATE_BITS"
+      KIT_NET_DELAY="$DELAY" KIT_NET_TOPOLOGY="star: $k nodes, each on its own $RATE link into one switch${DELAY:+, $DELAY one-way delay}"
+      "$py" -m torch.distributed.run --nnodes="$k" --nproc_per_node="$NPROC" --max_restarts=0 --rdzv_backend=c10d
+      --rdzv_endpoint="$SUBNET.100:$port" --rdzv_conf=is_host=$([ "$i" = 0 ] && echo 1 || echo 0)
+      --local_addr="$SUBNET.$((100 + i))" --rdzv_id="$NAME-$$-$port" "$SCRIPT" ${ARGS[@]+"${ARGS[@]}"})
+    if [ "$i" = 0 ]; then
+      # tee ignores Ctrl-C so that node 0's last words (after the signal is passed on) still show
+      "${cmd[@]}" > >(trap '' INT TERM; exec tee -a "$LOGS/node0.log") 2> >(trap '' INT TERM; exec tee -a "$LOGS/node0.log" >&2) &
+    else
+      "${cmd[@]}" > "$LOGS/node$i.log" 2>&1 &
+    fi
+    pids[i]=$!
+  done
+  local running=$k since=-1 stopped=()
+  while [ "$running" -gt 0 ]; do
+    running=0
+    for i in $(seq 0 $((k - 1))); do
+      [ -z "${rcs[i]:-}" ] || continue
+      if kill -0 "${pids[i]}" 2>/dev/null; then running=$((running + 1)); continue; fi
+      rcs[i]=0; wait "${pids[i]}" || rcs[i]=$?
+      if [ "${rcs[i]}" != 0 ]; then [ "$since" = stop ] && stopped+=("$i") || failed+=("$i"); fi
+    done
+    if [ "$running" -gt 0 ] && [ ${#failed[@]} -gt 0 ] && [ "$since" != stop ]; then  # the others get GRACE s
+      [ "$since" != -1 ] || since=$SECONDS
+      if [ $((SECONDS - since)) -ge "$GRACE" ]; then since=stop; kill_ns "${USED[@]}"; fi
+    fi
+    [ "$running" = 0 ] || sleep 0.25
+  done
+  kill_ns "${USED[@]}"  # nothing outlives the command (e.g. a worker's own children)
+  trap - INT TERM
+  [ ${#failed[@]} -gt 0 ] || return 0
+  for i in "${failed[@]}"; do  # the scripts' own one-line errors, from whichever node printed them
+    [ "$i" = 0 ] || grep -m 3 '^error: ' "$LOGS/node$i.log" | sed "s/^/[node $i] /" >&2 || true
+  done
+  local first=${failed[0]}  # the exit status: node 0's if it failed by itself, else the first failure's
+  echo "$PROG: node $first failed first (exit code ${rcs[first]}; its log: $LOGS/node$first.log); failed: node(s)" \
+       "${failed[*]}${stopped[*]:+; stopped after the ${GRACE}s grace period: node(s) ${stopped[*]}}" >&2
+  [[ " ${failed[*]} " == *" 0 "* ]] && return "${rcs[0]}" || return "${rcs[first]}"
+}
+
+# ----------------------------------------------------------------------------------------------- command line
+CMD=${1:-}; [ $# -gt 0 ] && shift
+case "$CMD" in
+  -h|--help|help) usage; exit 0 ;;
+  up|down|status|torchrun|run) ;;
+  '') usage >&2; exit 2 ;;
+  *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down; see --help" ;;
+esac
+NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' ARGS=()
+while [ $# -gt 0 ]; do
+  case "$CMD:$1" in
+    *:-h|*:--help) usage; exit 0 ;;
+    torchrun:--|run:--) shift; break ;;
+    *:--name|up:--nodes|up:--rate|up:--delay|run:--nodes|run:--rate|run:--delay|run:--nproc-per-node|run:--logs|\
+    torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs)
+      [ $# -ge 2 ] || die "$1 needs a value" "see $PROG --help"
+      case "$CMD:$1" in
+        *:--name) NAME=$2 ;; torchrun:--nodes) USE_NODES=$2 ;; *:--nodes) NODES=$2 ;; *:--rate) RATE=$2 ;;
+        *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;;
+      esac
+      shift ;;
+    torchrun:-*|run:-*|up:*|down:*|status:*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;
+    *) break ;;  # torchrun / run: the script
+  esac
+  shift
+done
+[[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$ ]] || die "--name '$NAME' is not a valid name" "letters, digits, - and _, up to 32"
+SW="$NAME-switch"
+for v in NODES=--nodes NPROC=--nproc-per-node USE_NODES=--nodes; do
+  var=${v%%=*}; val=${!var}
+  [ -z "$val" ] && [ "$var" = USE_NODES ] && continue
+  [[ $val =~ ^[1-9][0-9]{0,2}$ ]] && [ "$val" -le 100 ] || die "${v#*=} '$val' is not a whole number from 1 to 100" "e.g. ${v#*=} 4"
+done
+case "$CMD" in up|run) parse_rate ;; esac
+[[ $GRACE =~ ^[0-9]+$ ]] || die "KIT_GRACE_S '$GRACE' is not a whole number of seconds" "e.g. KIT_GRACE_S=10"
+[ -z "$DELAY" ] || [[ $DELAY =~ ^[0-9]+(\.[0-9]+)?(s|ms|us)$ ]] || die "--delay '$DELAY' is not a time" "e.g. --delay 2ms"
+if [ "$CMD" = torchrun ] || [ "$CMD" = run ]; then
+  [ $# -gt 0 ] || die "no training script given" "usage: $PROG $CMD [options] -- SCRIPT ARGS..."
+  [ -f "$1" ] || die "script '$1' not found" "give the path of the Python script to train with"
+  SCRIPT=$1; shift; ARGS=("$@")
+fi
+need_system
+
+case "$CMD" in
+  up) cluster_up ;;
+  down) trap '' INT TERM; cluster_down ;;
+  status) load_state; cluster_status ;;
+  torchrun) load_state; cluster_torchrun ;;
+  run) cluster_up; rc=0; cluster_torchrun || rc=$?; exit "$rc" ;;  # cluster_up's EXIT trap removes it
+esac

@@ -1,0 +1,339 @@
+"""emulate_cluster.sh: an emulated cluster of network namespaces on rate-limited links into one switch.
+
+Needs root, `ip` and `tc` (the tests skip otherwise). Every cluster here has a name unique to this test run,
+and every test checks that nothing of it (namespace, interface, state file, process) is left behind.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_helpers import REPO, make_image_folder, run_script
+
+EMU = REPO / "emulate_cluster.sh"
+PREFIX = f"ect{os.getpid()}-"  # every cluster name of this run starts with it
+SMALL = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout", "2"]
+TINY = [*SMALL, "--epochs", "1", "--max-steps", "3"]
+
+
+def _can_make_a_namespace():
+    probe = f"{PREFIX}probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return made
+
+
+if os.geteuid() != 0:
+    pytest.skip("emulate_cluster.sh needs root (network namespaces, tc)", allow_module_level=True)
+if not (shutil.which("ip") and shutil.which("tc")):
+    pytest.skip("emulate_cluster.sh needs iproute2's ip and tc", allow_module_level=True)
+if not _can_make_a_namespace():
+    pytest.skip("cannot create a network namespace here (ip netns add failed)", allow_module_level=True)
+
+
+def emu(*args, timeout=300, env=None, **kw):
+    return subprocess.run(["bash", str(EMU), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def namespaces(prefix=PREFIX):
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+    return sorted(line.split()[0] for line in listed if line.startswith(prefix))
+
+
+def assert_nothing_left(name):
+    assert namespaces(name + "-") == []
+    assert not Path("/run/emulate_cluster", name).exists()
+    root_links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert " eth-n" not in root_links and " sw-p" not in root_links  # never an interface in the host's namespace
+    assert "10.213.0." not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    left = namespaces()
+    for ns in left:  # clean up for the next test, then fail this one
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert left == [], f"namespaces left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=2, train_per_class=12, val_per_class=2,
+                             size=16)
+
+
+def baseline_args():
+    """The baseline's own flags for a quick run (--calib-steps 0 while the script has that flag)."""
+    help_text = subprocess.run([sys.executable, str(REPO / "baseline_multi_card.py"), "--help"], capture_output=True,
+                               text=True).stdout
+    return ["--calib-steps", "0"] if "--calib-steps" in help_text else []
+
+
+def one_line_error(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert lines[0].startswith("emulate_cluster.sh: error: ") and lines[0].endswith(")")
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------- the cluster itself
+def test_up_status_down(tmp_path):
+    name = f"{PREFIX}a"
+    up = emu("up", "--nodes", 3, "--rate", "50mbit", "--name", name)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert len(up.stdout.strip().splitlines()) == 1 and "3 nodes" in up.stdout and "50mbit" in up.stdout
+        assert namespaces(name + "-") == sorted([f"{name}-node0", f"{name}-node1", f"{name}-node2", f"{name}-switch"])
+        status = emu("status", "--name", name)
+        assert status.returncode == 0, status.stderr
+        for i in range(3):
+            node, port = f"eth-n{i}", f"sw-p{i}"
+            assert f"10.213.0.{100 + i}/24" in status.stdout
+            addr = subprocess.run(["ip", "-n", f"{name}-node{i}", "-o", "addr", "show", "dev", node],
+                                  capture_output=True, text=True).stdout
+            assert f"inet 10.213.0.{100 + i}/24" in addr
+            for ns, dev in ((f"{name}-node{i}", node), (f"{name}-switch", port)):  # both directions
+                qdisc = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev],
+                                       capture_output=True, text=True).stdout
+                assert "tbf" in qdisc and "rate 50Mbit" in qdisc, qdisc
+            master = subprocess.run(["ip", "-n", f"{name}-switch", "-o", "link", "show", "dev", port],
+                                    capture_output=True, text=True).stdout
+            assert "master br0" in master
+        again = emu("up", "--nodes", 2, "--rate", "50mbit", "--name", name)  # a stale cluster is replaced
+        assert again.returncode == 0 and len(namespaces(name + "-")) == 3
+    finally:
+        down = emu("down", "--name", name)
+    assert down.returncode == 0, down.stderr
+    assert_nothing_left(name)
+    assert emu("down", "--name", name).returncode == 0  # idempotent
+
+
+RECEIVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 5201)); s.listen(4)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    while True:
+        b = c.recv(1 << 20)
+        if not b or b.endswith(b"!"):
+            break
+    c.sendall(b"k"); c.close()
+"""
+SENDER = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 5201)); t = time.perf_counter()
+c.sendall(b"x" * (int(sys.argv[2]) - 1) + b"!"); c.recv(1)
+print(time.perf_counter() - t)
+"""
+
+
+def _transfer(name, receiver_node, receiver_ip, senders, nbytes):
+    """Seconds each sender (node index) takes to push nbytes to receiver_ip, all senders at once."""
+    rx = subprocess.Popen(["ip", "netns", "exec", f"{name}-node{receiver_node}", sys.executable, "-c", RECEIVER,
+                           receiver_ip, str(len(senders))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout.readline().strip() == "ready"
+        tx = [subprocess.Popen(["ip", "netns", "exec", f"{name}-node{s}", sys.executable, "-c", SENDER, receiver_ip,
+                                str(nbytes)], stdout=subprocess.PIPE, text=True) for s in senders]
+        times = [float(p.communicate(timeout=60)[0]) for p in tx]
+        rx.wait(timeout=10)
+        return times
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+
+
+def test_links_are_rate_limited_through_the_switch():
+    name, rate, nbytes = f"{PREFIX}r", 100e6, 12_000_000
+    expected = nbytes * 8 / rate
+    assert emu("up", "--nodes", 3, "--rate", "100mbit", "--name", name).returncode == 0
+    try:
+        [across] = _transfer(name, 2, "10.213.0.102", [0], nbytes)  # node 0 -> switch -> node 2
+        [within] = _transfer(name, 0, "10.213.0.100", [0], nbytes)  # inside node 0: never on its link
+        # two nodes into one: the switch's port to node 2 is the bottleneck, each flow gets about half
+        shared = _transfer(name, 2, "10.213.0.102", [0, 1], nbytes // 2)
+    finally:
+        emu("down", "--name", name)
+    assert 0.8 * expected < across < 2 * expected, (across, expected)
+    assert within < 0.3 * expected, within
+    assert 0.8 * expected < max(shared) < 2 * expected, (shared, expected)
+    assert_nothing_left(name)
+
+
+# ------------------------------------------------------------------------------------------------ training on it
+def test_two_nodes_train_like_one_standalone_run(tmp_path, data):
+    args = [*TINY, *baseline_args(), "--data-dir", data]
+    single = run_script("baseline_multi_card.py", *args, "--output", tmp_path / "one.json", nproc=2, cwd=tmp_path,
+                        timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    name = f"{PREFIX}t"
+    two = emu("run", "--name", name, "--nodes", 2, "--rate", "1gbit", "--logs", tmp_path / "logs", "--",
+              REPO / "baseline_multi_card.py", *args, "--output", tmp_path / "two.json", cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one, emulated = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert emulated["world_size"] == one["world_size"] == 2
+    assert emulated["all_losses"] == pytest.approx(one["all_losses"], rel=1e-6)
+    assert "wrote" in (tmp_path / "logs" / "node0.log").read_text()  # node 0 (rank 0) writes, to the terminal too
+    assert (tmp_path / "logs" / "node1.log").exists()
+    assert_nothing_left(name)
+
+
+ENV_PROBE = """
+import json, os, socket
+keys = ["RANK", "LOCAL_RANK", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS"] + [k for k in os.environ if k.startswith("KIT_NET_")]
+env = {k: os.environ[k] for k in keys}
+ifname = os.environ["KIT_NET_IFNAME"]
+env["own_interfaces"] = sorted(os.listdir("/sys/class/net"))  # the node's own, not the host's
+env["tx_bytes"] = int(open(f"/sys/class/net/{ifname}/statistics/tx_bytes").read())
+open(os.path.join(os.environ["OUT"], f"rank{os.environ['RANK']}.json"), "w").write(json.dumps(env))
+"""
+
+
+def test_every_node_gets_its_environment_and_ranks_follow_nodes(tmp_path):
+    (tmp_path / "probe.py").write_text(ENV_PROBE)
+    name = f"{PREFIX}e"
+    proc = emu("run", "--name", name, "--nodes", 2, "--rate", "250mbit", "--nproc-per-node", 2, "--logs",
+               tmp_path / "logs", "--", tmp_path / "probe.py", cwd=tmp_path, env={"OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):
+        env = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        node = rank // 2  # ranks 0-1 on node 0, 2-3 on node 1
+        assert env["KIT_NET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == f"eth-n{node}"
+        assert env["own_interfaces"] == [f"eth-n{node}", "lo"]
+        assert env["KIT_NET_NODES"] == "2" and env["KIT_NET_PROCS_PER_NODE"] == "2"
+        assert env["KIT_NET_RATE"] == "250mbit" and env["KIT_NET_RATE_BITS"] == "250000000"
+        assert env["KIT_NET_DELAY"] == "" and env["OMP_NUM_THREADS"] == "1"
+        assert env["KIT_NET_TOPOLOGY"] == "star: 2 nodes, each on its own 250mbit link into one switch"
+    assert_nothing_left(name)
+
+
+def test_a_failing_script_fails_the_run_and_leaves_nothing(tmp_path):
+    name = f"{PREFIX}f"
+    proc = emu("run", "--name", name, "--nodes", 2, "--logs", tmp_path / "logs", "--", REPO / "baseline_multi_card.py",
+               *TINY, "--data-dir", tmp_path / "no_such_dir", "--output", tmp_path / "r.json", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr  # the script's own error line, from node 0
+    assert "emulate_cluster.sh: node " in proc.stderr and "failed first" in proc.stderr
+    assert_nothing_left(name)
+
+
+HANGS = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    sys.exit("rank 1 gives up")
+time.sleep(600)  # rank 0 would wait for ever: torchrun on node 0 does not see node 1 fail
+"""
+
+
+def test_a_failed_node_does_not_leave_the_others_hanging(tmp_path):
+    (tmp_path / "hangs.py").write_text(HANGS)
+    name, start = f"{PREFIX}h", time.time()
+    proc = emu("run", "--name", name, "--nodes", 2, "--logs", tmp_path / "logs", "--", tmp_path / "hangs.py",
+               cwd=tmp_path, env={"KIT_GRACE_S": "2"}, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 60
+    note = proc.stderr.strip().splitlines()[-1]
+    assert note.startswith("emulate_cluster.sh: node 1 failed first") and str(tmp_path / "logs" / "node1.log") in note
+    assert "stopped after the 2s grace period: node(s) 0" in note
+    assert "rank 1 gives up" in (tmp_path / "logs" / "node1.log").read_text()
+    assert _processes_mentioning(str(tmp_path / "hangs.py")) == []
+    assert_nothing_left(name)
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_ctrl_c_stops_everything_and_removes_the_cluster(tmp_path, data):
+    name, out = f"{PREFIX}c", tmp_path / "r.json"
+    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", 2, "--logs", tmp_path / "logs", "--",
+           REPO / "baseline_multi_card.py", *SMALL, *baseline_args(), "--epochs", "500", "--data-dir", data,
+           "--output", out]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        start = time.time()
+        while not out.exists():  # training has started: the first epoch is written
+            assert proc.poll() is None and time.time() - start < 180, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "interrupted" in err
+    assert json.loads(out.read_text())["status"] == "incomplete"
+    assert _processes_mentioning(str(out)) == []  # no torchrun, no worker
+    assert_nothing_left(name)
+
+
+# ------------------------------------------------------------------------------------------------ one-line errors
+def test_mistakes_are_one_line_errors(tmp_path):
+    name = f"{PREFIX}x"
+    cases = [(["up", "--nodes", "0"], "--nodes '0'"), (["up", "--nodes", "four"], "--nodes 'four'"),
+             (["up", "--nodes", "101"], "--nodes '101'"), (["up", "--rate", "1gbps"], "BYTES per second"),
+             (["up", "--rate", "100"], "no unit"), (["up", "--rate", "fast"], "not a rate"),
+             (["up", "--delay", "soon"], "--delay 'soon'"), (["up", "--bogus"], "'--bogus' is not an option"),
+             (["torchrun", "--nproc-per-node", "0", "--", "x.py"], "--nproc-per-node '0'"),
+             (["torchrun", "--"], "no training script given"),
+             (["run", "--", "no_such_script.py"], "script 'no_such_script.py' not found"),
+             (["torchrun", "--", REPO / "baseline_multi_card.py"], f"no cluster '{name}' is up")]
+    for args, expected in cases:
+        args = [args[0], "--name", name, *args[1:]]
+        assert expected in one_line_error(emu(*args, cwd=tmp_path)), args
+    assert_nothing_left(name)
+
+
+def test_missing_tc_is_one_line_error(tmp_path):
+    bin_dir = tmp_path / "bin"  # everything on PATH except tc
+    bin_dir.mkdir()
+    for d in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"):
+        for tool in Path(d).iterdir() if Path(d).is_dir() else []:
+            if tool.name != "tc" and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    name = f"{PREFIX}p"
+    err = one_line_error(emu("up", "--name", name, env={"PATH": str(bin_dir)}))
+    assert "'tc' not found" in err and "iproute2" in err
+    assert_nothing_left(name)
+
+
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to run as a non-root user")
+def test_non_root_is_one_line_error(tmp_path):
+    name = f"{PREFIX}n"
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(EMU), "up",
+                           "--name", name], capture_output=True, text=True, timeout=60, cwd="/")
+    assert "need root" in one_line_error(proc)
+    assert_nothing_left(name)
+
+
+# -------------------------------------------------------------------------------------------------------- run_all.sh
+def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "run_all.sh"), "--cluster", "2x1", "--link-rate", "1gbit", "--variants"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1", "EXTRA_ARGS": "--arch resnet18"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    ups = [line for line in lines if "emulate_cluster.sh up" in line]
+    assert len(ups) == 1 and "--nodes 2 --rate 1gbit" in ups[0]
+    commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
+    experiments = [line for line in lines if line.startswith("=== [")]
+    assert len(commands) == len(experiments) == 8  # 3 methods, 3 more --sync modes, 2 more --comm modes
+    assert all("--nodes 2 --nproc-per-node 1" in c and "--backend gloo --arch resnet18" in c for c in commands)
+    assert "--standalone" not in proc.stdout
+    cluster = ups[0].split("--name ")[1].split()[0]
+    assert namespaces(cluster) == [] and not list(tmp_path.iterdir())  # a dry run creates nothing
