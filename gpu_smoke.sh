@@ -13,6 +13,8 @@ if [ "$NGPU" -lt 1 ]; then
   exit 2
 fi
 NPROC=${NPROC:-$NGPU}
+AR_SYNCS="overlap bucketed per-param ring"  # the scripts' lists (tests/test_run_all.py checks these copies)
+PS_COMMS="collective p2p overlap"
 STEPS=${STEPS:-20}
 OUT=${OUT_DIR:-smoke_results}
 rm -rf "$OUT" && mkdir -p "$OUT"
@@ -30,12 +32,12 @@ run() {  # run NAME SCRIPT ARGS...: one experiment, stop at the first failure
 }
 
 run "DDP" baseline_multi_card.py "$NPROC" --output "$OUT/results_baseline_ddp.json"
-for sync in overlap bucketed per-param ring; do
+for sync in $AR_SYNCS; do
   run "all-reduce --sync $sync" all_reduce_train.py "$NPROC" --sync "$sync" \
       --output "$OUT/results_all_reduce_${sync//-/_}.json"
 done
 if [ "$NPROC" -ge 2 ]; then
-  for comm in collective overlap p2p; do
+  for comm in $PS_COMMS; do
     run "PS --comm $comm" ps_train.py "$NPROC" --comm "$comm" --output "$OUT/results_ps_$comm.json"
   done
 else

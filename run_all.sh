@@ -2,9 +2,19 @@
 # The guide's quick full run: clears old results, runs the three methods with torchrun, analyses them.
 #
 #   bash run_all.sh                   every GPU with NCCL, else 4 CPU processes with gloo; the guide's defaults
+#                                     (on the built-in sample dataset: a from-scratch recipe that learns in minutes)
 #   NPROC=2 EPOCHS=1 bash run_all.sh  any setting can be overridden from the environment (below)
 #   bash run_all.sh --variants        also every all-reduce --sync mode and every PS --comm mode
+#   bash run_all.sh --compression     also DDP's fp16/bf16/PowerSGD hooks and the all-reduce's --compress fp16/bf16
+#   bash run_all.sh --bucket-sweep "1 5 25 100"
+#                                     also DDP and --sync overlap at these bucket sizes (MiB), for plots/bucket_size.png
+#   bash run_all.sh --seeds "0 1 2"   every experiment once per seed (files *_seed1.json ...): the analysis then
+#                                     reports mean and spread, and judges differences against seed-to-seed noise
 #   bash run_all.sh --sweep "2 4"     also these process counts (files *_np2.json ...), for plots/scaling.png
+#   bash run_all.sh --cluster 4x1 --link-rate 1gbit
+#                                     every experiment on an emulated cluster (emulate_cluster.sh, needs root):
+#                                     4 nodes x 1 process (NPROC = 4), each node on its own 1gbit link (default)
+#                                     into one switch; a --sweep count n runs on n / (processes per node) nodes
 #
 # Environment: NPROC, EPOCHS, BATCH_SIZE (per process), WORKERS, DATA_DIR (default ./train + ./val when
 # present, else the built-in sample dataset), BACKEND (nccl|gloo), EXTRA_ARGS (passed to all three
@@ -13,19 +23,38 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-AR_SYNCS="per-param bucketed overlap ring"   # all_reduce_train.py --sync choices; overlap is its default
-PS_COMMS="collective p2p overlap"            # ps_train.py --comm choices; collective is its default
+# The scripts' own lists (SYNC_MODES, COMMS, COMM_HOOKS; the first is the default); tests/test_run_all.py
+# checks that these copies match them.
+AR_SYNCS="overlap bucketed per-param ring"
+PS_COMMS="collective p2p overlap"
+DDP_HOOKS="none fp16 bf16 powersgd"
+# The sample dataset's first-run recipe: ResNet-18 from scratch, warm-up and cosine decay, so that every
+# method visibly learns (~80% val accuracy) within about 5 minutes on 2 CPU cores. Settings given in the
+# environment or EXTRA_ARGS win. On ImageNet (DATA_DIR or ./train) the guide's defaults apply unchanged.
+SAMPLE_EPOCHS=10 SAMPLE_BATCH=32
+SAMPLE_RECIPE="--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine --overhead-pairs 2"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-VARIANTS=0
-SWEEP=""
+VARIANTS=0 COMPRESSION=0
+SWEEP="" BUCKETS="" SEEDS=""
+CLUSTER=""
+LINK_RATE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=1 ;;
+    --compression) COMPRESSION=1 ;;
+    --bucket-sweep) [ $# -ge 2 ] || die "--bucket-sweep needs sizes in MiB, e.g. --bucket-sweep \"1 5 25 100\""; BUCKETS="$2"; shift ;;
+    --bucket-sweep=*) BUCKETS="${1#--bucket-sweep=}" ;;
+    --seeds) [ $# -ge 2 ] || die "--seeds needs seeds, e.g. --seeds \"0 1 2\""; SEEDS="$2"; shift ;;
+    --seeds=*) SEEDS="${1#--seeds=}" ;;
     --sweep) [ $# -ge 2 ] || die "--sweep needs process counts, e.g. --sweep \"2 4\""; SWEEP="$2"; shift ;;
     --sweep=*) SWEEP="${1#--sweep=}" ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown option $1 (options: --variants, --sweep \"2 4\"; settings go in the environment, see --help)" ;;
+    --cluster) [ $# -ge 2 ] || die "--cluster needs NODESxPROCS, e.g. --cluster 4x1"; CLUSTER="$2"; shift ;;
+    --cluster=*) CLUSTER="${1#--cluster=}" ;;
+    --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
+    --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit; settings go in the environment, see --help)" ;;
   esac
   shift
 done
@@ -35,6 +64,16 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
 if [ "$GPUS" -gt 0 ]; then DEFAULT_NPROC=$GPUS DEFAULT_BACKEND=nccl; else DEFAULT_NPROC=4 DEFAULT_BACKEND=gloo; fi
+if [ -n "$CLUSTER" ]; then  # NODESxPROCS: NPROC is their product
+  [[ "$CLUSTER" =~ ^([1-9][0-9]*)x([1-9][0-9]*)$ ]] || die "--cluster '$CLUSTER' is not NODESxPROCS (e.g. --cluster 4x1)"
+  CL_NODES=${BASH_REMATCH[1]} CL_PROCS=${BASH_REMATCH[2]}
+  [ -z "${NPROC:-}" ] || [ "$NPROC" = $((CL_NODES * CL_PROCS)) ] ||
+    die "NPROC=$NPROC differs from --cluster $CLUSTER ($((CL_NODES * CL_PROCS)) processes; leave NPROC unset)"
+  NPROC=$((CL_NODES * CL_PROCS))
+  LINK_RATE=${LINK_RATE:-1gbit}
+elif [ -n "$LINK_RATE" ]; then
+  die "--link-rate needs --cluster (e.g. --cluster 4x1 --link-rate $LINK_RATE)"
+fi
 NPROC=${NPROC:-$DEFAULT_NPROC}
 BACKEND=${BACKEND:-$DEFAULT_BACKEND}
 RESULTS_DIR=${RESULTS_DIR:-.}
@@ -44,21 +83,47 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 for n in $NPROC $SWEEP; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "process count '$n' is not a positive integer (NPROC or --sweep)"
+  if [ -n "$CLUSTER" ]; then  # a sweep count runs on the first n/PROCS nodes; the cluster has the most needed
+    [ $((n % CL_PROCS)) = 0 ] || die "--sweep count $n is not a multiple of the $CL_PROCS processes per node of --cluster $CLUSTER"
+    [ $((n / CL_PROCS)) -le "$CL_NODES" ] || CL_NODES=$((n / CL_PROCS))
+  fi
+done
+
+for b in $BUCKETS; do
+  [[ "$b" =~ ^[0-9]+([.][0-9]+)?$ ]] && [ "$b" != 0 ] || die "bucket size '$b' is not a positive number of MiB (--bucket-sweep)"
+done
+for s in $SEEDS; do
+  [[ "$s" =~ ^[0-9]+$ ]] || die "seed '$s' is not a non-negative integer (--seeds)"
 done
 
 ARGS=(--backend "$BACKEND")
+if [ -n "${DATA_DIR:-}" ]; then DATASET="$DATA_DIR"
+elif [ -d train ]; then DATASET="./train and ./val"
+else
+  DATASET="the built-in sample dataset (no DATA_DIR, no ./train) with its first-run recipe"
+  read -r -a RECIPE <<< "$SAMPLE_RECIPE"
+  ARGS+=("${RECIPE[@]}")
+  EPOCHS=${EPOCHS:-$SAMPLE_EPOCHS} BATCH_SIZE=${BATCH_SIZE:-$SAMPLE_BATCH}
+fi
 [ -n "${EPOCHS:-}" ] && ARGS+=(--epochs "$EPOCHS")
 [ -n "${BATCH_SIZE:-}" ] && ARGS+=(--batch-size "$BATCH_SIZE")
 [ -n "${WORKERS:-}" ] && ARGS+=(--workers "$WORKERS")
 [ -n "${DATA_DIR:-}" ] && ARGS+=(--data-dir "$DATA_DIR")
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
-
-if [ -n "${DATA_DIR:-}" ]; then DATASET="$DATA_DIR"
-elif [ -d train ]; then DATASET="./train and ./val"
-else DATASET="the built-in sample dataset (no DATA_DIR, no ./train)"; fi
 echo "run_all.sh: $NPROC processes ($BACKEND; $GPUS GPU(s) found), dataset: $DATASET, python: $PYTHON"
 echo "            arguments for every script: ${ARGS[*]}; results in $RESULTS_DIR"
+if [ -n "$CLUSTER" ]; then
+  CL_NAME="runall$$"  # unique to this run; removed at exit, however it ends
+  CL_UP=(bash "$HERE/emulate_cluster.sh" up --name "$CL_NAME" --nodes "$CL_NODES" --rate "$LINK_RATE")
+  echo "            on an emulated cluster: nodes of $CL_PROCS process(es), each on its own $LINK_RATE link: ${CL_UP[*]}"
+  export PYTHON
+  if [ "$DRY_RUN" != 1 ]; then
+    trap 'bash "$HERE/emulate_cluster.sh" down --name "$CL_NAME" >/dev/null 2>&1 || true' EXIT
+    trap 'exit 130' INT; trap 'exit 143' TERM
+    "${CL_UP[@]}"
+  fi
+fi
 
 # The plan: one line per experiment, "name|processes|results file|script and its own flags".
 PLAN=()
@@ -74,20 +139,41 @@ plan_methods() {  # process count, results-file suffix
 }
 plan_methods "$NPROC" ""
 if [ "$VARIANTS" = 1 ]; then
-  for mode in $AR_SYNCS; do
-    [ "$mode" = overlap ] && continue
+  for mode in ${AR_SYNCS#* }; do  # all but the default
     PLAN+=("Manual All-Reduce --sync $mode|$NPROC|results_all_reduce_${mode//-/_}.json|all_reduce_train.py --sync $mode")
   done
   if [ "$NPROC" -ge 2 ]; then
-    for comm in $PS_COMMS; do
-      [ "$comm" = collective ] && continue
+    for comm in ${PS_COMMS#* }; do
       PLAN+=("Parameter Server --comm $comm|$NPROC|results_ps_$comm.json|ps_train.py --comm $comm")
     done
   fi
 fi
+if [ "$COMPRESSION" = 1 ]; then
+  for hook in ${DDP_HOOKS#* }; do  # PowerSGD compresses only after its warm-up: 10 plain steps here
+    PLAN+=("Baseline DDP --comm-hook $hook|$NPROC|results_baseline_ddp_$hook.json|baseline_multi_card.py --comm-hook $hook --powersgd-warmup 10")
+  done
+  for dtype in fp16 bf16; do
+    PLAN+=("Manual All-Reduce --compress $dtype|$NPROC|results_all_reduce_$dtype.json|all_reduce_train.py --compress $dtype")
+  done
+fi
+for b in $BUCKETS; do  # 25 MiB is both methods' default: the main runs already have it
+  [ "$b" = 25 ] && continue
+  PLAN+=("Baseline DDP --bucket-mb $b|$NPROC|results_baseline_ddp_bucket${b}.json|baseline_multi_card.py --bucket-mb $b")
+  PLAN+=("Manual All-Reduce --bucket-mb $b|$NPROC|results_all_reduce_bucket${b}.json|all_reduce_train.py --bucket-mb $b")
+done
 for n in $SWEEP; do
   [ "$n" = "$NPROC" ] || plan_methods "$n" "_np$n"
 done
+if [ -n "$SEEDS" ]; then  # the whole plan once per seed, each file saying its seed
+  ONE_SEED=("${PLAN[@]}")
+  PLAN=()
+  for s in $SEEDS; do
+    for entry in "${ONE_SEED[@]}"; do
+      IFS='|' read -r name n output flags <<< "$entry"
+      PLAN+=("$name, seed $s|$n|${output%.json}_seed$s.json|$flags --seed $s")
+    done
+  done
+fi
 
 if [ "$DRY_RUN" != 1 ]; then
   mkdir -p "$RESULTS_DIR"
@@ -101,8 +187,12 @@ for entry in "${PLAN[@]}"; do
   IFS='|' read -r name n output script_and_flags <<< "$entry"
   read -r -a script_and_flags <<< "$script_and_flags"
   i=$((i + 1))
-  cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" "$HERE/${script_and_flags[0]}"
-       "${ARGS[@]}" "${script_and_flags[@]:1}" --output "$RESULTS_DIR/$output")
+  script_args=("$HERE/${script_and_flags[0]}" "${ARGS[@]}" "${script_and_flags[@]:1}" --output "$RESULTS_DIR/$output")
+  cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" "${script_args[@]}")
+  if [ -n "$CLUSTER" ]; then  # the same script and flags, one torchrun per emulated node
+    cmd=(bash "$HERE/emulate_cluster.sh" torchrun --name "$CL_NAME" --nodes $((n / CL_PROCS)) --nproc-per-node "$CL_PROCS"
+         --logs "$RESULTS_DIR/cluster_logs/${output%.json}" -- "${script_args[@]}")
+  fi
   echo
   echo "=== [$i/${#PLAN[@]}] $name -> $RESULTS_DIR/$output"
   echo "    ${cmd[*]}"

@@ -1,4 +1,4 @@
-"""run_all.sh end to end on the sample dataset with small settings, its failure path, and its plan."""
+"""run_all.sh end to end on the sample dataset with small settings, its failure path, and its plans."""
 import json
 import os
 import re
@@ -6,15 +6,24 @@ import subprocess
 from pathlib import Path
 
 import matplotlib.image
+import pytest
+
+import all_reduce_train
+import baseline_multi_card
+import ps_train
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"NPROC": "2", "EPOCHS": "1", "BATCH_SIZE": "8", "WORKERS": "0",
-         "EXTRA_ARGS": "--arch resnet18 --image-size 16 --max-steps 2 --timeout 2"}
+         "EXTRA_ARGS": "--image-size 16 --max-steps 2 --timeout 2 --overhead-pairs 1"}
 
 
 def run_all(cwd, *args, timeout=300, **env):
     return subprocess.run(["bash", str(REPO / "run_all.sh"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def planned(proc):
+    return [line.strip() for line in proc.stdout.splitlines() if "torch.distributed.run" in line]
 
 
 def test_end_to_end_small(tmp_path):
@@ -28,11 +37,12 @@ def test_end_to_end_small(tmp_path):
     for name in ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json"):
         data = json.loads((tmp_path / name).read_text())
         assert data["status"] == "complete" and data["world_size"] == 2 and data["batch_size"] == 8
+        # The sample dataset's first-run recipe, with the environment's settings on top of it.
         assert data["arch"] == "resnet18" and data["dataset"]["name"] == "sample" and data["backend"] == "gloo"
-        assert len(data["epochs"]) == 1 and data["epochs"][0]["steps"] == 2
+        assert data["args"]["lr_scheduler"] == "cosine" and data["args"]["lr_warmup_epochs"] == 1
+        assert len(data["epochs"]) == 1 and data["epochs"][0]["steps"] == 2 and data["comm_overhead"]["pairs"] == 1
         kinds[data["kind"]] = data
     assert set(kinds) == {"baseline_ddp", "all_reduce", "ps"}
-    assert kinds["all_reduce"]["sync"] == "overlap" and kinds["ps"]["comm"] == "collective"
     for name in ("throughput_comparison", "training_time_comparison", "loss_curves", "accuracy_curves",
                  "communication_overhead", "time_breakdown"):
         assert matplotlib.image.imread(tmp_path / "plots" / f"{name}.png").ndim == 3
@@ -40,10 +50,11 @@ def test_end_to_end_small(tmp_path):
     assert "Performance comparison" in report and "Communication per training step" in report
     # The terminal table shows the throughput each JSON recorded.
     for label, data in (("Baseline DDP", kinds["baseline_ddp"]), ("Parameter Server (collective)", kinds["ps"])):
-        row = next(line for line in proc.stdout.splitlines() if line.startswith(label + "  "))
+        table = proc.stdout.split("Performance comparison", 1)[1]
+        row = next(line for line in table.splitlines() if line.startswith(label + "  "))
         assert f"{data['summary']['avg_train_throughput']:.1f}" in row.split()
     assert re.search(r"=== all done in \d+s; files:", proc.stdout)
-    assert "performance_report.txt" in proc.stdout.split("files:")[-1]
+    assert "first-run recipe" in proc.stdout
 
 
 def test_failed_experiment_stops_with_clear_message(tmp_path):
@@ -55,29 +66,60 @@ def test_failed_experiment_stops_with_clear_message(tmp_path):
     assert not (tmp_path / "performance_report.txt").exists()
 
 
-def test_plan_with_variants_and_sweep(tmp_path):
+def test_plan_with_variants_compression_buckets_sweep_and_seeds(tmp_path):
     (tmp_path / "results_keep.json").write_text("{}")
-    proc = run_all(tmp_path, "--variants", "--sweep", "1 2 4", DRY_RUN="1", NPROC="2",
-                   EXTRA_ARGS="--arch resnet18 --max-steps 2", RESULTS_DIR="out")
+    proc = run_all(tmp_path, "--variants", "--compression", "--bucket-sweep", "5 25", "--sweep", "1 2 4",
+                   DRY_RUN="1", NPROC="2", EXTRA_ARGS="--max-steps 2", RESULTS_DIR="out")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "results_keep.json").exists()  # a dry run deletes nothing
-    commands = [line.strip() for line in proc.stdout.splitlines() if "torch.distributed.run" in line]
+    commands = planned(proc)
     outputs = [c.rsplit("--output ", 1)[1] for c in commands]
     assert outputs == ["out/" + n for n in (
         "results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json",
-        "results_all_reduce_per_param.json", "results_all_reduce_bucketed.json", "results_all_reduce_ring.json",
+        "results_all_reduce_bucketed.json", "results_all_reduce_per_param.json", "results_all_reduce_ring.json",
         "results_ps_p2p.json", "results_ps_overlap.json",
+        "results_baseline_ddp_fp16.json", "results_baseline_ddp_bf16.json", "results_baseline_ddp_powersgd.json",
+        "results_all_reduce_fp16.json", "results_all_reduce_bf16.json",
+        "results_baseline_ddp_bucket5.json", "results_all_reduce_bucket5.json",  # 25 MiB is the main runs'
         "results_baseline_ddp_np1.json", "results_all_reduce_np1.json",  # no PS at one process
         "results_baseline_ddp_np4.json", "results_all_reduce_np4.json", "results_ps_np4.json")]
-    assert all("--standalone" in c and "--backend gloo --arch resnet18 --max-steps 2" in c for c in commands)
+    assert all("--standalone" in c and "--max-steps 2" in c for c in commands)
     assert "--nproc_per_node=4" in commands[-1] and "--nproc_per_node=1" in commands[-5]
-    assert "all_reduce_train.py --backend gloo --arch resnet18 --max-steps 2 --sync ring" in commands[5]
-    assert "ps_train.py --backend gloo --arch resnet18 --max-steps 2 --comm p2p" in commands[6]
+    assert commands[5].endswith("--sync ring --output out/results_all_reduce_ring.json")
+    assert "--comm-hook powersgd --powersgd-warmup 10" in commands[10]
+    assert "--bucket-mb 5" in commands[13] and "--compress bf16" in commands[12]
     assert "skipping the parameter server at np=1" in proc.stdout
+    seeds = planned(run_all(tmp_path, "--seeds", "0 3", DRY_RUN="1", NPROC="2"))
+    assert [c.rsplit("--output ", 1)[1] for c in seeds] == [
+        f"./results_{m}_seed{s}.json" for s in (0, 3) for m in ("baseline_ddp", "all_reduce", "ps")]
+    assert all(c.split(" --output")[0].endswith(f"--seed {s}") for c, s in zip(seeds, (0, 0, 0, 3, 3, 3)))
 
 
-def test_bad_options_are_one_line_errors(tmp_path):
-    for args, env in ((["--bogus"], {}), (["--sweep"], {}), ([], {"NPROC": "two"})):
-        proc = run_all(tmp_path, *args, DRY_RUN="1", **env)
-        assert proc.returncode == 2
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("run_all.sh: error: ")
+def test_the_sample_recipe_applies_only_to_the_sample_dataset(tmp_path):
+    sample = planned(run_all(tmp_path, DRY_RUN="1", NPROC="2"))
+    assert all("--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine" in c and "--epochs 10" in c
+               for c in sample)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    imagenet = planned(run_all(tmp_path, DRY_RUN="1", NPROC="2", DATA_DIR=str(tmp_path / "data")))
+    assert imagenet and not any("--arch" in c or "--epochs" in c or "--lr" in c for c in imagenet)
+
+
+def test_mode_lists_match_the_scripts():
+    """run_all.sh keeps copies of the scripts' variant lists: they must be the same, in the same order."""
+    text = (REPO / "run_all.sh").read_text()
+    lists = {name: re.search(rf'^{name}="([^"]*)"', text, re.M).group(1).split() for name in
+             ("AR_SYNCS", "PS_COMMS", "DDP_HOOKS")}
+    assert lists == {"AR_SYNCS": list(all_reduce_train.SYNC_MODES), "PS_COMMS": list(ps_train.COMMS),
+                     "DDP_HOOKS": list(baseline_multi_card.COMM_HOOKS)}
+    smoke = (REPO / "gpu_smoke.sh").read_text()
+    for name in ("AR_SYNCS", "PS_COMMS"):
+        assert re.search(rf'^{name}="([^"]*)"', smoke, re.M).group(1).split() == lists[name], name
+
+
+@pytest.mark.parametrize("args,env", [(["--bogus"], {}), (["--sweep"], {}), ([], {"NPROC": "two"}),
+                                      (["--seeds", "a"], {}), (["--bucket-sweep", "0"], {})])
+def test_bad_options_are_one_line_errors(tmp_path, args, env):
+    proc = run_all(tmp_path, *args, DRY_RUN="1", **env)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("run_all.sh: error: ")
