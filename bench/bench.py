@@ -1,0 +1,172 @@
+"""Benchmark: the methods side by side in one invocation, as ratios to DDP, on loopback or an emulated cluster.
+
+    flock /tmp/cpu.lock python bench/bench.py --suite methods --cluster 4x1 --rate 1gbit --repeats 3 --write T.md
+    flock /tmp/cpu.lock python bench/bench.py --suite methods                      # loopback, 4 processes
+
+Suites (each a list of experiments; every one runs --repeats times, the repeats interleaved so that a slow drift
+of the machine hits every method alike):
+  methods      DDP, every all-reduce --sync, every PS --comm, and the sharded PS (--servers all) per --comm
+  compression  DDP with no hook, fp16, bf16, PowerSGD; ours with --compress none and fp16
+  buckets      DDP and --sync overlap at --buckets MiB
+  async        PS sync against PS async (on the sample data: accuracy counts)
+  seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
+Every number comes from the runs' results JSON, read with analyze_results.py's own functions: throughput,
+the communication overhead (the yardstick: median over its pairs; here also the median and the spread over the
+repeats), scaling efficiency, the bytes through the busiest link and the time they take at the link rate.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import analyze_results  # noqa: E402
+
+SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
+             "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
+SAMPLE = ["--arch", "resnet18", "--batch-size", "32", "--epochs", "14", "--lr", "0.1", "--lr-warmup-epochs", "1",
+          "--lr-scheduler", "cosine", "--workers", "1"]
+
+
+def suite(name, args):
+    """[(label, script, flags)] of the suite."""
+    ddp, ar, ps = "baseline_multi_card.py", "all_reduce_train.py", "ps_train.py"
+    if name == "methods":
+        return ([("DDP", ddp, [])] + [(f"all-reduce {s}", ar, ["--sync", s]) for s in ("overlap", "bucketed",
+                                                                                        "per-param", "ring")]
+                + [(f"PS {c}", ps, ["--comm", c]) for c in ("collective", "p2p", "overlap")]
+                + [(f"PS sharded {c}", ps, ["--servers", "all", "--comm", c]) for c in ("collective", "p2p", "overlap")])
+    if name == "compression":
+        return ([("DDP", ddp, [])] + [(f"DDP hook {h}", ddp, ["--comm-hook", h, "--powersgd-warmup", "2"])
+                                      for h in ("fp16", "bf16", "powersgd")]
+                + [("all-reduce overlap", ar, []), ("all-reduce overlap fp16", ar, ["--compress", "fp16"])])
+    if name == "buckets":
+        return [(f"{label} {mb:g} MiB", script, ["--bucket-mb", str(mb)]) for mb in args.buckets
+                for label, script in (("DDP", ddp), ("all-reduce overlap", ar))]
+    if name == "async":
+        return [("DDP", ddp, []), ("PS sync", ps, []), ("PS async", ps, ["--mode", "async"])]
+    if name == "seeds":
+        return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS collective", ps, [])]
+    raise SystemExit(f"unknown suite {name}")
+
+
+def run(label, script, flags, args, out, repeat):
+    base = SAMPLE if args.suite in ("seeds", "async") else SYNTHETIC
+    seed = ["--seed", str(repeat)] if args.suite == "seeds" else []
+    script_args = [str(REPO / script), *base, "--overhead-pairs", str(args.pairs), *seed, *flags,
+                   *args.extra.split(), "--output", str(out)]
+    if args.cluster:
+        nodes, per_node = map(int, args.cluster.split("x"))
+        cmd = ["bash", str(REPO / "emulate_cluster.sh"), "torchrun", "--name", "bench", "--nproc-per-node",
+               str(per_node), "--logs", str(out.parent / "logs" / out.stem), "--", *script_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               *script_args]
+    print(f"{time.strftime('%H:%M:%S')} repeat {repeat + 1}: {label}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return analyze_results.load_run(out)
+
+
+def figures(run):
+    """The numbers a table row needs, from one run."""
+    x = analyze_results.Experiment([run])
+    bound = analyze_results.link_bound(x)
+    staleness = [e.get("staleness_mean") for e in run.epochs if e.get("staleness_mean") is not None]
+    return {"throughput": run.metric("avg_train_throughput"), "overhead": run.overhead(),
+            "spread": (run.overhead("overhead_min"), run.overhead("overhead_max")),
+            "efficiency": run.metric("scaling_efficiency"), "hidden": run.overhead("hidden_share"),
+            "link_mb": None if bound is None else max(bound[0]) / 1e6,
+            "bound": None if bound is None else bound[1],
+            "predicted_mb": None if bound is None or bound[2] is None else bound[2] / 1e6,
+            "accuracy": None if run.synthetic else run.metric("final_val_accuracy"),
+            "loss": run.metric("final_train_loss"), "staleness": statistics.mean(staleness) if staleness else None,
+            "pull": run.metric("avg_comm_time_pull"), "push": run.metric("avg_comm_time_push")}
+
+
+def table(rows):
+    """Markdown: medians over the repeats; throughput as a ratio to the first row (DDP); the overhead with its
+    range over the repeats and the yardstick's own spread (min-max over its pairs)."""
+    def med(runs, key):
+        values = [f[key] for f in runs if f[key] is not None]
+        return statistics.median(values) if values else None
+
+    def cell(value, fmt):
+        return "-" if value is None else fmt.format(value)
+
+    base = med(next(iter(rows.values())), "throughput")
+    lines = ["| method | img/s | vs DDP | comm overhead (ms) | over repeats (ms) | repeat spread | pairs' spread (ms) "
+             "| efficiency | hidden | busiest link (MB/step) | link time (ms) | overhead / link time | val acc (%) "
+             "| staleness |", "|---|" + "---:|" * 13]
+    for label, runs in rows.items():
+        thr, ov, bound = med(runs, "throughput"), med(runs, "overhead"), med(runs, "bound")
+        ovs = [f["overhead"] for f in runs if f["overhead"] is not None]
+        lo, hi = (statistics.median(f["spread"][i] for f in runs if f["spread"][i] is not None) if ov is not None
+                  else None for i in (0, 1))
+        acc = [f["accuracy"] for f in runs if f["accuracy"] is not None]
+        lines.append(" | ".join([
+            f"| {label}", cell(thr, "{:.1f}"), f"{thr / base:.2f}x", cell(ov and 1e3 * ov, "{:.0f}"),
+            f"{1e3 * min(ovs):.0f} to {1e3 * max(ovs):.0f}" if len(ovs) > 1 else "-",
+            f"{100 * (max(ovs) - min(ovs)) / ov:.0f}%" if len(ovs) > 1 and ov else "-",
+            f"{1e3 * lo:.0f} to {1e3 * hi:.0f}" if ov is not None else "-",
+            cell(med(runs, "efficiency") and 100 * med(runs, "efficiency"), "{:.0f}%"),
+            cell(med(runs, "hidden") and 100 * med(runs, "hidden"), "{:.0f}%"), cell(med(runs, "link_mb"), "{:.0f}"),
+            cell(bound and 1e3 * bound, "{:.0f}"), f"{ov / bound:.2f}x" if bound and ov is not None else "-",
+            (f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else cell(
+                acc[0] if acc else None, "{:.1f}")), cell(med(runs, "staleness"), "{:.2f}")]) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds"))
+    p.add_argument("--cluster", default=None, help="NODESxPROCS on an emulated cluster (needs root), e.g. 4x1")
+    p.add_argument("--rate", default="1gbit", help="the emulated links' rate")
+    p.add_argument("--nproc", type=int, default=4, help="processes on loopback")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each experiment, interleaved (seeds: seeds)")
+    p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
+    p.add_argument("--buckets", type=float, nargs="+", default=[1, 5, 25, 100], help="bucket sizes (MiB)")
+    p.add_argument("--only", default=None, help="comma-separated labels to keep from the suite")
+    p.add_argument("--extra", default="", help="more flags for every run")
+    p.add_argument("--out-dir", default="/tmp/bench", help="where the runs' results JSON go")
+    p.add_argument("--write", default=None, help="also write the table (markdown) to this file")
+    args = p.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    experiments = suite(args.suite, args)
+    if args.only:
+        experiments = [e for e in experiments if e[0] in args.only.split(",")]
+    where = f"emulated cluster {args.cluster} at {args.rate}" if args.cluster else f"loopback, {args.nproc} processes"
+    if args.cluster:
+        nodes = args.cluster.split("x")[0]
+        subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "up", "--name", "bench", "--nodes", nodes,
+                        "--rate", args.rate], check=True)
+    start, rows = time.time(), {label: [] for label, _, _ in experiments}
+    try:
+        for repeat in range(args.repeats):
+            for i, (label, script, flags) in enumerate(experiments):
+                rows[label].append(figures(run(label, script, flags, args, out / f"results_{i}_{repeat}.json", repeat)))
+    finally:
+        if args.cluster:
+            subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "down", "--name", "bench"])
+    header = (f"`python bench/bench.py --suite {args.suite}{f' --cluster {args.cluster} --rate {args.rate}' if args.cluster else ''}"
+              f" --repeats {args.repeats}` ({where}; {' '.join(SAMPLE if args.suite in ('seeds', 'async') else SYNTHETIC)}"
+              f" {args.extra}; yardstick {args.pairs} pairs; medians over {args.repeats} repeat(s); took "
+              f"{time.time() - start:.0f} s)")
+    text = f"{header}\n\n{table(rows)}\n"
+    print(text)
+    (out / "figures.json").write_text(json.dumps(rows, indent=1))
+    if args.write:
+        Path(args.write).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
