@@ -132,9 +132,10 @@ def _yardstick(rank, world_size, method, delay, seconds):
     measures the overhead without and with `delay.seconds` in every call; returns (plain overhead block,
     delayed block, calls per step, state unchanged by both?) (the blocks are None on the PS server)."""
     ctx = _ctx(rank, world_size)
+    variant = {"ps-sharded": ["--servers", "all"], "ps-async": ["--mode", "async"]}.get(method, (
+        ["--sync", method[3:]] if method.startswith("ar") else ["--comm", method[3:]] if method.startswith("ps") else []))
     args = (ps.parse_args if method.startswith("ps") else ar.parse_args)(
-        ["--batch-size", "4", "--overhead-pairs", "3", *(["--sync", method[3:]] if method.startswith("ar") else []),
-         *(["--comm", method[3:]] if method.startswith("ps") else [])])
+        ["--batch-size", "4", "--overhead-pairs", "3", *variant])
     x, y = measure.fixed_batch(args, INFO, ctx)
     model, clock, lr = small_net(), measure.NoClock(), 0.01
     if method == "ddp":
@@ -153,16 +154,24 @@ def _yardstick(rank, world_size, method, delay, seconds):
         measure_it = lambda: ar.measure_overhead(model, sync, optimizer, scaler, step, args, ctx, INFO)  # noqa
         stateful = (optimizer, scaler)
     else:
-        workers = dist.new_group(list(range(1, world_size)))
-        layout = ps.Layout(model, args.bucket_mb)
-        comm = ps.make_transport(args.comm, layout, world_size - 1, rank == 0, model)
-        optimizer = common.make_optimizer(args, model.parameters()) if rank == 0 else None
-        scaler = common.make_scaler(args, ctx)
-        step = ps.make_worker_step(model, comm, args, ctx)
-        run = (lambda: ps.server_step(comm, optimizer, scaler, lr, clock)) if rank == 0 else \
-            (lambda: step(x, y, clock))
+        sharded = args.servers == "all"
+        trainers = list(range(world_size)) if sharded else list(range(1, world_size))
+        workers = None if sharded else dist.new_group(trainers)
+        owners = ps.shard_owners(list(model.parameters()), world_size) if sharded else None
+        layout = ps.Layout(model, args.bucket_mb, owners)
+        comm = ps.Async(layout, rank, len(trainers)) if args.mode == "async" else \
+            ps.make_transport(args.comm, layout, model, rank, trainers)
+        owned = layout.owned_params(rank)
+        optimizer, scaler = common.make_optimizer(args, owned) if owned else None, common.make_scaler(args, ctx)
+        step = ps.make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler)
+        if rank in trainers:
+            run = lambda: step(x, y, clock, lr)  # noqa: E731
+        elif args.mode == "async":
+            run = lambda: comm.serve(len(trainers), optimizer, lambda i: lr, clock)  # noqa: E731
+        else:
+            run = lambda: ps.server_step(comm, optimizer, scaler, lr, clock)  # noqa: E731
         measure_it = lambda: ps.measure_overhead(model, comm, optimizer, scaler, args, ctx, INFO, workers)  # noqa
-        stateful = (optimizer, scaler) if rank == 0 else ()
+        stateful = (optimizer, scaler) if optimizer is not None else ()
     run()  # warm-up
     delay.calls = 0
     run()
@@ -180,8 +189,8 @@ def _all(rank, world_size, methods, seconds):
     return {method: _yardstick(rank, world_size, method, delay, seconds) for method in methods}
 
 
-GROUPS = {2: ("ddp", "ar-overlap", "ar-bucketed", "ar-per-param", "ar-ring", "ps-p2p"),
-          3: ("ps-collective", "ps-overlap")}
+GROUPS = {2: ("ddp", "ar-overlap", "ar-bucketed", "ar-per-param", "ar-ring", "ps-p2p", "ps-sharded"),
+          3: ("ps-collective", "ps-overlap", "ps-async")}
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +206,13 @@ def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
     assert all(same for *_, same in ranks), "the measurement changed the training state"
     expected = 0.02 * max(calls for _, _, calls, _ in ranks)  # the busiest rank sets the pace
     for rank, (plain, delayed, _, _) in enumerate(ranks):
-        if method.startswith("ps") and rank == 0:
+        if method.startswith("ps") and method != "ps-sharded" and rank == 0:
             assert plain is None and delayed is None  # the server reports nothing: it does not train
             continue
         rise = delayed["overhead"] - plain["overhead"]
+        if method == "ps-async":  # workers queue at one server: the rise is at least one worker's own calls
+            assert rise > 0.75 * 0.02 * ranks[rank][2], (rank, rise)
+            continue
         assert 0.75 * expected - 0.005 < rise < 1.3 * expected + 0.015, (method, rank, rise, expected)
         assert plain["overhead_min"] <= plain["overhead"] <= plain["overhead_max"]
     if method in ("ar-overlap", "ps-overlap"):  # blocking after backward: the same calls, delayed alike

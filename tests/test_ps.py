@@ -45,29 +45,36 @@ def _args(*extra):
 
 
 def _ps_run(rank, world_size, net, comm, extra, poison):
-    """STEPS steps of the PS algorithm as ps_train runs them; returns this rank's parameters and buffers."""
+    """STEPS steps of the PS algorithm as ps_train runs them; returns this rank's parameters and buffers.
+    `comm` "sharded-<comm>": every rank trains (as worker rank + 1 of the reference) and owns a shard."""
     make, shape = NETS[net]
     args = _args(*extra)
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
+    sharded = comm.startswith("sharded-")
+    owners = ps_train.shard_owners(list(model.parameters()), world_size) if sharded else None
     # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised).
-    layout = ps_train.Layout(model, bucket_mb=0.0005)
+    layout = ps_train.Layout(model, bucket_mb=0.0005, owner_of=owners)
     assert len(layout.pull) > 2 and len(layout.push) > 2
-    transport = ps_train.make_transport(comm, layout, world_size - 1, rank == 0, model)
+    trainers = range(world_size) if sharded else range(1, world_size)
+    transport = ps_train.make_transport(comm.replace("sharded-", ""), layout, model, rank, trainers)
     scaler = common.make_scaler(args, ctx)
-    if rank == 0:
-        optimizer = common.make_optimizer(args, model.parameters())
+    owned = layout.owned_params(rank)
+    optimizer = common.make_optimizer(args, owned) if owned else None
+    if sharded:
+        assert {layout.owner[id(p)] for p in model.parameters()} == set(range(world_size))  # every rank serves
+    if rank == 0 and not sharded:
         for _ in range(STEPS):
             ps_train.server_step(transport, optimizer, scaler, args.lr, measure.NoClock())
         ps_train.serve(transport, scaler)  # the final pull, as before validation
         scales = scaler.get_scale()
     else:
-        step = ps_train.make_worker_step(model, transport, args, ctx)
+        step = ps_train.make_worker_step(model, transport, args, ctx, optimizer if sharded else None, scaler)
         for i in range(STEPS):
             clock = measure.StepClock(ctx.device)
             clock.begin()
-            images, targets = _batch(rank, i, shape, poison)
-            step(images, targets, clock)
+            images, targets = _batch(rank + sharded, i, shape, poison)
+            step(images, targets, clock, args.lr)
             assert {"pull", "compute", "push"} <= {name for name, _ in clock.steps[-1]}
         transport.pull()  # the workers fetch the final update, as before validation
         transport.finish_pull()
@@ -113,13 +120,14 @@ def _arrays(model):
     return [t.detach().numpy().copy() for t in (*model.parameters(), *model.buffers())]
 
 
-def _all_modes(rank, world_size, cases):
-    """For each case, every --comm in turn in one group, then (on the server) the reference, in the same
-    1-thread process."""
+def _all_modes(rank, world_size, cases, sharded=False):
+    """For each case, every --comm in turn in one group, then (on rank 0) the reference, in the same 1-thread
+    process. `sharded`: the --servers all layout, where every rank trains (the reference has one more worker)."""
     out = {}
     for name, (net, extra, poison) in cases.items():
-        runs = {comm: _ps_run(rank, world_size, net, comm, extra, poison) for comm in COMMS}
-        out[name] = runs, _reference(world_size, net, extra, poison) if rank == 0 else None
+        runs = {comm: _ps_run(rank, world_size, net, ("sharded-" if sharded else "") + comm, extra, poison)
+                for comm in COMMS}
+        out[name] = runs, _reference(world_size + sharded, net, extra, poison) if rank == 0 else None
     return out
 
 
@@ -134,11 +142,11 @@ def three():
     return run_in_group(_all_modes, 3, CASES)
 
 
-def _check_exact(ranks, case):
+def _check_exact(ranks, case, sharded=False):
     ranks = [r[case] for r in ranks]
     (reference, ref_scale) = ranks[0][1]
     for comm in COMMS:
-        assert ranks[0][0][comm][1] == ref_scale, comm
+        assert sharded or ranks[0][0][comm][1] == ref_scale, comm
         for rank, (runs, _) in enumerate(ranks):
             tensors, _, views = runs[comm]
             assert views, f"--comm {comm}, rank {rank}: a gradient is not a view of its push bucket"
@@ -167,6 +175,88 @@ def test_one_worker():
     _check_exact(run_in_group(_all_modes, 2, {"bn": CASES["bn"]}), "bn")
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_servers_equal_single_process_sgd(world_size):
+    """--servers all: every rank trains and owns a shard (optimizer state with it), BatchNorm buffers included;
+    the same SGD on the averaged gradient, exactly, for every transport."""
+    ranks = run_in_group(_all_modes, world_size, {"bn": CASES["bn"]}, True)
+    reference = ranks[0]["bn"][1][0]
+    for comm in COMMS:
+        for rank, r in enumerate(ranks):  # every rank ends with the same model, and it is the reference's
+            tensors, _, views = r["bn"][0][comm]
+            assert views, (comm, rank)
+            if comm == "p2p" or world_size == 2:  # p2p sums in the trainers' order, as the reference does
+                assert all(np.array_equal(a, b) for a, b in zip(tensors, reference)), (comm, rank)
+            else:  # gloo's reduce adds three gradients in its own order: equal to float rounding
+                assert all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(tensors, reference)), (comm, rank)
+            assert all(np.array_equal(a, b) for a, b in zip(tensors, ranks[0]["bn"][0][comm][0])), (comm, rank)
+
+
+def _async_run(rank, world_size, net, serialize):
+    """STEPS async steps per worker; `serialize`: the workers take turns, each step (pull, compute, push) alone.
+    Returns this rank's final model and, on the server, the staleness of every applied gradient and its version."""
+    import torch.distributed as dist
+    make, shape = NETS[net]
+    args = _args("--mode", "async")
+    ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
+    model = make()
+    layout = ps_train.Layout(model, bucket_mb=0.0005)
+    comm, workers = ps_train.Async(layout, rank, world_size - 1), list(range(1, world_size))
+    turns = dist.new_group(workers)  # every rank must call new_group
+    final = ps_train.Collective(layout, rank, workers)  # the epoch's end: the newest state to everyone
+    if rank == 0:
+        optimizer = common.make_optimizer(args, model.parameters())
+        staleness = comm.serve(STEPS * len(workers), optimizer, lambda i: args.lr, measure.NoClock())
+        final.pull()
+        # The references, in this same 1-thread process (threads change the rounding of a convolution).
+        reference = _reference(2, net, [], None)[0] if world_size == 2 else _sequential_reference(world_size, net)
+        return _arrays(model), staleness, comm.version, reference
+    step, me = ps_train.make_worker_step(model, comm, args, ctx), workers.index(rank)
+    for i in range(STEPS):
+        if serialize and (i or me):
+            dist.recv(torch.zeros(1), src=workers[me - 1], group=turns)
+        step(*_batch(rank, i, shape), measure.NoClock())
+        if serialize and (i < STEPS - 1 or me < len(workers) - 1):
+            dist.send(torch.zeros(1), dst=workers[(me + 1) % len(workers)], group=turns)
+    final.pull()
+    return _arrays(model), None, None, None
+
+
+def _sequential_reference(world_size, net):
+    """Serialized async: every worker's gradient, in turn, applied at once with lr / workers."""
+    make, shape = NETS[net]
+    args = _args("--lr", str(0.05 / (world_size - 1)))
+    model = make()
+    optimizer = common.make_optimizer(args, model.parameters())
+    for step in range(STEPS):
+        for worker in range(1, world_size):
+            optimizer.zero_grad(set_to_none=True)
+            images, targets = _batch(worker, step, shape)
+            nn.CrossEntropyLoss()(model(images), targets).backward()
+            optimizer.step()
+    return _arrays(model)
+
+
+def test_async_with_one_worker_equals_sync():
+    ranks = run_in_group(_async_run, 2, "bn", False)
+    reference = ranks[0][3]  # synchronous SGD, one worker
+    for rank, (tensors, *_) in enumerate(ranks):
+        assert all(np.array_equal(a, b) for a, b in zip(tensors, reference)), rank
+    assert ranks[0][1] == [0] * STEPS  # one worker is never stale
+
+
+def test_async_applies_every_gradient_once_and_is_stale_only_when_workers_overlap():
+    for serialize in (True, False):
+        ranks = run_in_group(_async_run, 3, "mlp", serialize)
+        _, staleness, version, reference = ranks[0]
+        assert len(staleness) == version == STEPS * 2  # every push applied, exactly once
+        assert all(s >= 0 for s in staleness)
+        assert all(np.array_equal(a, b) for r in ranks for a, b in zip(r[0], ranks[0][0]))  # all hold the final model
+        if serialize:  # each pull right before its own push: nothing in between, and sequential SGD exactly
+            assert staleness == [0] * len(staleness)
+            assert all(np.array_equal(a, b) for a, b in zip(ranks[0][0], reference))
+
+
 def test_fp16_scaler_skips_an_inf_step_like_gradscaler(three):
     ranks, _ = _check_exact(three, "fp16")
     assert ranks[0][0]["collective"][1] == 65536.0 / 2
@@ -174,6 +264,14 @@ def test_fp16_scaler_skips_an_inf_step_like_gradscaler(three):
 
 def test_default_outputs_and_flags(capsys):
     assert ps_train.parse_args([]).output == "results_ps.json"
+    assert ps_train.parse_args(["--servers", "all"]).output == "results_ps_sharded.json"
+    assert ps_train.parse_args(["--servers", "all", "--comm", "p2p"]).output == "results_ps_p2p_sharded.json"
+    assert ps_train.parse_args(["--mode", "async"]).output == "results_ps_async.json"
+    for bad in (["--mode", "async", "--comm", "p2p"], ["--mode", "async", "--servers", "all"],
+                ["--servers", "all", "--amp", "--amp-dtype", "fp16"]):
+        with pytest.raises(SystemExit):
+            ps_train.parse_args(bad)
+        assert capsys.readouterr().err.count("error: ") == 1
     assert ps_train.parse_args(["--comm", "p2p"]).output == "results_ps_p2p.json"
     assert ps_train.parse_args(["--comm", "overlap", "--output", "x.json"]).output == "x.json"
     assert ps_train.parse_args(["--comm", "overlap"]).bucket_mb == 25.0
@@ -226,3 +324,23 @@ def test_end_to_end_three_processes(tmp_path):
     # One voice: the epoch summary once (rank 1), the server's statistics once (rank 0).
     assert proc.stdout.count("epoch 1: train loss") == 1 and proc.stdout.count("server epoch 1:") == 1
     assert proc.stdout.count("communication overhead:") == 1
+
+
+@pytest.mark.parametrize("variant,nproc", [(["--servers", "all"], 2), (["--mode", "async"], 3)],
+                         ids=["sharded", "async"])
+def test_end_to_end_sharded_and_async(tmp_path, variant, nproc):
+    out = tmp_path / "ps.json"
+    proc = run_script("ps_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs", "1",
+                      *variant, "--output", out, nproc=nproc, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["status"] == "complete" and len(data["epochs"]) == 2 and data["comm_overhead"]["pairs"] == 1
+    epoch = data["epochs"][-1]
+    assert 0 <= epoch["val_accuracy"] <= 100 and set(epoch["phase_times"]) >= {"pull", "compute", "push"}
+    if variant[0] == "--servers":  # every rank trains: 2 trainers, no server clocks
+        assert data["servers"] == "all" and data["trainers"] == 2 and epoch["images_trained"] == 2 * 3 * 4
+        assert "update" in epoch["phase_times"] and "avg_server_update_time" not in epoch
+        assert data["largest_shard_bytes"] < data["state_bytes"]
+    else:  # two workers, one server applying 2 x 3 gradients an epoch, each at most a few updates stale
+        assert data["mode"] == "async" and data["trainers"] == 2 and epoch["images_trained"] == 2 * 3 * 4
+        assert 0 <= epoch["staleness_mean"] <= epoch["staleness_max"] <= 5 and epoch["updates_per_second"] > 0
