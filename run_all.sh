@@ -31,7 +31,7 @@ DDP_HOOKS="none fp16 bf16 powersgd"
 # The sample dataset's first-run recipe: ResNet-18 from scratch, warm-up and cosine decay, so that every
 # method visibly learns (~80% val accuracy) within about 5 minutes on 2 CPU cores. Settings given in the
 # environment or EXTRA_ARGS win. On ImageNet (DATA_DIR or ./train) the guide's defaults apply unchanged.
-SAMPLE_EPOCHS=10 SAMPLE_BATCH=32
+SAMPLE_EPOCHS=14 SAMPLE_BATCH=32
 SAMPLE_RECIPE="--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine --overhead-pairs 2"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }

@@ -29,8 +29,10 @@ import analyze_results  # noqa: E402
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
-SAMPLE = ["--arch", "resnet18", "--batch-size", "32", "--epochs", "14", "--lr", "0.1", "--lr-warmup-epochs", "1",
-          "--lr-scheduler", "cosine", "--workers", "1"]
+RUN_ALL = dict(line.split("=", 1) for line in (REPO / "run_all.sh").read_text().replace(" SAMPLE_", "\nSAMPLE_")
+               .splitlines() if line.startswith("SAMPLE_"))
+SAMPLE = [*RUN_ALL["SAMPLE_RECIPE"].strip('"').split(), "--epochs", RUN_ALL["SAMPLE_EPOCHS"], "--batch-size",
+          RUN_ALL["SAMPLE_BATCH"], "--workers", "1"]  # run_all.sh's first-run recipe on the sample data
 
 
 def suite(name, args):

@@ -97,7 +97,7 @@ def test_plan_with_variants_compression_buckets_sweep_and_seeds(tmp_path):
 
 def test_the_sample_recipe_applies_only_to_the_sample_dataset(tmp_path):
     sample = planned(run_all(tmp_path, DRY_RUN="1", NPROC="2"))
-    assert all("--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine" in c and "--epochs 10" in c
+    assert all("--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine" in c and "--epochs 14" in c
                for c in sample)
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
