@@ -4,7 +4,8 @@
 #   bash run_all.sh                   every GPU with NCCL, else 4 CPU processes with gloo; the guide's defaults
 #                                     (on the built-in sample dataset: a from-scratch recipe that learns in minutes)
 #   NPROC=2 EPOCHS=1 bash run_all.sh  any setting can be overridden from the environment (below)
-#   bash run_all.sh --variants        also every all-reduce --sync mode and every PS --comm mode
+#   bash run_all.sh --variants        also every all-reduce --sync mode, every PS --comm mode, the sharded PS
+#                                     (--servers all) and the asynchronous PS (--mode async; 3+ processes)
 #   bash run_all.sh --compression     also DDP's fp16/bf16/PowerSGD hooks and the all-reduce's --compress fp16/bf16
 #   bash run_all.sh --bucket-sweep "1 5 25 100"
 #                                     also DDP and --sync overlap at these bucket sizes (MiB), for plots/bucket_size.png
@@ -53,7 +54,7 @@ while [ $# -gt 0 ]; do
     --cluster=*) CLUSTER="${1#--cluster=}" ;;
     --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
     --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit; settings go in the environment, see --help)" ;;
   esac
   shift
@@ -146,6 +147,8 @@ if [ "$VARIANTS" = 1 ]; then
     for comm in ${PS_COMMS#* }; do
       PLAN+=("Parameter Server --comm $comm|$NPROC|results_ps_$comm.json|ps_train.py --comm $comm")
     done
+    PLAN+=("Parameter Server --servers all (sharded)|$NPROC|results_ps_sharded.json|ps_train.py --servers all")
+    [ "$NPROC" -ge 3 ] && PLAN+=("Parameter Server --mode async|$NPROC|results_ps_async.json|ps_train.py --mode async")
   fi
 fi
 if [ "$COMPRESSION" = 1 ]; then
