@@ -114,7 +114,7 @@ def test_mode_lists_match_the_scripts():
     assert lists == {"AR_SYNCS": list(all_reduce_train.SYNC_MODES), "PS_COMMS": list(ps_train.COMMS),
                      "DDP_HOOKS": list(baseline_multi_card.COMM_HOOKS)}
     smoke = (REPO / "gpu_smoke.sh").read_text()
-    for name in ("AR_SYNCS", "PS_COMMS"):
+    for name in ("AR_SYNCS", "PS_COMMS", "DDP_HOOKS"):
         assert re.search(rf'^{name}="([^"]*)"', smoke, re.M).group(1).split() == lists[name], name
 
 
