@@ -276,19 +276,21 @@ def seed_floor(x, grid):
 def link_bound(x):
     """(measured (sent, received) bytes per step on the busiest link, the seconds those take at the link rate,
     the bytes the method's pattern predicts per direction or None, and how that was derived) or None.
-    An all-reduce sends and receives at once (the bound is the larger direction); a PS pulls, then pushes
-    (the two directions one after the other: the bound is their sum)."""
+    An all-reduce, and a sharded PS (every node serves and is served in both phases), send and receive at once:
+    the bound is the larger direction. A single server pulls (sends), then gathers pushes (receives): the two
+    directions one after the other, the bound is their sum."""
     net = x.first.data.get("network") or {}
     link = x.first.link()
     if not link or not net.get("link_rate_bits"):
         return None
-    seconds = (sum(link) if x.kind == "ps" else max(link)) * 8 / net["link_rate_bits"]
-    n, per_node = x.world_size, net.get("procs_per_node", 1)
     d = x.first.data
+    single_server = x.kind == "ps" and d.get("servers", "1") == "1"
+    seconds = (sum(link) if single_server else max(link)) * 8 / net["link_rate_bits"]
+    n, per_node = x.world_size, net.get("procs_per_node", 1)
     if x.kind in ("baseline_ddp", "all_reduce") and d.get("wire_bytes_per_step"):
         return link, seconds, 2 * (n - 1) / n * d["wire_bytes_per_step"], "ring: 2(N-1)/N x gradients"
-    if x.kind == "ps" and d.get("servers", "1") != "1" and d.get("state_bytes"):
-        return link, seconds, 2 * (n - 1) / n * d["state_bytes"] / 2, "sharded: (N-1)/N x state each way"
+    if x.kind == "ps" and not single_server and d.get("state_bytes"):  # pull + push, (N-1)/N of the state each
+        return link, seconds, 2 * (n - 1) / n * d["state_bytes"], "sharded: 2(N-1)/N x state each way"
     if x.kind == "ps" and x.variant.startswith("p2p") and d.get("state_bytes"):
         remote = n - per_node  # workers not on the server's node: their traffic crosses its link
         return link, seconds, remote * d["state_bytes"], "star: (workers off the server's node) x state"
