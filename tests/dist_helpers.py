@@ -15,6 +15,22 @@ FAST_ARGS = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "4", "-
              "--timeout", "2", "--overhead-pairs", "0"]
 
 
+def cli_args(**overrides):
+    """The flags every script shares, at their defaults, with `overrides` set (no command line parsed)."""
+    import common
+    args = common.parse(common.make_parser("test"), [], lambda a: "results.json")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def cpu_ctx(rank=0, world=1):
+    """A DistContext for a CPU process `rank` of `world` (gloo)."""
+    import common
+    import torch
+    return common.DistContext(rank, rank, world, world, torch.device("cpu"), "gloo", rank == 0)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

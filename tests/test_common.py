@@ -17,20 +17,9 @@ import common
 import measure
 import ps_train
 from data import DataInfo
-from dist_helpers import REPO, run_in_group
+from dist_helpers import REPO, cli_args as _args, cpu_ctx as _ctx, run_in_group
 
 CPU = torch.device("cpu")
-
-
-def _args(**overrides):
-    args = common.parse(common.make_parser("test"), [], lambda a: "results.json")
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
-def _ctx(rank=0, world=1):
-    return common.DistContext(rank, rank, world, world, CPU, "gloo", rank == 0)
 
 
 # --------------------------------------------------------------------------- command line

@@ -8,18 +8,7 @@ import torch
 import common
 import data
 import measure
-from dist_helpers import FAST_ARGS, make_image_folder, run_in_group, run_python
-
-
-def _args(**overrides):
-    args = common.parse(common.make_parser("test"), [], lambda a: "results.json")
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
-def _ctx(rank=0, world=1):
-    return common.DistContext(rank, rank, world, world, torch.device("cpu"), "gloo", rank == 0)
+from dist_helpers import FAST_ARGS, cli_args as _args, cpu_ctx as _ctx, make_image_folder, run_in_group, run_python
 
 
 # --------------------------------------------------------------------------- the sample dataset

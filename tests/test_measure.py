@@ -230,3 +230,47 @@ def test_one_process_has_about_no_overhead():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --------------------------------------------------------------------------- --profile
+def _trace(tmp_path, events):
+    path = tmp_path / "trace.json"
+    path.write_text(__import__("json").dumps({"traceEvents": events}))
+    return path
+
+
+def test_trace_overlap_on_gpu_kernels_counts_the_overlapped_share(tmp_path):
+    """NCCL kernels 0-100 us and 300-400 us; compute kernels 50-150 and 350-360: 60 of 200 us overlapped."""
+    k = lambda name, ts, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7}
+    path = _trace(tmp_path, [k("ncclDevKernel_AllReduce_Sum_f32", 0, 100), k("ncclKernel_Reduce", 300, 100),
+                             k("volta_sgemm", 50, 100), k("elementwise", 350, 10),
+                             {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 1000, "tid": 1}])
+    got = measure.trace_overlap(path)
+    assert got["comm_time"] == pytest.approx(200e-6) and got["overlapped_time"] == pytest.approx(60e-6)
+    assert got["overlap_share"] == pytest.approx(0.3) and "NCCL" in got["comm_source"]
+
+
+def test_trace_overlap_on_cpu_uses_gloo_threads_against_the_training_thread(tmp_path):
+    op = lambda name, ts, dur, tid: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "tid": tid}
+    path = _trace(tmp_path, [op("gloo:all_reduce", 0, 100, 9), op("aten::conv2d", 80, 40, 1),
+                             op("aten::add_", 200, 10, 1), op("aten::relu", 500, 10, 2)])
+    got = measure.trace_overlap(path)  # the training thread (most aten ops) overlaps 20 of gloo's 100 us
+    assert got["comm_time"] == pytest.approx(100e-6) and got["overlap_share"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("script,nproc", [("all_reduce_train.py", 2), ("ps_train.py", 3)])
+def test_profile_writes_a_trace_and_its_summary(tmp_path, script, nproc):
+    from dist_helpers import make_image_folder, run_script
+    import json
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=16, val_per_class=2, size=16)
+    out = tmp_path / "results.json"
+    proc = run_script(script, "--data-dir", root, "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
+                      "--epochs", "1", "--workers", "0", "--overhead-pairs", "0", "--profile", "2",
+                      "--output", out, nproc=nproc, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = json.loads(out.read_text())["epochs"][0]["profile"]
+    trace = json.loads((tmp_path / "trace_results.json").read_text())
+    assert profile["trace"] == str(tmp_path / "trace_results.json") and profile["steps"] == 2
+    assert any(e.get("name", "").startswith("gloo:") for e in trace["traceEvents"])
+    assert profile["comm_time"] > 0 and 0.0 <= profile["overlap_share"] <= 1.0
+    assert "% of it overlapping compute" in proc.stdout
