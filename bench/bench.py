@@ -26,6 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import analyze_results  # noqa: E402
+from all_reduce_train import SYNC_MODES  # noqa: E402  (the mode lists: one source, the scripts)
+from baseline_multi_card import COMM_HOOKS  # noqa: E402
+from ps_train import COMMS  # noqa: E402
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
@@ -39,13 +42,12 @@ def suite(name, args):
     """[(label, script, flags)] of the suite."""
     ddp, ar, ps = "baseline_multi_card.py", "all_reduce_train.py", "ps_train.py"
     if name == "methods":
-        return ([("DDP", ddp, [])] + [(f"all-reduce {s}", ar, ["--sync", s]) for s in ("overlap", "bucketed",
-                                                                                        "per-param", "ring")]
-                + [(f"PS {c}", ps, ["--comm", c]) for c in ("collective", "p2p", "overlap")]
-                + [(f"PS sharded {c}", ps, ["--servers", "all", "--comm", c]) for c in ("collective", "p2p", "overlap")])
+        return ([("DDP", ddp, [])] + [(f"all-reduce {s}", ar, ["--sync", s]) for s in SYNC_MODES]
+                + [(f"PS {c}", ps, ["--comm", c]) for c in COMMS]
+                + [(f"PS sharded {c}", ps, ["--servers", "all", "--comm", c]) for c in COMMS])
     if name == "compression":
         return ([("DDP", ddp, [])] + [(f"DDP hook {h}", ddp, ["--comm-hook", h, "--powersgd-warmup", "2"])
-                                      for h in ("fp16", "bf16", "powersgd")]
+                                      for h in COMM_HOOKS[1:]]
                 + [("all-reduce overlap", ar, []), ("all-reduce overlap fp16", ar, ["--compress", "fp16"])])
     if name == "buckets":
         return [(f"{label} {mb:g} MiB", script, ["--bucket-mb", str(mb)]) for mb in args.buckets
