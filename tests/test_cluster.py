@@ -187,6 +187,25 @@ def test_two_nodes_train_like_one_standalone_run(tmp_path, data):
     assert_nothing_left(name)
 
 
+def test_blocking_all_reduce_overhead_tracks_the_link_rate_bound(tmp_path, data):
+    """The yardstick on a slow link: `--sync bucketed` (one blocking all-reduce per bucket after backward) costs
+    what its bytes take at the link rate, and the bytes the nodes' counters see are the ring's 2(N-1)/N x gradients.
+    MobileNetV3-small (6 MB of gradients) over 2 nodes at 50 Mbit/s: ~1 s of communication against ~20 ms of
+    compute, so the overhead is almost all link time."""
+    import analyze_results
+    name, out = f"{PREFIX}b", tmp_path / "bucketed.json"
+    proc = emu("run", "--name", name, "--nodes", 2, "--rate", "50mbit", "--logs", tmp_path / "logs", "--",
+               REPO / "all_reduce_train.py", "--sync", "bucketed", "--arch", "mobilenet_v3_small", "--image-size", 32,
+               "--batch-size", 4, "--workers", 0, "--epochs", 1, "--max-steps", 3, "--data-dir", data,
+               "--overhead-pairs", 2, "--output", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = analyze_results.load_run(out)
+    link, seconds, predicted, _ = analyze_results.link_bound(analyze_results.Experiment([run]))
+    assert 0.9 * predicted < max(link) < 1.15 * predicted, (link, predicted)  # headers: a few % on top
+    assert 0.85 * seconds < run.overhead() < 1.4 * seconds, (run.overhead(), seconds)
+    assert_nothing_left(name)
+
+
 ENV_PROBE = """
 import json, os, socket
 keys = ["RANK", "LOCAL_RANK", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS"] + [k for k in os.environ if k.startswith("KIT_NET_")]
@@ -332,7 +351,7 @@ def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
     assert len(ups) == 1 and "--nodes 2 --rate 1gbit" in ups[0]
     commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
     experiments = [line for line in lines if line.startswith("=== [")]
-    assert len(commands) == len(experiments) == 8  # 3 methods, 3 more --sync modes, 2 more --comm modes
+    assert len(commands) == len(experiments) == 9  # 3 methods, 3 more --sync modes, 2 more --comm modes, sharded
     assert all("--nodes 2 --nproc-per-node 1" in c and "--backend gloo --arch resnet18" in c for c in commands)
     assert "--standalone" not in proc.stdout
     cluster = ups[0].split("--name ")[1].split()[0]

@@ -73,8 +73,7 @@ def _assert_kept(path, min_epochs=1):
     assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
 
 
-FAULTS = [("baseline_multi_card.py", 2, 1, signal.SIGKILL),
-          ("baseline_multi_card.py", 2, 1, signal.SIGSTOP),  # a hung peer: only --timeout ends the wait
+FAULTS = [("baseline_multi_card.py", 2, 1, signal.SIGKILL),  # a hung DDP peer (SIGSTOP): the loaded test below
           ("all_reduce_train.py", 2, 1, signal.SIGKILL),
           ("ps_train.py", 3, 0, signal.SIGKILL),  # the server
           ("ps_train.py", 3, 2, signal.SIGKILL),  # a worker that does not write the results
@@ -99,7 +98,7 @@ def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(tmp_path, data, sc
 
 
 def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, data):
-    """The SIGSTOP'd peer again, while two busy loops compete for the 2 cores."""
+    """A hung peer (SIGSTOP: only --timeout ends the wait), while two busy loops compete for the 2 cores."""
     load = _busy_loops(2)
     try:
         err = _fail_a_rank(tmp_path, data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP)
@@ -165,7 +164,7 @@ def test_ctrl_c_keeps_finished_epochs(tmp_path, data):
     _assert_kept(out)
 
 
-SCALE_OUT = [("baseline_multi_card.py", 1), ("all_reduce_train.py", 1), ("ps_train.py", 2)]
+SCALE_OUT = [("all_reduce_train.py", 1), ("ps_train.py", 2)]  # DDP on two nodes: tests/test_cluster.py
 
 
 @pytest.mark.parametrize("script,per_node", SCALE_OUT)
