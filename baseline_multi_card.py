@@ -10,6 +10,7 @@ Writes results_baseline_ddp.json (no hook) or results_baseline_ddp_<hook>.json u
 """
 import copy
 
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -54,6 +55,21 @@ class PowerSGDSnapshot:
             setattr(self.state, slot, copy.deepcopy(value))
 
 
+def one_bucket_at_a_time(hook):
+    """A hook that starts each bucket's exchange only after the previous bucket's has finished. PowerSGD issues
+    its second all-reduce (Q) from a callback of its first (P); gloo runs such callbacks on its own threads as the
+    first completes, so with two buckets in flight the ranks can issue [Q of bucket 1, P of bucket 2] in different
+    orders: a collective mismatch (seen on the emulated 1 Gbit/s cluster). NCCL issues them in stream order."""
+    last = []
+
+    def ordered(state, bucket):
+        if last:
+            last.pop().wait()
+        last.append(hook(state, bucket))
+        return last[0]
+    return ordered
+
+
 def register_hook(model, args):
     """--comm-hook on the DDP model; returns what must be snapshotted with it (a PowerSGD state) and the bytes
     one rank puts on the wire per all-reduce of the gradients (computed from the tensor shapes)."""
@@ -65,7 +81,8 @@ def register_hook(model, args):
     if args.comm_hook == "powersgd":
         state = powerSGD_hook.PowerSGDState(None, matrix_approximation_rank=args.powersgd_rank,
                                             start_powerSGD_iter=args.powersgd_warmup)
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        hook = powerSGD_hook.powerSGD_hook
+        model.register_comm_hook(state, one_bucket_at_a_time(hook) if dist.get_backend() == "gloo" else hook)
         wire = 0
         for p in grads:  # rank-r factors P (n x r) and Q (m x r) where that compresses, else the tensor itself
             n, m = p.shape[0], p.numel() // p.shape[0]

@@ -250,3 +250,28 @@ def test_nan_loss_stops_and_keeps_valid_results(mistakes):
     line = _one_error_line(proc)
     assert "loss became nan" in line or "loss became inf" in line
     assert json.loads((folder / "r.json").read_text())["status"] == "incomplete"
+
+
+# --------------------------------------------------------------------------- communication hooks
+def test_one_bucket_at_a_time_starts_a_bucket_only_after_the_previous_one_finished():
+    """Under gloo PowerSGD's hook is wrapped so that bucket 2's exchange cannot start (and so issue its
+    collectives) before bucket 1's has completed: every rank then issues the collectives in the same order."""
+    import threading
+    import time
+    import baseline_multi_card as ddp_script
+    started, futures = [], [torch.futures.Future(), torch.futures.Future()]
+
+    def hook(state, bucket):
+        started.append(bucket)
+        return futures[bucket]
+
+    ordered = ddp_script.one_bucket_at_a_time(hook)
+    assert ordered(None, 0) is futures[0] and started == [0]
+    second = threading.Thread(target=ordered, args=(None, 1))
+    second.start()
+    time.sleep(0.3)
+    assert started == [0]  # bucket 1 waits for bucket 0
+    futures[0].set_result(None)
+    second.join(timeout=5)
+    assert started == [0, 1] and not second.is_alive()
+
