@@ -374,7 +374,7 @@ def server_step(comm, optimizer, scaler, lr, clock):
 
 def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
     """A worker's step: pull, forward and backward, push; with --servers all also the update of its own shard
-    (`optimizer`). The lr is an owner's business."""
+    (`optimizer`, at `lr`). Otherwise the lr is the server's business."""
     criterion = nn.CrossEntropyLoss()
 
     def train_step(images, targets, clock, lr=None):
@@ -392,7 +392,7 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
         comm.push()
         clock.mark("push")
         if optimizer is not None:
-            update(comm, optimizer, scaler, common.lr_at(args, 0) if lr is None else lr, len(comm.trainers))
+            update(comm, optimizer, scaler, lr, len(comm.trainers))
             clock.mark("update")
         return loss, logits
 
