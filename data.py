@@ -1,7 +1,12 @@
 """The data every method trains on: an ImageFolder (ImageNet) tree, the built-in sample dataset, or
 --synthetic batches; sharded for the training processes, and exactly for evaluation.
 
-    python data.py [--root DIR]      # generates the built-in sample dataset (the scripts do it on first use)
+    python data.py                   # generates the built-in sample dataset in sample_data/ (the scripts do it
+                                     # on first use)
+    python data.py --root DIR        # writes it as DIR/train and DIR/val: train on it with --data-dir DIR
+    python data.py --prepare-imagenet SRC --root DST
+                                     # the ImageNet download in SRC (the official archives or the Kaggle copy)
+                                     # as DST/train/<wnid>/ and DST/val/<wnid>/ (prepare_imagenet.py)
 
 The sample dataset is used when no --data-dir and no ./train exist, so the kit runs anywhere without a
 download: 10 classes of synthetic shapes and textures (circle, square, ..., dots), each image one class's
@@ -65,12 +70,18 @@ def sample_image(label, rng, size=48):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def ensure(root=ROOT):
-    """Generates the sample ImageFolder tree under `root` once (deterministic, seconds); returns its path."""
+def ensure(root=ROOT, versioned=True):
+    """Generates the sample ImageFolder tree once (deterministic, seconds); returns the folder holding its train/
+    and val/: `root`/VERSION (the scripts' cache, a new version beside an old one), or `root` itself when not
+    `versioned` (so that --data-dir root reads it)."""
     from PIL import Image
-    final = Path(root) / VERSION
-    if (final / "val").is_dir():
+    final = Path(root) / VERSION if versioned else Path(root)
+    sample_classes = [f"{label}_{name}" for label, name in enumerate(CLASSES)]
+    if (final / "val").is_dir() and (versioned or sorted(os.listdir(final / "val")) == sample_classes):
         return final
+    if not versioned and ((final / "train").exists() or (final / "val").exists()):
+        raise UserError(f"{final} already holds a train/ or val/ that is not the sample dataset (choose an empty "
+                        "or new folder for --root)")
     tmp = Path(root) / f".tmp-{os.getpid()}-{socket.gethostname()}"
     rng = np.random.default_rng(1234)
     for split, per_class in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
@@ -79,10 +90,15 @@ def ensure(root=ROOT):
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 Image.fromarray(sample_image(label, rng)).save(folder / f"{i:04d}.png")
-    try:
-        os.rename(tmp, final)  # atomic: a concurrent generator on a shared disk either wins or finds it done
+    try:  # atomic: a concurrent generator on a shared disk either wins or finds it done
+        if versioned:
+            os.rename(tmp, final)
+        else:
+            os.rename(tmp / "train", final / "train")
+            os.rename(tmp / "val", final / "val")  # last: a folder with val/ is complete
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -249,8 +265,38 @@ def to_device(images, targets, ctx, args):
             targets.to(ctx.device, non_blocking=True))
 
 
+def main(argv=None):
+    """The command line: the sample dataset where --data-dir reads it, or the ImageNet download prepared."""
+    import sys
+    import textwrap
+    from common import OneLineParser, report_error
+
+    examples = "\n".join(line for line in __doc__.splitlines() if line.startswith(("    python", " " * 30)))
+    parser = OneLineParser(prog="data.py", epilog="examples:\n" + examples, description=textwrap.fill(
+        "Writes the built-in sample dataset (10 classes of synthetic shapes and textures, deterministic, in "
+        "seconds), or turns the ImageNet download into class folders; train on either with --data-dir.", 100))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the examples keep their lines
+    parser.add_argument("--root", metavar="DIR", default=None,
+                        help="folder to write train/ and val/ into (default: the scripts' own cache, "
+                             f"{ROOT.name}/{VERSION}, which they use when there is no --data-dir and no ./train)")
+    parser.add_argument("--prepare-imagenet", metavar="SRC", default=None,
+                        help="the folder holding the ImageNet download (the official ILSVRC2012 archives, or the "
+                             "Kaggle copy): written as --root/train/<wnid>/ and --root/val/<wnid>/")
+    args = parser.parse_args(argv)
+    if args.prepare_imagenet is not None:
+        if args.root is None:
+            parser.error("--prepare-imagenet needs --root DST, the folder to write train/ and val/ into")
+        import prepare_imagenet
+        prepare_imagenet.run(args.prepare_imagenet, args.root)
+        return
+    try:
+        path = ensure() if args.root is None else ensure(args.root, versioned=False)
+    except UserError as e:
+        report_error(str(e))
+        sys.exit(2)
+    print(f"sample dataset: {path} ({len(CLASSES)} classes, {TRAIN_PER_CLASS} train / {VAL_PER_CLASS} val each); "
+          f"train on it with --data-dir {path}")
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(ROOT), help="folder to generate the dataset in")
-    path = ensure(parser.parse_args().root)
-    print(f"sample dataset: {path} ({len(CLASSES)} classes, {TRAIN_PER_CLASS} train / {VAL_PER_CLASS} val each)")
+    main()
