@@ -16,6 +16,8 @@
 #                                     every experiment on an emulated cluster (emulate_cluster.sh, needs root):
 #                                     4 nodes x 1 process (NPROC = 4), each node on its own 1gbit link (default)
 #                                     into one switch; a --sweep count n runs on n / (processes per node) nodes
+#   bash run_all.sh --check           runs nothing: checks what these settings would use and what would fail
+#                                     (GPUs and backend, packages, flags, data, weights, disk, rendezvous)
 #
 # Environment: NPROC, EPOCHS, BATCH_SIZE (per process), WORKERS, DATA_DIR (default ./train + ./val when
 # present, else the built-in sample dataset), BACKEND (nccl|gloo), EXTRA_ARGS (passed to all three
@@ -36,7 +38,7 @@ SAMPLE_EPOCHS=14 SAMPLE_BATCH=32
 SAMPLE_RECIPE="--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine --overhead-pairs 2"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-VARIANTS=0 COMPRESSION=0
+VARIANTS=0 COMPRESSION=0 CHECK=0
 SWEEP="" BUCKETS="" SEEDS=""
 CLUSTER=""
 LINK_RATE=""
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=1 ;;
     --compression) COMPRESSION=1 ;;
+    --check) CHECK=1 ;;
     --bucket-sweep) [ $# -ge 2 ] || die "--bucket-sweep needs sizes in MiB, e.g. --bucket-sweep \"1 5 25 100\""; BUCKETS="$2"; shift ;;
     --bucket-sweep=*) BUCKETS="${1#--bucket-sweep=}" ;;
     --seeds) [ $# -ge 2 ] || die "--seeds needs seeds, e.g. --seeds \"0 1 2\""; SEEDS="$2"; shift ;;
@@ -54,8 +57,8 @@ while [ $# -gt 0 ]; do
     --cluster=*) CLUSTER="${1#--cluster=}" ;;
     --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
     --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit; settings go in the environment, see --help)" ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --check; settings go in the environment, see --help)" ;;
   esac
   shift
 done
@@ -114,6 +117,11 @@ read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 echo "run_all.sh: $NPROC processes ($BACKEND; $GPUS GPU(s) found), dataset: $DATASET, python: $PYTHON"
 echo "            arguments for every script: ${ARGS[*]}; results in $RESULTS_DIR"
+if [ "$CHECK" = 1 ]; then  # preflight.py with exactly these settings; nothing is run or removed
+  CHECK_CMD=("$PYTHON" "$HERE/preflight.py" --from-run-all --nproc "$NPROC" --sweep "$SWEEP" --results-dir "$RESULTS_DIR")
+  [ -z "$CLUSTER" ] || CHECK_CMD+=(--cluster "${CL_NODES}x$CL_PROCS" --link-rate "$LINK_RATE")
+  exec "${CHECK_CMD[@]}" -- "${ARGS[@]}"
+fi
 if [ -n "$CLUSTER" ]; then
   CL_NAME="runall$$"  # unique to this run; removed at exit, however it ends
   CL_UP=(bash "$HERE/emulate_cluster.sh" up --name "$CL_NAME" --nodes "$CL_NODES" --rate "$LINK_RATE")
