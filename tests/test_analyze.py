@@ -1,7 +1,14 @@
-"""analyze_results.py on real results files (tests/fixtures, made by make_fixtures.py): tables equal their
-inputs, seeds become one experiment whose spread is the noise floor, the link bound comes from the measured
-bytes, every plot is a real image, bad files are skipped and incomplete runs marked."""
+"""The analysis (analyze_results.py and the analysis/ package) on real results files (tests/fixtures, made by
+make_fixtures.py) and on files in the guide's own shape (tests/fixtures/guide): tables equal their inputs, seeds
+become one experiment whose spread is the noise floor, the link bound comes from the measured bytes, every plot is
+a real image whose numbers are the tables', the report and the tables tell one story, any JSON file in the folder
+is looked at and named when skipped, and incomplete runs are marked."""
+import contextlib
+import copy
+import io
 import json
+import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -11,25 +18,30 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+import analysis
 import analyze_results
+from analysis import runs
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GUIDE = FIXTURES / "guide"
 DEFAULTS = ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json")
 SEEDS = ("results_baseline_ddp.json", "results_baseline_ddp_seed1.json", "results_all_reduce.json",
          "results_all_reduce_seed1.json")
 GUIDE_PLOTS = ("throughput_comparison.png", "training_time_comparison.png", "loss_curves.png",
                "accuracy_curves.png", "communication_overhead.png", "time_breakdown.png")
+PERF, COMM, OWN, LINK = ("Performance comparison", "Communication per training step",
+                         "Communication as each script timed it", "Communication against the link")
 
 
-def fixture(name):
-    return json.loads((FIXTURES / name).read_text())
+def fixture(name, source=FIXTURES):
+    return json.loads((source / name).read_text())
 
 
-def setup_dir(tmp_path, names=DEFAULTS, extra=None, source=FIXTURES):
+def setup_dir(tmp_path, names=DEFAULTS, extra=None, source=FIXTURES, folder="results"):
     """A results folder with the named fixtures plus `extra` {filename: dict or raw text}."""
-    results = tmp_path / "results"
-    results.mkdir()
+    results = tmp_path / folder
+    results.mkdir(parents=True)
     for name in names:
         shutil.copy(source / name, results / name)
     for name, content in (extra or {}).items():
@@ -37,11 +49,43 @@ def setup_dir(tmp_path, names=DEFAULTS, extra=None, source=FIXTURES):
     return results
 
 
-def analyze(tmp_path, results, capsys):
-    out = tmp_path / "out"
-    rc = analyze_results.main(["--results-dir", str(results), "--out-dir", str(out)])
-    captured = capsys.readouterr()
-    return rc, out, captured.out, captured.err, (out / "performance_report.txt").read_text() if rc == 0 else ""
+class Result:
+    """One analysis: its return code, output folder, stdout, stderr, report text and what it drew."""
+
+    def __init__(self, tmp_path, results, via_main=False):
+        self.out = tmp_path / "out"
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if via_main:
+                self.rc, self.analysis = analyze_results.main(["--results-dir", str(results), "--out-dir",
+                                                               str(self.out)]), None
+            else:
+                self.analysis = analysis.analyze(results, self.out)
+                self.rc = 0 if self.analysis else 1
+        self.stdout, self.stderr = stdout.getvalue(), stderr.getvalue()
+        self.report = (self.out / "performance_report.txt").read_text() if self.rc == 0 else ""
+        self.tables = md_tables(self.out) if self.rc == 0 else {}
+        self.plots = self.analysis.plots if self.analysis else None
+
+    def line(self, start):
+        """The report's analysis line that starts with "- <start>"."""
+        return next(x for x in self.report.splitlines() if x.startswith(f"- {start}"))
+
+
+def analyze(tmp_path, results, via_main=False):
+    return Result(tmp_path, results, via_main)
+
+
+class Text:
+    """The tables and the report's text of a results folder, without drawing the plots (for tests of prose)."""
+
+    def __init__(self, results):
+        self.experiments, skipped = runs.load_folder(results)
+        tables = analysis.tables.build_tables(self.experiments)
+        self.tables = {t.title: {row[t.columns[0]]: row for row in t.rows} for t in tables}
+        self.report = analysis.report.build_report(self.experiments, skipped, tables, {})
+
+    line = Result.line
 
 
 def md_tables(out):
@@ -67,19 +111,34 @@ def check_plots(out, extra=()):
         assert img.std() > 0.01, f"{name} is blank"
 
 
-def test_three_methods(tmp_path, capsys):
-    rc, out, stdout, stderr, report = analyze(tmp_path, setup_dir(tmp_path), capsys)
-    assert rc == 0 and stderr == ""
-    tables = md_tables(out)
-    perf, comm = tables["Performance comparison"], tables["Communication per training step"]
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory):
+    """The three methods' default runs, analysed once through the command's entry point."""
+    tmp = tmp_path_factory.mktemp("defaults")
+    return analyze(tmp, setup_dir(tmp), via_main=True)
+
+
+@pytest.fixture(scope="module")
+def defaults_drawn(tmp_path_factory):
+    """The same runs through analysis.analyze, which hands back what the plots drew."""
+    tmp = tmp_path_factory.mktemp("drawn")
+    return analyze(tmp, setup_dir(tmp))
+
+
+# --------------------------------------------------------------------------- the kit's own files
+def test_three_methods(defaults):
+    r = defaults
+    assert r.rc == 0 and r.stderr == ""
+    perf, comm, own = r.tables[PERF], r.tables[COMM], r.tables[OWN]
     labels = ["Baseline DDP [2 proc]", "Manual All-Reduce (overlap) [2 proc]", "Parameter Server (collective) [3 proc]"]
-    assert list(perf) == list(comm) == labels
+    assert list(perf) == list(comm) == list(own) == labels
     ddp, ar, ps = (fixture(n) for n in DEFAULTS)
     for label, data in zip(labels, (ddp, ar, ps)):
         s, o = data["summary"], data["comm_overhead"]
         assert perf[label]["Avg throughput (img/s)"] == f"{s['avg_train_throughput']:.1f}"
         assert perf[label]["Avg train time/epoch (s)"] == f"{s['avg_train_time_per_epoch']:.2f}"
         assert perf[label]["Best accuracy (%)"] == f"{s['best_val_accuracy']:.2f}"
+        assert perf[label]["Seeds (n: values)"] == "1: 0"
         assert comm[label]["Comm overhead (ms/step)"] == f"{1e3 * o['overhead']:.1f}"
         assert comm[label]["Spread min-max (ms)"] == f"{1e3 * o['overhead_min']:.1f} to {1e3 * o['overhead_max']:.1f}"
         assert comm[label]["Share of step (%)"] == f"{100 * o['overhead_share']:.1f}"
@@ -91,52 +150,161 @@ def test_three_methods(tmp_path, capsys):
     assert perf[labels[2]]["Relative speedup"] == \
         f"{ps['summary']['avg_train_throughput'] / ddp['summary']['avg_train_throughput']:.2f}x (vs DDP on 2)"
     assert perf[labels[2]]["Trainers x batch"] == "2 x 16 (+1 server)"
-    assert comm[labels[2]]["Param pull (ms)"] == f"{1e3 * ps['summary']['avg_comm_time_pull']:.1f}"
-    assert comm[labels[1]]["All-Reduce wait (ms)"] == f"{1e3 * ar['summary']['avg_comm_time']:.1f}"
-    check_plots(out)
+    # Each script's own timers: their own table, never the yardstick's columns.
+    assert own[labels[2]]["Param pull (ms)"] == f"{1e3 * ps['summary']['avg_comm_time_pull']:.1f}"
+    assert own[labels[1]]["All-Reduce wait (ms)"] == f"{1e3 * ar['summary']['avg_comm_time']:.1f}"
+    assert own[labels[0]]["Total comm (ms)"] == "(implicit, inside backward)"
+    check_plots(r.out)
     for text in ("Performance comparison", "Communication per training step", "model: resnet18",
                  "dataset: sample", "backend: gloo", "network: loopback / not declared", "torch: 2."):
-        assert text in report, text
-    assert "Performance comparison" in stdout
-    # Computed statements: the PS does DDP-on-2's math and matches it step by step, with no noise floor.
-    assert "Parameter Server (collective) [3 proc] vs Baseline DDP [2 proc]" in report
-    assert "step by step the losses match for the first 12 of 12 steps (the same math)" in report
-    assert "no noise floor" in report and "DIFFER" not in report and "RED FLAG" not in report
-    assert f"communication overhead {1e3 * ddp['comm_overhead']['overhead']:.1f} ms per step" in report
+        assert text in r.report, text
+    assert "Performance comparison" in r.stdout
+    # Computed statements: the PS does DDP-on-2's math and matches it step by step, with no noise floor; so does
+    # the manual all-reduce (a mismatch would fail here).
+    for method in ("Parameter Server (collective) [3 proc]", "Manual All-Reduce (overlap) [2 proc]"):
+        line = r.line(f"Loss curves: {method} vs Baseline DDP [2 proc]")
+        assert "step by step the losses match for the first 12 of 12 steps (the same math)" in line, line
+    assert "no noise floor" in r.report and "RED FLAG" not in r.report
+    assert f"communication overhead {1e3 * ddp['comm_overhead']['overhead']:.1f} ms per step" in r.report
+    # One seed and no step_time_stdev: the ranking says it has no noise measure.
+    line = r.line("Throughput at 2 processes")
+    assert "Manual All-Reduce (overlap) [2 proc] has the highest" in line and "not judged against noise" in line
+    assert "step-time spread" in r.report.split("Not measured by these runs")[1]
 
 
-def test_seeds_are_one_experiment_judged_against_their_spread(tmp_path, capsys):
-    rc, out, _, _, report = analyze(tmp_path, setup_dir(tmp_path, SEEDS), capsys)
-    assert rc == 0
-    perf = md_tables(out)["Performance comparison"]
+def test_report_tables_and_plots_tell_one_story(defaults_drawn):
+    """Every figure the tables, the report and the plots all show is the same number with the same verdict."""
+    r = defaults_drawn
+    perf, comm = r.tables[PERF], r.tables[COMM]
+    drawn = r.plots
+    for x in r.analysis.experiments:
+        label = x.label
+        assert perf[label]["Avg throughput (img/s)"] == f"{drawn['throughput_comparison.png'][label]:.1f}"
+        assert perf[label]["Avg train time/epoch (s)"] == f"{drawn['training_time_comparison.png'][label]:.2f}"
+        bar = drawn["communication_overhead.png"][label]
+        assert comm[label]["Comm overhead (ms/step)"] == f"{1e3 * bar['overhead']:.1f}"
+        assert comm[label]["Spread min-max (ms)"] == f"{1e3 * bar['lo']:.1f} to {1e3 * bar['hi']:.1f}"
+        # The breakdown's bar is the measured step; its overhead share is the table's and the sentence's.
+        b = drawn["time_breakdown.png"][label]
+        assert sum(b["parts"].values()) == pytest.approx(x.mean("batch_time"))
+        assert b["step"] == pytest.approx(x.first.data["summary"]["avg_batch_time"])
+        share = comm[label]["Share of step (%)"]
+        assert f"overhead {share}% of the step" in b["text"]
+        assert b["parts"]["communication overhead"] / (b["step"] - b["data"]) == pytest.approx(float(share) / 100,
+                                                                                                abs=5e-4)
+        line = r.line(f"{label}: communication overhead")
+        assert f"communication overhead {comm[label]['Comm overhead (ms/step)']} ms per step" in line
+        assert f"= {share}% of its" in line and f"scaling efficiency {comm[label]['Scaling efficiency (%)']}%" in line
+        assert f"the epochs' measured step: {1e3 * b['step']:.1f} ms" in line
+        # The hidden share: the cell and the sentence carry one verdict.
+        hidden = comm[label]["Hidden behind backward (%)"]
+        if x.kind == "all_reduce":
+            assert hidden == "within noise" and "no measurable share is hidden here" in line, (hidden, line)
+        else:
+            assert hidden == "-" and "hidden" not in line
+    loss = drawn["loss_curves.png"]
+    assert "band" not in loss["title"] and not any(c["band"] for c in loss["curves"].values())  # one seed each
+    assert drawn["accuracy_curves.png"]["left_out"] == []
+    assert set(drawn["accuracy_curves.png"]["val"]) == set(perf)
+
+
+def test_seeds_are_one_experiment_judged_against_their_spread(tmp_path):
+    r = Text(setup_dir(tmp_path, SEEDS))
+    perf = r.tables[PERF]
     assert list(perf) == ["Baseline DDP (2 seeds)", "Manual All-Reduce (overlap) (2 seeds)"]
     thr = [fixture(n)["summary"]["avg_train_throughput"] for n in SEEDS[:2]]
     assert perf["Baseline DDP (2 seeds)"]["Avg throughput (img/s)"] == \
         f"{statistics.mean(thr):.1f} ± {statistics.stdev(thr):.1f}"
-    assert perf["Baseline DDP (2 seeds)"]["Seeds"] == "0, 1"
+    assert perf["Baseline DDP (2 seeds)"]["Seeds (n: values)"] == "2: 0, 1"
     # The same math: the difference between the methods is within the seed-to-seed spread.
-    line = next(x for x in report.splitlines() if x.startswith("- Loss curves: Manual All-Reduce"))
+    line = r.line("Loss curves: Manual All-Reduce")
     assert "within the seed-to-seed spread" in line and "they agree" in line, line
+    # The ranking is judged against the seed spread, and the loss plot draws (and names) its band.
+    line = r.line("Throughput at")
+    assert "seed-to-seed spread" in line and ("within" in line or "beyond" in line), line
+    loss = analysis.plots.plot_loss(r.experiments, analysis.plots.colours(r.experiments), tmp_path / "loss.png")
+    assert "band: min-max over seeds" in loss["title"] and all(c["band"] for c in loss["curves"].values())
 
 
-def test_a_manual_all_reduce_beyond_the_noise_floor_is_a_red_flag(tmp_path, capsys):
+def test_a_manual_all_reduce_beyond_the_noise_floor_is_a_red_flag(tmp_path):
     extra = {}
     for name in SEEDS[2:]:
         wrong = fixture(name)
         for e in wrong["epochs"]:
             e["all_losses"] = [2 * x for x in e["all_losses"]]
         extra[name] = wrong
-    rc, _, _, _, report = analyze(tmp_path, setup_dir(tmp_path, SEEDS[:2], extra), capsys)
-    assert rc == 0
-    assert "RED FLAG" in report and "the seed-to-seed spread" in report
+    r = Text(setup_dir(tmp_path, SEEDS[:2], extra))
+    assert "RED FLAG" in r.report and "the seed-to-seed spread" in r.report
 
 
-def test_variants_are_identified_by_content(tmp_path, capsys):
+def with_step_noise(name, stdev, **summary):
+    """A fixture whose epochs record step_time_stdev (seconds)."""
+    data = fixture(name)
+    for e in data["epochs"]:
+        e["step_time_stdev"] = stdev
+    data["summary"].update(summary)
+    return data
+
+
+def test_the_speed_ranking_is_judged_against_one_runs_step_noise(tmp_path):
+    quiet = {n: with_step_noise(n, 1e-4) for n in DEFAULTS[:2]}
+    r = Text(setup_dir(tmp_path / "quiet", (), quiet))
+    # The standard error of the mean throughput from the steps' spread: T * stdev / sqrt(timed steps) / step.
+    run = runs.load_run(tmp_path / "quiet" / "results" / DEFAULTS[1])
+    expected = math.sqrt(sum((e["train_throughput"] * 1e-4 / math.sqrt(e["steps"] - e["warmup_steps"])
+                              / e["avg_batch_time"]) ** 2 for e in run.epochs)) / len(run.epochs)
+    assert run.throughput_se == pytest.approx(expected)
+    line = r.line("Throughput at 2 processes")
+    assert "1.14x Baseline DDP (185.0) (beyond the step-to-step noise" in line, line
+    assert "step-time spread" not in r.report
+    noisy = {n: with_step_noise(n, 0.2) for n in DEFAULTS[:2]}
+    r = Text(setup_dir(tmp_path / "noisy", (), noisy))
+    line = r.line("Throughput at 2 processes")
+    assert "(within the step-to-step noise" in line and "no measurable ranking between the two" in line, line
+
+
+def test_a_faster_method_with_the_larger_overhead_says_why(tmp_path):
+    ar = with_step_noise(DEFAULTS[1], 1e-4)
+    ar["comm_overhead"].update(overhead=0.2, overhead_min=0.19, overhead_max=0.21)
+    r = Text(setup_dir(tmp_path, (), {DEFAULTS[0]: with_step_noise(DEFAULTS[0], 1e-4), DEFAULTS[1]: ar}))
+    line = r.line("Rankings disagree at 2 processes")
+    assert line.startswith("- Rankings disagree at 2 processes: Manual All-Reduce (overlap) has the highest "
+                           "throughput, yet a larger communication overhead than Baseline DDP"), line
+    assert "beyond the step-to-step noise" in line and "beyond the pairs' spread" in line
+    assert "fixed batch before epoch 1" in line and "data loading" in line
+    # Without a throughput lead beyond noise there is no ranking to disagree with.
+    noisy = copy.deepcopy(ar)
+    for e in noisy["epochs"]:
+        e["step_time_stdev"] = 0.5
+    r = Text(setup_dir(tmp_path / "n", (), {DEFAULTS[0]: with_step_noise(DEFAULTS[0], 0.5), DEFAULTS[1]: noisy}))
+    assert "Rankings disagree" not in r.report
+
+
+def test_a_hidden_share_is_a_percentage_only_beyond_noise(tmp_path):
+    """The overlap's hidden share: within noise, nothing to hide (a one-process run), the overlap costing more,
+    or a real share: the table cell and the sentence agree and never show a negative or meaningless share."""
+    cases = {  # (overhead, min, max, blocking, min, max) -> the cell and the sentence's words
+        "one_process": ((9e-4, 5e-4, 1.2e-3, 1e-4, -1e-4, 3e-4), "n/a (nothing to hide)", "no communication here"),
+        "costs_more": ((0.05, 0.048, 0.052, 0.03, 0.029, 0.031), "none (overlap costs more)", "the overlap costs more"),
+        "hides": ((0.01, 0.009, 0.011, 0.04, 0.039, 0.041), "75", "75% is hidden behind backward"),
+        "noise": ((0.05, 0.03, 0.07, 0.04, 0.039, 0.041), "within noise", "no measurable share is hidden"),
+    }
+    for name, ((o, olo, ohi, b, blo, bhi), cell, words) in cases.items():
+        data = fixture(DEFAULTS[1])
+        data["comm_overhead"].update(overhead=o, overhead_min=olo, overhead_max=ohi, blocking_overhead=b,
+                                     blocking_overhead_min=blo, blocking_overhead_max=bhi, hidden_share=1 - o / b)
+        x = runs.group([runs.Run(data, Path(name), "all_reduce", "kind")])[0]
+        table = analysis.tables.yardstick_table([x])
+        h = analysis.verdicts.hidden(x)
+        assert table.rows[0]["Hidden behind backward (%)"] == h.cell == cell, name
+        assert words in h.words, (name, h.words)
+        assert not re.search(r"-\d+%", h.words) and not h.cell.startswith("-"), name
+
+
+def test_variants_are_identified_by_content(tmp_path):
     ring = fixture("results_all_reduce_ring.json")  # named anything: kind and sync say what it is
-    rc, out, _, _, report = analyze(tmp_path, setup_dir(tmp_path, DEFAULTS + ("results_ps_p2p.json",),
-                                                        {"results_mystery.json": ring}), capsys)
-    assert rc == 0
-    perf = md_tables(out)["Performance comparison"]
+    r = Text(setup_dir(tmp_path, DEFAULTS + ("results_ps_p2p.json",), {"mystery.json": ring}))
+    perf = r.tables[PERF]
     assert list(perf) == [f"{m} [{n} proc]" for m, n in (
         ("Baseline DDP", 2), ("Manual All-Reduce (overlap)", 2), ("Manual All-Reduce (ring)", 2),
         ("Parameter Server (collective)", 3), ("Parameter Server (p2p)", 3))]
@@ -144,50 +312,60 @@ def test_variants_are_identified_by_content(tmp_path, capsys):
         f"{ring['summary']['avg_train_throughput']:.1f}"
     p2p, coll = fixture("results_ps_p2p.json"), fixture("results_ps.json")
     ratio = coll["comm_overhead"]["overhead"] / p2p["comm_overhead"]["overhead"]
-    assert f"collective communication overhead is {ratio:.2f}x the guide's per-tensor p2p" in report
-    assert "a star: every step the server sends" in report  # p2p's sentence, not the collective's
+    assert f"collective communication overhead is {ratio:.2f}x the guide's per-tensor p2p" in r.report
+    assert "a star: every step the server sends" in r.report  # p2p's sentence, not the collective's
 
 
-def test_the_link_bound_comes_from_the_measured_bytes(tmp_path, capsys):
+def test_the_link_bound_comes_from_the_measured_bytes(tmp_path):
     names = ("results_baseline_ddp.json", "results_all_reduce_bucketed.json", "results_ps_p2p.json")
-    rc, out, _, _, report = analyze(tmp_path, setup_dir(tmp_path, names, source=FIXTURES / "cluster"), capsys)
-    assert rc == 0
-    link = md_tables(out)["Communication against the link"]
+    collective = fixture("results_ps_p2p.json", FIXTURES / "cluster")  # the same bytes, as if by collectives
+    collective.update(comm="collective")
+    r = analyze(tmp_path, setup_dir(tmp_path, names, {"results_ps_collective.json": collective},
+                                    source=FIXTURES / "cluster"))
+    assert r.rc == 0
+    link = r.tables[LINK]
     for name, kind in zip(names, ("baseline_ddp", "all_reduce", "ps")):
         data = json.loads((FIXTURES / "cluster" / name).read_text())
         sent = statistics.mean(e["link"]["sent_bytes_per_step"] for e in data["epochs"])
         received = statistics.mean(e["link"]["received_bytes_per_step"] for e in data["epochs"])
-        # An all-reduce sends and receives at once; a PS pulls, then pushes.
+        # An all-reduce sends and receives at once; the p2p star's server pulls, then pushes.
         seconds = (sent + received if kind == "ps" else max(sent, received)) * 8 / data["network"]["link_rate_bits"]
         label = next(k for k in link if k.startswith({"baseline_ddp": "Baseline", "all_reduce": "Manual",
-                                                      "ps": "Parameter"}[kind]))
+                                                      "ps": "Parameter Server (p2p)"}[kind]))
         assert link[label]["Busiest link sent / received per step (MB)"] == f"{sent / 1e6:.1f} / {received / 1e6:.1f}"
         assert link[label]["Time at link rate (ms)"] == f"{1e3 * seconds:.1f}"
         assert link[label]["Comm overhead / link time"] == f"{data['comm_overhead']['overhead'] / seconds:.2f}x"
-    assert "star: 2 nodes, each on its own 100mbit link" in report and "star: 3 nodes" in report
-    assert "Link bound, Parameter Server (p2p) [3 proc]" in report and "pull, then push" in report
-    assert "measured on the 100mbit links: the busiest node link sent" in report
-    check_plots(out)
+        # The least a method moves: the all-reduce bound 2(M-1)/M x gradients, the star's copies; measured ~1x.
+        assert 0.98 < float(link[label]["Measured / least"].rstrip("x")) < 1.05, link[label]
+    # A collective server may send and receive at once: only the larger direction is a bound, and one copy
+    # per worker is no bound at all.
+    row = link["Parameter Server (collective) [3 proc]"]
+    assert row["Directions counted"] == "both directions at once: the larger"
+    assert "one server: at least 1 x state each way" in row["Least the method moves (MB per direction)"]
+    assert "star: 3 nodes, each on its own 100mbit link" in r.report
+    assert "Link bound, Parameter Server (p2p) [3 proc]" in r.report and "pull, then push" in r.report
+    assert "measured on the 100mbit links: the busiest node link sent" in r.report
+    check_plots(r.out)
 
 
-def test_compression_is_weighed_against_its_plain_variant(tmp_path, capsys):
+def test_compression_is_weighed_against_its_plain_variant(tmp_path):
     names = ("results_baseline_ddp.json", "results_baseline_ddp_fp16.json", "results_all_reduce.json",
              "results_all_reduce_fp16.json")
-    rc, out, _, _, report = analyze(tmp_path, setup_dir(tmp_path, names), capsys)
-    assert rc == 0
-    trade = md_tables(out)["Speed and accuracy"]
+    r = analyze(tmp_path, setup_dir(tmp_path, names))
+    assert r.rc == 0
+    trade = r.tables["Speed and accuracy"]
     fp16 = fixture("results_all_reduce_fp16.json")
     assert trade["Manual All-Reduce (overlap, fp16)"]["Bytes on the wire per step (MB)"] == \
         f"{fp16['wire_bytes_per_step'] / 1e6:.1f}"
     assert fp16["wire_bytes_per_step"] * 2 == fixture("results_all_reduce.json")["wire_bytes_per_step"]
     for label in ("Baseline DDP (fp16) against Baseline DDP", "Manual All-Reduce (overlap, fp16) against Manual "
                   "All-Reduce (overlap)"):
-        line = next(x for x in report.splitlines() if x.startswith(f"- {label}:"))
+        line = r.line(f"{label}:")
         assert "on this link it" in line and "final val accuracy" in line, line
-    check_plots(out, ["speed_vs_accuracy.png"])
+    check_plots(r.out, ["speed_vs_accuracy.png"])
 
 
-def test_bucket_sizes_and_world_sizes_give_their_plots(tmp_path, capsys):
+def test_bucket_sizes_and_world_sizes_give_their_plots(tmp_path):
     extra = {}
     for mb, factor in ((1.0, 0.8), (100.0, 1.1)):
         for name in ("results_baseline_ddp.json", "results_all_reduce.json"):
@@ -199,72 +377,216 @@ def test_bucket_sizes_and_world_sizes_give_their_plots(tmp_path, capsys):
     big.update(world_size=4, trainers=4)
     big["summary"]["avg_train_throughput"] *= 1.8
     extra["results_baseline_ddp_np4.json"] = big
-    rc, out, _, _, report = analyze(tmp_path, setup_dir(tmp_path, DEFAULTS, extra), capsys)
-    assert rc == 0
-    perf = md_tables(out)["Performance comparison"]
+    r = analyze(tmp_path, setup_dir(tmp_path, DEFAULTS, extra))
+    assert r.rc == 0
+    perf = r.tables[PERF]
     assert "Baseline DDP (1 MiB buckets) [2 proc]" in perf and "Manual All-Reduce (overlap, 100 MiB buckets) [2 proc]" in perf
     assert perf["Baseline DDP [4 proc]"]["Relative speedup"] == "1.00x (baseline)"
-    assert "Scaling Baseline DDP (none): " in report and "(90% of linear in trainers)" in report
-    check_plots(out, ["bucket_size.png", "scaling.png"])
+    assert "Scaling Baseline DDP (none): " in r.report and "(90% of linear in trainers)" in r.report
+    check_plots(r.out, ["bucket_size.png", "scaling.png"])
 
 
-def test_malformed_and_partial_files_are_named_and_skipped(tmp_path, capsys):
+def test_malformed_and_partial_files_are_named_and_skipped(tmp_path):
     text = (FIXTURES / "results_ps.json").read_text()
     bad_epoch = fixture("results_all_reduce_ring.json")
     del bad_epoch["epochs"][1]["train_throughput"]
     extra = {"results_ps.json": text[: len(text) // 2], "results_empty.json": "", "results_list.json": "[1, 2]",
              "results_all_reduce.json": {**fixture("results_all_reduce.json"), "epochs": [], "status": "incomplete"},
              "results_all_reduce_ring.json": bad_epoch, "results_alien.json": {"kind": "horovod"}}
-    rc, out, _, stderr, report = analyze(tmp_path, setup_dir(tmp_path, ("results_baseline_ddp.json",), extra), capsys)
-    assert rc == 0
-    lines = stderr.strip().splitlines()
+    r = analyze(tmp_path, setup_dir(tmp_path, ("results_baseline_ddp.json",), extra))
+    assert r.rc == 0
+    lines = r.stderr.strip().splitlines()
     assert len(lines) == 6, lines
     for name, why in (("results_ps.json", "not valid JSON"), ("results_empty.json", "not valid JSON"),
                       ("results_list.json", "not a JSON object"), ("results_all_reduce.json", "no finished epoch"),
                       ("results_all_reduce_ring.json", "epoch 2 lacks valid train_throughput"),
                       ("results_alien.json", "unknown method kind 'horovod'")):
         assert any(line.startswith(f"skipped {name}: ") and why in line for line in lines), (name, lines)
-    assert list(md_tables(out)["Performance comparison"]) == ["Baseline DDP"]
-    assert "Skipped files: " in report
-    check_plots(out)
+        assert re.search(rf"^  - {re.escape(name)}: .*{why}", r.report, re.M), name  # one line each
+    assert list(r.tables[PERF]) == ["Baseline DDP"]
+    assert "Skipped files: 6" in r.report
+    check_plots(r.out)
 
 
-def test_incomplete_run_is_marked_everywhere(tmp_path, capsys):
+def test_every_json_file_is_looked_at_and_judged_by_its_content(tmp_path, monkeypatch):
+    """--output out/sub/my_ddp.json is read whatever its name; a profiler trace, the bench's figures.json and
+    a huge non-results file are named with the reason, and the trace is never parsed in full."""
+    trace = '{\n  "schemaVersion": 1,\n  "traceEvents": [\n' + '{"ph": "X", "dur": 1},\n' * 2000  # cut short
+    huge = '{"rows": [' + "0, " * 5000 + "0]}"
+    r = analyze(tmp_path, setup_dir(tmp_path, (), {
+        "my_ddp.json": fixture("results_baseline_ddp.json"), "trace_my_ddp.json": trace,
+        "figures.json": {"DDP": [{"throughput": 1.0}]}, "dump.json": huge}, folder="out/sub"))
+    assert r.rc == 0 and list(r.tables[PERF]) == ["Baseline DDP"]
+    lines = dict(line.split(": ", 1) for line in r.stderr.strip().splitlines())
+    assert set(lines) == {"skipped trace_my_ddp.json", "skipped figures.json", "skipped dump.json"}
+    assert lines["skipped trace_my_ddp.json"].startswith("a profiler trace")  # not "not valid JSON": not parsed
+    assert lines["skipped figures.json"].startswith("not a results file")
+    for name in ("trace_my_ddp.json", "figures.json", "dump.json"):
+        assert re.search(rf"^  - {re.escape(name)}: ", r.report, re.M), name
+    monkeypatch.setattr(runs, "READ_LIMIT_BYTES", 1000)  # as if dump.json were over the size a results file has
+    assert "not read in full" in runs.peek(tmp_path / "out" / "sub" / "dump.json")
+
+
+def test_incomplete_run_is_marked_everywhere(tmp_path):
     partial = fixture("results_all_reduce.json")
     partial.update(status="incomplete", epochs=partial["epochs"][:1], summary={})
-    rc, out, stdout, _, report = analyze(tmp_path, setup_dir(tmp_path, ("results_baseline_ddp.json",),
-                                                             {"results_all_reduce.json": partial}), capsys)
-    assert rc == 0
-    perf = md_tables(out)["Performance comparison"]
+    r = analyze(tmp_path, setup_dir(tmp_path, ("results_baseline_ddp.json",), {"results_all_reduce.json": partial}))
+    assert r.rc == 0
+    perf = r.tables[PERF]
     label = "Manual All-Reduce (overlap) (incomplete)"
-    assert label in perf and label in stdout
+    assert label in perf and label in r.stdout
     assert perf[label]["Avg throughput (img/s)"] == f"{partial['epochs'][0]['train_throughput']:.1f}"
-    assert "results_all_reduce.json has status 'incomplete' with 1 epoch(s) recorded" in report
-    assert "Throughput at 2 processes" not in report  # an incomplete run is not ranked
-    check_plots(out)
+    assert "results_all_reduce.json has status 'incomplete' with 1 epoch(s) recorded" in r.report
+    assert "Throughput at 2 processes" not in r.report  # an incomplete run is not ranked
+    check_plots(r.out)
 
 
-def test_two_files_of_the_same_seed_are_told_apart_by_name(tmp_path, capsys):
+def test_two_files_of_the_same_seed_are_told_apart_by_name(tmp_path):
     again = fixture("results_ps.json")
     again["summary"]["avg_train_throughput"] = 99.0
-    rc, out, _, _, _ = analyze(tmp_path, setup_dir(tmp_path, extra={"results_ps_again.json": again}), capsys)
-    assert rc == 0
-    perf = md_tables(out)["Performance comparison"]
-    assert perf["Parameter Server (collective) [3 proc] <results_ps_again.json>"]["Avg throughput (img/s)"] == "99.0"
-    assert "Parameter Server (collective) [3 proc] <results_ps.json>" in perf
+    xs, _ = runs.load_folder(setup_dir(tmp_path, extra={"results_ps_again.json": again}))
+    throughput = analysis.tables.performance_table(xs).column("Avg throughput (img/s)")
+    assert throughput["Parameter Server (collective) [3 proc] <results_ps_again.json>"] == "99.0"
+    assert "Parameter Server (collective) [3 proc] <results_ps.json>" in throughput
 
 
-def test_no_results_is_one_line_error(tmp_path):
+def test_a_synthetic_run_stays_out_of_the_accuracy_plot(tmp_path):
+    synthetic = fixture("results_all_reduce.json")
+    synthetic["args"]["synthetic"] = True
+    synthetic["accuracy_note"] = "synthetic data: accuracy is meaningless"
+    xs = runs.group([runs.load_run(p) for p in (FIXTURES / "results_baseline_ddp.json",)]
+                    + [runs.Run(synthetic, Path("results_all_reduce.json"), "all_reduce", "kind")])
+    drawn = analysis.plots.plot_accuracy(xs, analysis.plots.colours(xs), tmp_path / "accuracy_curves.png")
+    assert drawn["left_out"] == ["Manual All-Reduce (overlap)"] and list(drawn["val"]) == ["Baseline DDP"]
+    assert "--synthetic" in drawn["note"]
+    assert analysis.tables.performance_table(xs).column("Best accuracy (%)")["Manual All-Reduce (overlap)"] == \
+        "n/a (synthetic)"
+
+
+def test_no_results_is_one_line_error_naming_what_was_skipped(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "results_broken.json").write_text("{")
+    (empty / "my_ddp.json").write_text(json.dumps({"method": "Baseline DDP (PyTorch)", "world_size": 2}))
     for folder in (empty, tmp_path / "missing"):
         proc = subprocess.run([sys.executable, str(REPO / "analyze_results.py"), "--results-dir", str(folder),
                                "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        if folder == empty:
+            assert "results_broken.json: not valid JSON" in errors[0]
+            assert "my_ddp.json: missing or invalid 'batch_size'" in errors[0]
     assert not (tmp_path / "out" / "plots").exists()
+
+
+def test_the_analysis_does_not_import_torch(tmp_path):
+    """With torch unimportable, the whole analysis runs (on the guide's files mixed with the kit's)."""
+    results = setup_dir(tmp_path, DEFAULTS, {f"guide_{n}": fixture(n, GUIDE) for n in GUIDE_FILES})
+    code = ("import sys; sys.modules['torch'] = None  # any import of torch now fails\n"
+            "import analyze_results, analysis, analysis.plots, analysis.report\n"
+            f"sys.exit(analyze_results.main(['--results-dir', {str(results)!r}, '--out-dir', {str(tmp_path)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Parameter Server (guide file) [4 proc]" in (tmp_path / "performance_report.txt").read_text()
+    check_plots(tmp_path)
+
+
+def test_the_older_names_still_work():
+    """tests/test_cluster.py's calls: analyze_results.load_run(path).overhead() and link_bound(Experiment)."""
+    run = analyze_results.load_run(FIXTURES / "cluster" / "results_all_reduce_bucketed.json")
+    assert run.overhead() == run.data["comm_overhead"]["overhead"]
+    link, seconds, predicted, _ = analyze_results.link_bound(analyze_results.Experiment([run]))
+    assert 0.9 * predicted < max(link) < 1.15 * predicted and seconds == max(link) * 8 / 1e8
+
+
+# --------------------------------------------------------------------------- the guide's own files
+GUIDE_FILES = ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json")
+
+
+@pytest.fixture(scope="module")
+def guide(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guide")
+    return analyze(tmp, setup_dir(tmp, GUIDE_FILES, source=GUIDE))
+
+
+def test_the_guides_own_files_are_analysed(guide):
+    r = guide
+    assert r.rc == 0 and r.stderr == ""
+    perf, comm, own = r.tables[PERF], r.tables[COMM], r.tables[OWN]
+    labels = ["Baseline DDP", "Manual All-Reduce", "Parameter Server"]
+    assert list(perf) == labels
+    ddp, ar, ps = (fixture(n, GUIDE) for n in GUIDE_FILES)
+    for label, data in zip(labels, (ddp, ar, ps)):
+        assert perf[label]["Avg throughput (img/s)"] == f"{data['summary']['avg_train_throughput']:.1f}"
+        assert perf[label]["Avg train time/epoch (s)"] == f"{data['summary']['avg_train_time_per_epoch']:.2f}"
+        assert perf[label]["Seeds (n: values)"] == "1: -"
+        # No yardstick in a guide file: every one of its cells is "-", never a default.
+        assert set(comm[label].values()) == {label, "-"}, comm[label]
+    assert perf["Baseline DDP"]["Best accuracy (%)"] == f"{ddp['summary']['best_val_accuracy']:.2f}"
+    assert perf["Manual All-Reduce"]["Best accuracy (%)"] == "-"  # the guide's all-reduce file has no val_*
+    assert perf["Manual All-Reduce"]["Relative speedup"] == \
+        f"{ar['summary']['avg_train_throughput'] / ddp['summary']['avg_train_throughput']:.2f}x"
+    assert perf["Parameter Server"]["Trainers x batch"] == "3 x 64 (+1 server)"  # num_workers
+    # The scripts' own timers are shown as theirs.
+    assert own["Parameter Server"]["Param pull (ms)"] == f"{1e3 * ps['summary']['avg_comm_time_pull']:.1f}"
+    assert own["Parameter Server"]["Grad push (ms)"] == f"{1e3 * ps['summary']['avg_comm_time_push']:.1f}"
+    assert own["Manual All-Reduce"]["All-Reduce wait (ms)"] == \
+        f"{1e3 * statistics.mean(e['avg_comm_time'] for e in ar['epochs']):.1f}"
+    # The report says what these files lack, once per file, and that the yardstick needs the kit's scripts.
+    assert "only the kit's scripts measure it" in r.report
+    missing = r.report.split("Not measured by these runs")[1]
+    for name in GUIDE_FILES:
+        assert missing.count(name) == 1, name
+    line = next(x for x in missing.splitlines() if "results_all_reduce.json" in x)
+    assert "validation accuracy" in line and "seed" in line and "communication overhead" in line
+    assert "no status and no end_time: counted complete" in line
+    assert "end_time set: counted complete" in missing
+    assert "Throughput at 4 processes: Baseline DDP has the highest" in r.report
+    # The guide's five plots: the per-epoch (all-reduce) and top-level (DDP, PS) losses are all drawn.
+    check_plots(r.out)
+    curves = r.plots["loss_curves.png"]["curves"]
+    assert {k: v["steps"] for k, v in curves.items()} == {label: 30 for label in labels}
+    assert list(r.plots["accuracy_curves.png"]["val"]) == ["Baseline DDP", "Parameter Server"]
+    assert r.plots["communication_overhead.png"]["Parameter Server"] == {
+        "own_timer": pytest.approx(ps["summary"]["avg_comm_time_pull"] + ps["summary"]["avg_comm_time_push"])}
+    assert "overhead not measured" in r.plots["time_breakdown.png"]["Baseline DDP"]["text"]
+
+
+def test_guide_files_mixed_with_the_kits(tmp_path):
+    r = Text(setup_dir(tmp_path, DEFAULTS, {f"guide_{n}": fixture(n, GUIDE) for n in GUIDE_FILES}))
+    perf, comm = r.tables[PERF], r.tables[COMM]
+    assert list(perf) == ["Baseline DDP [2 proc]", "Baseline DDP (guide file) [4 proc]",
+                          "Manual All-Reduce (overlap) [2 proc]", "Manual All-Reduce (guide file) [4 proc]",
+                          "Parameter Server (collective) [3 proc]", "Parameter Server (guide file) [4 proc]"]
+    assert comm["Baseline DDP [2 proc]"]["Comm overhead (ms/step)"] == \
+        f"{1e3 * fixture(DEFAULTS[0])['comm_overhead']['overhead']:.1f}"
+    assert comm["Parameter Server (guide file) [4 proc]"]["Comm overhead (ms/step)"] == "-"
+    assert perf["Manual All-Reduce (guide file) [4 proc]"]["Relative speedup"] == \
+        f"{495.6 / 510.2:.2f}x"  # against the guide's DDP of its own world size
+    assert "PS (Parameter Server (guide file) [4 proc]): one server and 3 workers" in r.report
+
+
+@pytest.mark.parametrize("data, name, kind", [
+    ({"kind": "ps", "method": "Baseline DDP (PyTorch)"}, "x.json", "ps"),  # the kind field first
+    ({"method": "Baseline DDP (PyTorch)"}, "x.json", "baseline_ddp"),
+    ({"method": "baseline ddp"}, "x.json", "baseline_ddp"),
+    ({"method": "Manual AllReduce (ring)"}, "x.json", "all_reduce"),
+    ({"method": "Manual All-Reduce"}, "x.json", "all_reduce"),
+    ({"method": "Parameter Server (PS)"}, "x.json", "ps"),
+    ({"method": "PS, sharded"}, "x.json", "ps"),
+    ({"method": "parameter-server"}, "x.json", "ps"),
+    ({}, "results_all_reduce_ring.json", "all_reduce"),  # else the file name
+    ({"method": "something else"}, "results_baseline_ddp_seed3.json", "baseline_ddp"),
+])
+def test_the_method_comes_from_kind_then_method_then_file_name(data, name, kind):
+    assert runs.method_of(data, name)[0] == kind
+
+
+def test_an_unknown_method_is_refused():
+    for data, name in (({"kind": "horovod"}, "results_ps.json"), ({"method": "Horovod"}, "x.json")):
+        with pytest.raises(ValueError, match="unknown method"):
+            runs.method_of(data, name)
 
 
 GUIDE_FIELDS = {  # the guide's example files: top level, per epoch, summary
@@ -290,3 +612,13 @@ def test_fixtures_are_real_runs_with_every_guide_field(name):
     assert set(top) <= set(data) and set(summary) <= set(data["summary"])
     assert all(set(epoch) <= set(e) for e in data["epochs"])
     assert data["status"] == "complete" and data["comm_overhead"]["pairs"] == 2
+
+
+@pytest.mark.parametrize("name", GUIDE_FILES)
+def test_the_guide_fixtures_have_the_guides_fields_and_none_of_the_kits(name):
+    data = fixture(name, GUIDE)
+    kind = runs.method_of(data, "x.json")[0]
+    top, epoch, summary = GUIDE_FIELDS[kind]
+    assert set(top) <= set(data) and set(summary) <= set(data["summary"])
+    assert all(set(epoch) <= set(e) for e in data["epochs"])
+    assert not {"kind", "seed", "trainers", "status", "comm_overhead", "args"} & set(data)

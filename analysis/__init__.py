@@ -1,0 +1,20 @@
+"""The analysis of the kit's (and the guide's) results files, one module per concern:
+
+    runs      loading: which JSON files are results (kit or guide shape), Run and Experiment, grouping by seed
+    stats     Estimate (mean, spread over seeds), Verdict and compare(a, b, noise): the one noise rule
+    verdicts  the judgements the tables and the report share (throughput, overhead, hidden share, accuracy)
+    curves    loss curves, smoothing, the seed-to-seed noise floor
+    links     bytes through the busiest link against the link rate, and the bounds the methods cannot beat
+    tables    Table (title, columns, rows of named cells, note) and its text and markdown renderers
+    plots     the plots; each returns the numbers it drew
+    report    the report's prose, from verdicts
+    cli       main(): what analyze_results.py runs
+
+Nothing here imports torch: the mode lists come from modes.py.
+"""
+from .cli import Analysis, analyze, main
+from .runs import Experiment, Run, Skipped, load_folder, load_run
+from .stats import Estimate, Verdict, compare
+
+__all__ = ["Analysis", "analyze", "main", "Experiment", "Run", "Skipped", "load_folder", "load_run", "Estimate",
+           "Verdict", "compare"]

@@ -1,0 +1,365 @@
+"""The report's prose: every sentence is built from a figure and, where it judges a difference, from the same
+Verdict (analysis.verdicts) as the table cell that shows it, so the tables and the text tell one story."""
+import time
+
+from . import curves, verdicts
+from .links import link_figures
+from .runs import KINDS, baseline_for, plain_variant, scaling_groups, twin_ddp
+from .stats import compare, ms
+from .tables import render_text, speedup_lines
+
+WHY_RANKINGS_DIFFER = (
+    "The two measure different things: the overhead is one fixed batch before epoch 1, the method's step against "
+    "the same step without communication (the median of a few pairs); the throughput covers every timed step of "
+    "the epochs, with data loading, the overlap of communication with compute as it happens in training, and "
+    "whatever else runs alongside, so a method can lose more per step on the yardstick and still train faster")
+
+
+# --------------------------------------------------------------------------- the run context
+def context_lines(xs):
+    """The run context; a field that differs between runs is listed per experiment and flagged. "-": not
+    recorded (a guide-format file records none of it)."""
+    def network(d):
+        n = d.get("network")
+        if "network" not in d:
+            return None
+        return "loopback / not declared" if not n else \
+            f"{n.get('topology') or 'declared link'} ({n.get('link_rate')}, {n.get('procs_per_node')} process(es) per node)"
+
+    def lr(d):
+        args = d.get("args")
+        return None if not isinstance(args, dict) or "lr" not in args else \
+            "{lr} {lr_scheduler}, warm-up {lr_warmup_epochs} epochs".format(
+                **{"lr_scheduler": "constant", "lr_warmup_epochs": 0, **args})
+
+    fields = [("dataset", lambda d: "{name} ({train_size} train / {val_size} val images, {num_classes} classes)"
+               .format(**d["dataset"]) if isinstance(d.get("dataset"), dict) else None),
+              ("model", lambda d: d.get("arch")), ("image size (px)", lambda d: d.get("image_size")),
+              ("device", lambda d: d.get("device")), ("backend", lambda d: d.get("backend")),
+              ("network", network), ("world size (processes)", lambda d: d.get("world_size")),
+              ("batch size per trainer", lambda d: d.get("batch_size")), ("epochs", lambda d: len(d["epochs"])),
+              ("learning rate", lr), ("torch", lambda d: d.get("torch_version")), ("host", lambda d: d.get("host"))]
+    lines, warn, unrecorded = [], [], []
+    for name, get in fields:
+        values = {x.label: get(x.first.data) for x in xs}
+        shown = lambda v: "-" if v is None else v  # noqa: E731
+        if all(v is None for v in values.values()):
+            unrecorded.append(name)
+        elif len({str(v) for v in values.values()}) == 1:
+            lines.append(f"  {name}: {shown(next(iter(values.values())))}")
+        else:
+            lines.append(f"  {name}: " + "; ".join(f"{k}: {shown(v)}" for k, v in values.items()))
+            known = {str(v) for v in values.values() if v is not None}
+            if len(known) > 1 and name in ("dataset", "model", "image size (px)", "device", "backend", "network",
+                                           "batch size per trainer", "learning rate"):
+                warn.append(name)
+    lines.append("  seeds: " + "; ".join(f"{x.label}: {', '.join('-' if s is None else str(s) for s in x.seeds)}"
+                                         for x in xs))
+    if unrecorded:
+        lines.append(f"  not recorded in the files: {', '.join(unrecorded)}")
+    if warn:
+        lines.append(f"  warning: runs differ in {', '.join(warn)}: compare them with care")
+    return lines
+
+
+# --------------------------------------------------------------------------- speed
+def throughput_lines(xs):
+    """The speed ranking at each world size (complete runs only), each gap judged against the runs' noise."""
+    out = []
+    for ws in sorted({x.world_size for x in xs}):
+        same = sorted([x for x in xs if x.world_size == ws and x.complete], key=lambda x: -x.mean("throughput"))
+        if len(same) < 2:
+            continue
+        best = same[0]
+        judged = [(x, verdicts.compare_throughput(best, x)) for x in same[1:]]
+        noiseless = all(v.beyond is None for _, v in judged)
+        parts = [f"{v.ratio:.2f}x {x.label} ({x.mean('throughput'):.1f})" + ("" if noiseless else f" ({v.words})")
+                 for x, v in judged]
+        text = (f"- Throughput at {ws} processes: {best.label} has the highest, {best.mean('throughput'):.1f} "
+                "img/s; that is " + ", ".join(parts))
+        if noiseless:
+            text += (". None of these runs has a noise measure for its throughput (one seed each, and no "
+                     "step_time_stdev in the files), so the ranking is not judged against noise")
+        elif judged[0][1].within:
+            text += f"; its lead over {judged[0][0].label} is within noise: no measurable ranking between the two"
+        out.append(text + ".")
+    return out
+
+
+def ranking_lines(xs):
+    """Where the fastest method (by throughput, not within noise of the other) has the larger communication
+    overhead, beyond the pairs' spread, and why that can happen."""
+    out = []
+    for ws in sorted({x.world_size for x in xs}):
+        same = [x for x in xs if x.world_size == ws and x.complete and x.mean("yardstick.overhead") is not None]
+        if len(same) < 2:
+            continue
+        best = max(same, key=lambda x: x.mean("throughput"))
+        parts = []
+        for x in same:
+            t, v = verdicts.compare_throughput(best, x), verdicts.compare_overhead(best, x)
+            if x is not best and not t.within and v.beyond and v.diff > 0:
+                parts.append(f"{x.label} ({t.ratio:.2f}x its throughput, {t.words}; overhead {ms(v.a)} against "
+                             f"{ms(v.b)}, {v.words})")
+        if parts:
+            out.append(f"- Rankings disagree at {ws} processes: {best.label} has the highest throughput, yet a larger "
+                       f"communication overhead than " + "; ".join(parts) + f". {WHY_RANKINGS_DIFFER}.")
+    return out
+
+
+# --------------------------------------------------------------------------- communication
+def overhead_lines(xs):
+    """Each experiment's yardstick, then each against the DDP of its world size, judged against the pairs'
+    spread."""
+    out = []
+    for x in xs:
+        overhead = x.stat("yardstick.overhead")
+        if overhead is None:
+            continue
+        lo, hi = verdicts.overhead_range(x)
+        step, share = x.stat("yardstick.step_time"), x.stat("yardstick.share")
+        text = (f"- {x.label}: communication overhead {ms(overhead.mean)} per step"
+                + (f" (± {ms(overhead.sd)} over seeds)" if overhead.sd is not None else "")
+                + f" (min {ms(lo)}, max {ms(hi)} over {x.first.yardstick.pairs} pairs) = {share.text(1, 100)}% of "
+                f"its {ms(step.mean)} step on the yardstick's fixed batch (the epochs' measured step: "
+                f"{ms(x.mean('batch_time'))})")
+        if verdicts.overhead_near_zero(x):
+            text += "; within noise of zero"
+        if x.stat("scaling_efficiency") is not None:
+            text += f"; scaling efficiency {x.stat('scaling_efficiency').text(1, 100)}%"
+        hidden = verdicts.hidden(x)
+        if hidden:
+            text += f"; {hidden.words}"
+        traced = x.first.profile
+        if traced:
+            text += (f"; its profiler trace ({traced['steps']} steps, {traced['comm_source']}) shows "
+                     f"{100 * traced['overlap_share']:.0f}% of {ms(traced['comm_time'])} of communication "
+                     "overlapping compute")
+        out.append(text + ".")
+    for x in xs:
+        ref = baseline_for(x, xs)
+        if ref is None or ref is x or x.mean("yardstick.overhead") is None or ref.mean("yardstick.overhead") is None:
+            continue
+        v = verdicts.compare_overhead(x, ref)
+        if v.within:
+            out.append(f"- {x.label} vs {ref.label}: overheads {ms(v.a)} and {ms(v.b)} are within noise (the "
+                       f"difference, {ms(abs(v.diff))}, is {v.words}).")
+        else:
+            out.append(f"- {x.label} vs {ref.label}: overhead {ms(v.a)} against {ms(v.b)}"
+                       + (f" ({v.ratio:.2f}x" if v.ratio else " (") + f"; {v.words}).")
+    guide = [x for x in xs if x.guide_format]
+    if guide:
+        out.append("- Communication overhead (the yardstick: a training step minus the same step without "
+                   "communication, on a fixed batch before epoch 1) is not in " + ", ".join(
+                       r.path.name for x in guide for r in x.runs) + ": only the kit's scripts measure it "
+                   "(run them for a comparison on one footing). The communication times shown for these files are "
+                   "their scripts' own timers (table 'Communication as each script timed it'), which time different "
+                   "things in each method.")
+    return out
+
+
+def convergence_lines(xs):
+    """Each experiment's loss curve against the DDP doing the same math, judged against the seed-to-seed
+    spread (the noise floor); with one seed the verdict has no floor and says so."""
+    out = []
+    for x in xs:
+        ref = twin_ddp(x, xs) or baseline_for(x, xs)
+        if ref is None or ref is x or any(r.losses is None for r in x.runs + ref.runs):
+            continue
+        grid = curves.common_grid(x, ref)
+        if grid is None:
+            continue
+        diff = curves.mean_gap(grid, x, ref)
+        floors = [f for f in (curves.seed_floor(x, grid), curves.seed_floor(ref, grid)) if f is not None]
+        v = compare(diff, 0.0, max(floors) if floors else None, "the seed-to-seed spread")
+        text = f"- Loss curves: {x.label} vs {ref.label}: the (mean) smoothed curves differ by {diff:.4f} on average"
+        same_math = (x.trainers == ref.trainers and x.batch_size == ref.batch_size and not x.compressed
+                     and not x.asynchronous)
+        if v.within:
+            text += f", within the seed-to-seed spread of {v.noise:.4f} (the noise floor): they agree"
+        elif v.beyond and x.kind == "all_reduce" and same_math:
+            text += (f", {diff / v.noise:.1f}x the seed-to-seed spread of {v.noise:.4f}: RED FLAG, the manual "
+                     "all-reduce is the same math as DDP (its tests prove it), so check the run or the method")
+        elif v.beyond:
+            text += f", {diff / v.noise:.1f}x the seed-to-seed spread of {v.noise:.4f}: beyond the noise floor"
+        else:
+            agree, n = curves.steps_matching(x.first, ref.first)
+            if agree:
+                text += f"; step by step the losses match for the first {agree} of {n} steps" + (
+                    " (the same math)" if same_math else "")
+            text += ("; one seed each, so there is no noise floor to judge the rest against (run_all.sh "
+                     "--seeds \"0 1 2\" gives one)")
+        if x.trainers != ref.trainers or x.batch_size != ref.batch_size:
+            text += " (it trains on a different global batch and data split)"
+        if x.mean("best_val_accuracy") is not None and ref.mean("best_val_accuracy") is not None \
+                and not x.synthetic and not ref.synthetic:
+            text += (f"; best val accuracy {x.stat('best_val_accuracy').text()}% vs "
+                     f"{ref.stat('best_val_accuracy').text()}%")
+        out.append(text + ".")
+    return out
+
+
+def ps_lines(xs):
+    """The single server's bottleneck, argued from the mode and the measurements."""
+    out = []
+    for x in [x for x in xs if x.kind == "ps"]:
+        w, model_mb = x.trainers, (x.state_bytes or 0) / 1e6
+        if not x.single_server:
+            text = (f"- Sharded PS ({x.label}): every rank serves 1/{x.world_size} of the parameters, so each link "
+                    f"carries about 2(N-1)/N of the {model_mb:.0f} MB model per step, as a ring all-reduce does")
+        elif x.comm == "p2p":
+            text = (f"- PS bottleneck ({x.label}): a star: every step the server sends the whole {model_mb:.0f} MB "
+                    f"state to each of its {w} workers and receives each one's gradients, tensor by tensor, so its "
+                    f"link carries {2 * w} model copies per step, while a ring all-reduce rank moves 2(N-1)/N (under 2)")
+        elif x.comm is None:
+            text = (f"- PS ({x.label}): one server and {w} workers; how the file's script moves the parameters is "
+                    "not recorded in it")
+        else:
+            text = (f"- PS exchange ({x.label}): packed buckets, dist.broadcast from the server and dist.reduce to "
+                    "it; how many bytes cross the server's link is the backend's choice, not necessarily one copy per "
+                    "worker")
+        link = link_figures(x)
+        if link and model_mb:
+            text += (f"; measured on the {link.rate} links: the busiest node link sent {link.sent / 1e6:.1f} MB and "
+                     f"received {link.received / 1e6:.1f} MB per step ({link.busiest / 1e6 / model_mb:.2f}x the "
+                     f"model), {ms(link.link_time)} at the link rate")
+        elif x.comm not in ("p2p", None):
+            text += "; not measured here (no declared link: run it on emulate_cluster.sh to count the bytes)"
+        if x.mean("comm_pull") is not None and x.mean("comm_push") is not None:
+            text += (f"; workers wait {ms(x.mean('comm_pull'))} to pull and {ms(x.mean('comm_push'))} to push per "
+                     "step (the script's own timers)")
+        if x.mean("server_update") is not None and not x.asynchronous:
+            text += f", and {ms(x.mean('server_update'))} per step for the server to aggregate and update while every worker waits"
+        out.append(text + ".")
+    for x in [x for x in xs if x.kind == "ps" and x.comm not in ("p2p", None)]:
+        p2p = next((p for p in xs if p.kind == "ps" and p.variant == "p2p" and p.world_size == x.world_size), None)
+        if p2p is None or x.mean("yardstick.overhead") is None or p2p.mean("yardstick.overhead") is None:
+            continue
+        v = verdicts.compare_overhead(x, p2p)
+        out.append(f"- PS at {x.world_size} processes: {x.variant} communication overhead is {v.ratio:.2f}x the "
+                   f"guide's per-tensor p2p ({ms(v.a)} vs {ms(v.b)}; {v.words}).")
+    return out
+
+
+def link_lines(xs):
+    out = []
+    for x in xs:
+        link, overhead = link_figures(x), x.mean("yardstick.overhead")
+        if link is None or overhead is None:
+            continue
+        text = (f"- Link bound, {x.label}: the busiest link carried {link.sent / 1e6:.1f} MB out and "
+                f"{link.received / 1e6:.1f} MB in per step, {ms(link.link_time)} at {link.rate} "
+                f"({link.link_time_how}), the least time those bytes take; the measured overhead, {ms(overhead)}, is "
+                f"{overhead / link.link_time:.2f}x that bound")
+        if overhead < link.link_time:
+            text += " (below it: part of the exchange runs during compute)"
+        if link.bound_bytes:
+            text += (f"; the method cannot move less than {link.bound_bytes / 1e6:.1f} MB per direction there "
+                     f"({link.bound_how}): measured {link.busiest / link.bound_bytes:.2f}x that")
+        out.append(text + ".")
+    return out
+
+
+def tradeoff_lines(xs):
+    """Did compression or asynchrony pay off on this link: speed and accuracy against the plain variant."""
+    out = []
+    for x in xs:
+        p = plain_variant(x, xs)
+        if p is None:
+            continue
+        speed = verdicts.compare_throughput(x, p)
+        text = f"- {x.label} against {p.label}: {speed.ratio:.2f}x the throughput ({speed.words})"
+        if x.mean("yardstick.overhead") is not None and p.mean("yardstick.overhead"):
+            ov = verdicts.compare_overhead(x, p)
+            text += f", communication overhead {ms(ov.a)} vs {ms(ov.b)} ({100 * (ov.ratio - 1):+.0f}%, {ov.words})"
+            if speed.beyond is None:  # no noise measure for the throughput: the yardstick judges the speed
+                speed = compare(-ov.a, -ov.b, ov.noise, ov.measure)
+        if x.asynchronous:
+            text += (f", staleness {x.mean('staleness_mean'):.2f} updates on average "
+                     f"(max {x.mean('staleness_max'):.0f})")
+        accuracy = None
+        if not x.synthetic and x.mean("final_val_accuracy") is not None and p.mean("final_val_accuracy") is not None:
+            accuracy = verdicts.compare_accuracy(x, p)
+            text += (f"; final val accuracy {accuracy.a:.2f}% vs {accuracy.b:.2f}% (" +
+                     (accuracy.words if accuracy.beyond is not None else "one seed: no noise floor") + ")")
+        elif x.mean("final_train_loss") is not None and p.mean("final_train_loss") is not None:
+            text += f"; final train loss {x.mean('final_train_loss'):.4f} vs {p.mean('final_train_loss'):.4f}"
+        if speed.beyond is None:
+            verdict = "has no noise measure to be judged by"
+        elif not speed.beyond:
+            verdict = "made no difference beyond noise"
+        elif speed.diff < 0:
+            verdict = "did not pay off"
+        elif accuracy is not None and accuracy.beyond and accuracy.diff < 0:
+            verdict = "bought speed at an accuracy cost"
+        else:
+            verdict = "paid off" + ("" if accuracy is None or accuracy.beyond is not None
+                                    else " in speed (its accuracy cost is not judged: one seed)")
+        out.append(text + f": on this link it {verdict}.")
+    return out
+
+
+def scaling_lines(xs):
+    out = []
+    for (kind, variant), group in scaling_groups(xs).items():
+        a, b = group[0], group[-1]
+        ta, tb = a.mean("throughput"), b.mean("throughput")
+        eff = tb / (ta * b.trainers / a.trainers)
+        out.append(f"- Scaling {KINDS[kind][0]} ({variant or 'guide file'}): {ta:.1f} img/s at {a.world_size} "
+                   f"processes -> {tb:.1f} at {b.world_size} ({100 * eff:.0f}% of linear in trainers).")
+    return out
+
+
+def note_lines(xs):
+    out = []
+    if any(x.kind == "ps" and x.trainers < x.world_size for x in xs):
+        out.append("- Note: a single-server PS trains on world_size - 1 processes, so its global batch is "
+                   "num_workers x batch (see Trainers x batch): compare its curves with the DDP of as many trainers.")
+    for x in xs:
+        for r in x.runs:
+            if not r.complete:
+                out.append(f"- {x.label}: {r.path.name} has status {r.status!r} with {len(r.epochs)} "
+                           "epoch(s) recorded; its numbers cover only those epochs.")
+    return out
+
+
+def analysis(xs):
+    """Observations computed from the numbers; nothing here is asserted without a figure behind it."""
+    return (throughput_lines(xs) + ranking_lines(xs) + overhead_lines(xs) + convergence_lines(xs) + ps_lines(xs)
+            + link_lines(xs) + tradeoff_lines(xs) + scaling_lines(xs) + note_lines(xs))
+
+
+def not_measured_lines(xs):
+    """Each set of figures some runs lack, named once, with the files that lack it."""
+    groups = {}
+    for x in xs:
+        for r in x.runs:
+            missing = r.not_measured() + ([f"status ({r.completion_note})"] if r.completion_note else [])
+            if missing:
+                groups.setdefault(tuple(missing), []).append(r.path.name + (" (guide format)" if r.guide_format
+                                                                            else ""))
+    return [f"- {', '.join(files)}: {', '.join(missing)}" for missing, files in groups.items()]
+
+
+# --------------------------------------------------------------------------- the whole report
+def tables_text(tables):
+    """The tables as the terminal shows them, then the guide's speedup list."""
+    return "\n\n".join(render_text(t) for t in tables) + \
+        "\n\nSpeedup relative to Baseline DDP (same world size)\n" + "\n".join(speedup_lines(tables[0]))
+
+
+def build_report(xs, skipped, tables, plots):
+    """performance_report.txt's text."""
+    missing = not_measured_lines(xs)
+    lines = [f"Distributed training performance report ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
+             "Run context", *context_lines(xs),
+             "  files: " + ", ".join(r.path.name for x in xs for r in x.runs), ""]
+    if skipped:
+        lines += [f"Skipped files: {len(skipped)} JSON file(s) in the folder are not usable results, one line each",
+                  *(f"  - {s}" for s in skipped), ""]
+    lines += [tables_text(tables), "", "Analysis (computed from the numbers above)", *analysis(xs), ""]
+    if missing:
+        lines += ["Not measured by these runs (shown as - in the tables; never filled in from a default)", *missing,
+                  ""]
+    lines.append("Plots: " + ", ".join(f"plots/{name}" for name in sorted(plots)))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,182 @@
+"""The tables: each a Table (title, columns, rows of named cells, a note), built from a dict of column header ->
+the cell of one experiment, so a new column is one line; rendered as text for the terminal and the report, and
+as markdown for report_tables.md. A figure a run does not record is "-"."""
+import dataclasses
+
+from . import verdicts
+from .links import link_figures
+from .runs import baseline_for, twin_ddp
+from .stats import number
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    columns: list
+    rows: list  # one dict per row: column header -> cell text
+    note: str = ""
+
+    def column(self, header):
+        """{row label (the first column): cell} of one column."""
+        return {row[self.columns[0]]: row[header] for row in self.rows}
+
+
+def make_table(title, experiments, cells, note=""):
+    """A Table with one row per experiment: cells is {header: function(experiment) -> cell text}."""
+    return Table(title, list(cells), [{h: get(x) for h, get in cells.items()} for x in experiments], note)
+
+
+def cell(x, figure, digits=2, scale=1.0):
+    """The experiment's figure over its seeds ("mean ± sd"), or "-" when its runs do not record it."""
+    est = x.stat(figure)
+    return "-" if est is None else est.text(digits, scale)
+
+
+# --------------------------------------------------------------------------- the tables
+def speedup(x, experiments):
+    """Throughput against the DDP run of the same world size (or, for a PS without one, DDP on as many
+    trainers)."""
+    base, twin = baseline_for(x, experiments), twin_ddp(x, experiments)
+    if base is x:
+        return "1.00x (baseline)"
+    if base is not None:
+        return f"{x.mean('throughput') / base.mean('throughput'):.2f}x"
+    if twin is not None:  # e.g. a PS on N+1 processes against DDP on its N trainers
+        return f"{x.mean('throughput') / twin.mean('throughput'):.2f}x (vs DDP on {twin.world_size})"
+    return "n/a (no DDP run)"
+
+
+def seeds_cell(x):
+    """How many seeds, then which: "1: 0", "3: 0, 1, 2"; "1: -" when a file records none."""
+    return f"{len(x.runs)}: " + ", ".join("-" if s is None else str(s) for s in x.seeds)
+
+
+def performance_table(xs):
+    return make_table("Performance comparison", xs, {
+        "Method": lambda x: x.label,
+        "Avg throughput (img/s)": lambda x: cell(x, "throughput", 1),
+        "Avg train time/epoch (s)": lambda x: cell(x, "time_per_epoch"),
+        "Best accuracy (%)": lambda x: "n/a (synthetic)" if x.synthetic else cell(x, "best_val_accuracy"),
+        "Relative speedup": lambda x: speedup(x, xs),
+        "Trainers x batch": lambda x: f"{x.trainers} x {x.batch_size}" + (
+            " (+1 server)" if x.trainers < x.world_size else ""),
+        "Seeds (n: values)": seeds_cell,
+    }, "Speedup: throughput against the Baseline DDP run of the same world size (a PS without one: against DDP on "
+       "as many trainers); whether a difference is beyond noise is judged in the analysis below. ± is the spread "
+       "(standard deviation) over seeds.")
+
+
+YARDSTICK_NOTE = (
+    "Comm overhead: the method's training step minus the same step with no communication at all, measured the same "
+    "way for every method in pairs before epoch 1 (median; min-max over the pairs beside it); share = overhead / "
+    "step; scaling efficiency = throughput / (trainers x the no-communication throughput of one); hidden = 1 - "
+    "overhead / the same buckets synchronized blocking after backward, both measured in the run, shown only when "
+    "the two differ beyond the pairs' spread. Only the kit's scripts measure it: a guide-format file (or a run with "
+    "--overhead-pairs 0, or resumed) shows -.")
+
+
+def yardstick_table(xs):
+    def spread(x):
+        r = verdicts.overhead_range(x)
+        return "-" if r is None else f"{1e3 * r[0]:.1f} to {1e3 * r[1]:.1f}"
+
+    def hidden(x):
+        h = verdicts.hidden(x) if x.stat("yardstick.overhead") else None
+        return "-" if h is None else h.cell
+
+    return make_table("Communication per training step", xs, {
+        "Method": lambda x: x.label,
+        "Comm overhead (ms/step)": lambda x: cell(x, "yardstick.overhead", 1, 1e3),
+        "Spread min-max (ms)": spread,
+        "Share of step (%)": lambda x: cell(x, "yardstick.share", 1, 100),
+        "Scaling efficiency (%)": lambda x: cell(x, "scaling_efficiency", 1, 100),
+        "Hidden behind backward (%)": hidden,
+    }, YARDSTICK_NOTE)
+
+
+OWN_TIMERS_NOTE = (
+    "Each script's own timers (the guide's avg_comm_time, avg_comm_time_pull, avg_comm_time_push): the PS workers' "
+    "pull and push waits (means over workers), the all-reduce's wait after backward, the single server's update. "
+    "They time different things in each method and are not the yardstick above; DDP's all-reduce runs inside "
+    "backward and has no wait of its own to time.")
+
+
+def own_timers_table(xs):
+    return make_table("Communication as each script timed it", xs, {
+        "Method": lambda x: x.label,
+        "Param pull (ms)": lambda x: cell(x, "comm_pull", 1, 1e3),
+        "Grad push (ms)": lambda x: cell(x, "comm_push", 1, 1e3),
+        "All-Reduce wait (ms)": lambda x: cell(x, "comm_wait", 1, 1e3),
+        "Total comm (ms)": lambda x: "(implicit, inside backward)" if x.kind == "baseline_ddp" else
+        cell(x, "comm_total", 1, 1e3),
+        "Server update (ms)": lambda x: cell(x, "server_update", 1, 1e3),
+    }, OWN_TIMERS_NOTE)
+
+
+def link_table(xs):
+    figures = {x.label: link_figures(x) for x in xs}
+    f = lambda x: figures[x.label]  # noqa: E731
+    overhead = lambda x: x.mean("yardstick.overhead")  # noqa: E731
+    return make_table("Communication against the link", [x for x in xs if f(x)], {
+        "Method": lambda x: x.label,
+        "Link": lambda x: f(x).rate,
+        "Busiest link sent / received per step (MB)": lambda x: f"{f(x).sent / 1e6:.1f} / {f(x).received / 1e6:.1f}",
+        "Time at link rate (ms)": lambda x: f"{1e3 * f(x).link_time:.1f}",
+        "Directions counted": lambda x: f(x).link_time_how,
+        "Comm overhead / link time": lambda x: "-" if overhead(x) is None else f"{overhead(x) / f(x).link_time:.2f}x",
+        "Least the method moves (MB per direction)": lambda x: (
+            f"{f(x).bound_bytes / 1e6:.1f} ({f(x).bound_how})" if f(x).bound_bytes else f(x).bound_how),
+        "Measured / least": lambda x: f"{f(x).busiest / f(x).bound_bytes:.2f}x" if f(x).bound_bytes else "-",
+    }, "Time at link rate: the measured bytes at the declared rate, a lower bound on the time they take (a link "
+       "carries both directions at once, so the larger counts; the p2p star's server sends, then receives, so "
+       "there the two add up). The overhead can be below it only where communication runs during compute. Least "
+       "the method moves: the bytes no implementation of the method can go below on the busiest link "
+       "(analysis/links.py says why each is a bound).")
+
+
+def tradeoff_table(xs):
+    return make_table("Speed and accuracy", xs, {
+        "Method": lambda x: x.label,
+        "Bytes on the wire per step (MB)": lambda x: number(x.wire_bytes, 1, 1e-6),
+        "Avg throughput (img/s)": lambda x: cell(x, "throughput", 1),
+        "Final train loss": lambda x: cell(x, "final_train_loss", 4),
+        "Final val accuracy (%)": lambda x: "n/a (synthetic)" if x.synthetic else cell(x, "final_val_accuracy"),
+        "Staleness mean / max (updates)": lambda x: "-" if not x.asynchronous else
+        f"{x.mean('staleness_mean'):.2f} / {x.mean('staleness_max'):.0f}",
+    })
+
+
+def has_tradeoffs(xs):
+    return any(x.compressed or x.asynchronous for x in xs)
+
+
+def build_tables(xs):
+    """Every table the analysis shows, in order (the link table only with measured link bytes)."""
+    tables = [performance_table(xs), yardstick_table(xs), own_timers_table(xs)]
+    if any(link_figures(x) for x in xs):
+        tables.append(link_table(xs))
+    if has_tradeoffs(xs):
+        tables.append(tradeoff_table(xs))
+    return tables
+
+
+# --------------------------------------------------------------------------- rendering
+def render_text(table):
+    widths = [max(len(c) for c in col) for col in zip(table.columns, *([r[h] for h in table.columns]
+                                                                        for r in table.rows))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    body = [line(table.columns), "  ".join("-" * w for w in widths),
+            *(line([r[h] for h in table.columns]) for r in table.rows)]
+    return "\n".join([table.title, *body] + ([table.note] if table.note else []))
+
+
+def render_markdown(table):
+    body = ["| " + " | ".join(table.columns) + " |", "|" + "|".join(["---"] * len(table.columns)) + "|",
+            *("| " + " | ".join(r[h] for h in table.columns) + " |" for r in table.rows)]
+    return "\n".join([f"### {table.title}", "", *body] + (["", table.note] if table.note else []))
+
+
+def speedup_lines(performance):
+    """The guide's "speedup relative to Baseline DDP", read from the performance table by column name."""
+    return [f"  {label}: {value}" for label, value in performance.column("Relative speedup").items()]

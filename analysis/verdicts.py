@@ -1,0 +1,98 @@
+"""The judgements the tables and the report share: each is computed once here, from stats.compare, so a table
+cell and the sentence about the same figure show the same number with the same verdict."""
+import dataclasses
+
+from .stats import compare, ms, number, two_sigma
+
+
+# --------------------------------------------------------------------------- throughput
+def throughput_noise(x):
+    """(standard deviation-like noise of the experiment's throughput, its source) or (None, None): the spread
+    over seeds with two or more; else the standard error of one run's mean from its steps' spread
+    (step_time_stdev); else no noise measure."""
+    est = x.stat("throughput")
+    if est is not None and est.sd is not None:
+        return est.sd, "seeds"
+    se = x.stat("throughput_se")
+    if se is not None and se.n == len(x.runs) == 1:
+        return se.mean, "steps"
+    return None, None
+
+
+def compare_throughput(a, b):
+    """a's mean throughput against b's, judged against twice their combined noise (the seed spread, or the
+    standard error of the mean step time from step_time_stdev: 2 sigma of the difference)."""
+    (na, sa), (nb, sb) = throughput_noise(a), throughput_noise(b)
+    known = [n for n in (na, nb) if n is not None]
+    noise = two_sigma(*known) if known else None
+    sources = {s for s in (sa, sb) if s}
+    what = {frozenset({"seeds"}): "the seed-to-seed spread",
+            frozenset({"steps"}): "the step-to-step noise (2 standard errors of the mean step)",
+            frozenset({"seeds", "steps"}): "the seed spread and the step-to-step noise"}.get(frozenset(sources), "")
+    measure = f"{what}, ±{noise:.1f} img/s" if noise is not None else ""
+    return compare(a.mean("throughput"), b.mean("throughput"), noise, measure)
+
+
+# --------------------------------------------------------------------------- the yardstick
+def overhead_range(x):
+    """The yardstick's min-max over its pairs (means over seeds), or None."""
+    lo, hi = x.mean("yardstick.overhead_min"), x.mean("yardstick.overhead_max")
+    return None if lo is None else (lo, hi)
+
+
+def compare_overhead(a, b):
+    """a's communication overhead against b's, judged against the larger of their pairs' spreads (max - min)."""
+    (alo, ahi), (blo, bhi) = overhead_range(a), overhead_range(b)
+    noise = max(ahi - alo, bhi - blo)
+    return compare(a.mean("yardstick.overhead"), b.mean("yardstick.overhead"), noise,
+                   f"the pairs' spread, {ms(noise)}")
+
+
+def overhead_near_zero(x):
+    """The overhead's spread over the pairs includes 0: no communication cost measurable."""
+    lo, hi = overhead_range(x)
+    return lo <= 0 <= hi
+
+
+@dataclasses.dataclass(frozen=True)
+class Hidden:
+    """How much of the exchange the overlap hides behind backward: the table's cell and the report's words."""
+    cell: str
+    words: str
+
+
+def hidden(x):
+    """The overlapped overhead against the same buckets exchanged blocking after backward (both measured in
+    the same pairs); None for a method without that measurement. A share is printed only when the difference is
+    beyond the pairs' spreads and the share is between 0 and 100%."""
+    blocking = x.mean("yardstick.blocking")
+    if blocking is None:
+        return None
+    overhead = x.mean("yardstick.overhead")
+    lo, hi = overhead_range(x)
+    blo, bhi = x.mean("yardstick.blocking_min"), x.mean("yardstick.blocking_max")
+    head = f"the same buckets exchanged blocking after backward cost {ms(blocking)}"
+    if blo is not None and blo <= 0:
+        return Hidden("n/a (nothing to hide)", f"{head}, within noise of zero: there is no communication here to hide")
+    v = compare(overhead, blocking, max(hi - lo, (bhi - blo) if blo is not None else 0.0), "the pairs' spread")
+    if v.within:
+        return Hidden("within noise", f"{head}, the same as overlapped within noise (spread {ms(v.noise)}): no "
+                                      "measurable share is hidden here")
+    if overhead > blocking:
+        return Hidden("none (overlap costs more)", f"{head}, less than overlapped, beyond noise (spread "
+                                                   f"{ms(v.noise)}): nothing is hidden, the overlap costs more here")
+    if lo <= 0:
+        return Hidden("all (overhead within noise of 0)", f"{head}; overlapped, the overhead is within noise of "
+                                                          "zero: the whole exchange is hidden behind backward")
+    share = 1 - overhead / blocking
+    return Hidden(number(share, 0, 100), f"{head}, so {100 * share:.0f}% is hidden behind backward (beyond the pairs' "
+                                         f"spread of {ms(v.noise)}; both measured in this run)")
+
+
+# --------------------------------------------------------------------------- accuracy
+def compare_accuracy(a, b):
+    """a's final val accuracy against b's, judged against twice the seed spread (None: one seed each)."""
+    sds = [s.sd for s in (a.stat("final_val_accuracy"), b.stat("final_val_accuracy")) if s and s.sd is not None]
+    noise = two_sigma(*sds) if sds else None
+    return compare(a.mean("final_val_accuracy"), b.mean("final_val_accuracy"), noise,
+                   f"the seed spread, ±{noise:.2f} points" if noise is not None else "")
