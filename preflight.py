@@ -126,8 +126,8 @@ def check_gpus(report, s):
     chosen = ("nccl" if gpus >= local else "gloo") if backend == "auto" else backend
     how = f"{s.name('BACKEND=', '--backend ')}{backend}" if backend != "auto" else "chosen automatically"
     if chosen == "nccl" and gpus < local:
-        fix = (f"use {s.name('BACKEND=gloo', '--backend gloo')}" if not gpus else
-               f"lower {s.name('NPROC', '--nproc_per_node')} to {gpus} or use {s.name('BACKEND=gloo', '--backend gloo')}")
+        gloo = s.name("BACKEND=gloo", "--backend gloo")
+        fix = f"use {gloo}" if not gpus else f"lower {s.name('NPROC', '--nproc_per_node')} to {gpus} or use {gloo}"
         report.fail("gpus", f"{gpus} GPU(s) found, but {how} needs one GPU for each process, and {local} would run "
                     "on this machine", fix)
         return
@@ -173,7 +173,8 @@ def check_arguments(report, s, argv):
 def check_data(report, s):
     """The data the scripts would pick (data.resolve_data's rules), counted by file name, nothing decoded."""
     a = s.args
-    synthetic = " (--synthetic: one random batch trains; this data sets the classes and the steps)" if a.synthetic else ""
+    synthetic = (" (--synthetic: one random batch trains; this data sets the classes and the steps)"
+                 if a.synthetic else "")
     if a.data_dir is not None:
         root, how = Path(a.data_dir), f"{s.name('DATA_DIR', '--data-dir')} {a.data_dir}"
         if not root.is_dir():
@@ -189,8 +190,8 @@ def check_data(report, s):
             return report.fail("data", f"the built-in sample dataset would be generated in {where}, which is not "
                                "writable", f"make {data.ROOT.parent} writable, or run python data.py --root DIR and "
                                f"pass {s.name('DATA_DIR', '--data-dir')} DIR")
-        return _data_line(report, s, f"the built-in sample dataset ({len(data.CLASSES)} classes, {data.TRAIN_PER_CLASS} "
-                          f"train / {data.VAL_PER_CLASS} val images each) at {where}, "
+        return _data_line(report, s, f"the built-in sample dataset ({len(data.CLASSES)} classes, "
+                          f"{data.TRAIN_PER_CLASS} train / {data.VAL_PER_CLASS} val images each) at {where}, "
                           f"{'present' if present else 'generated on first use (seconds)'}{synthetic}",
                           len(data.CLASSES) * data.TRAIN_PER_CLASS)
     from prepare_imagenet import FULL_CLASSES, FULL_TRAIN, FULL_VAL, count_split
@@ -336,7 +337,7 @@ def check_rendezvous(report, s):
     if problems:
         return report.fail("rendezvous", f"{text}: {'; '.join(problems)}", "fix the variables, or unset them for a "
                            "single machine")
-    report.ok("rendezvous", f"{text}" + (f" (the rendezvous host resolves)" if endpoint else ""))
+    report.ok("rendezvous", text + (" (the rendezvous host resolves)" if endpoint else ""))
 
 
 # --------------------------------------------------------------------------- command line
@@ -430,7 +431,8 @@ def main(argv=None, out=print):
         out(f"preflight: {c['FAIL']} problem(s) would make the run fail ({', '.join(report.failed)}): fix the FAIL "
             f"lines and check again ({c['ok']} ok, {c['warn']} warning(s))")
         return 1
-    out(f"preflight: nothing would fail ({c['ok']} ok, {c['warn']} warning(s){': read the warn lines' if c['warn'] else ''})")
+    out(f"preflight: nothing would fail ({c['ok']} ok, {c['warn']} warning(s)"
+        f"{': read the warn lines' if c['warn'] else ''})")
     return 0
 
 

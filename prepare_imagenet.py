@@ -275,8 +275,8 @@ def _devkit_labels(path):
             try:
                 files[name] = (path / name).read_bytes()
             except OSError:
-                raise UserError(f"{path / name} is missing (the devkit folder {DEVKIT_DIR}/ holds data/meta.mat "
-                                f"and data/ILSVRC2012_validation_ground_truth.txt; unpack {DEVKIT_TGZ} again)") from None
+                raise UserError(f"{path / name} is missing (the devkit folder {DEVKIT_DIR}/ holds data/meta.mat and "
+                                f"data/ILSVRC2012_validation_ground_truth.txt; unpack {DEVKIT_TGZ} again)") from None
     else:
         files = {}
         with _tar(path, "r:gz") as tar:
@@ -298,10 +298,11 @@ def _devkit_labels(path):
     try:
         synsets = scipy.io.loadmat(io.BytesIO(files[meta_name]), squeeze_me=True)["synsets"]
         # the 1000 classes are the leaves (num_children 0); the other synsets are WordNet's inner nodes
-        id_to_wnid = {int(i): str(w) for i, w, c in
-                      zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["num_children"]) if int(c) == 0}
+        id_to_wnid = {int(i): str(w) for i, w, c in zip(synsets["ILSVRC2012_ID"], synsets["WNID"],
+                                                         synsets["num_children"], strict=True) if int(c) == 0}
     except Exception as e:  # noqa: BLE001 - any unreadable meta.mat is the same user mistake
-        raise UserError(f"{path}: cannot read {meta_name} ({type(e).__name__}: {e}) (download the devkit again)") from None
+        raise UserError(f"{path}: cannot read {meta_name} ({type(e).__name__}: {e}) "
+                        "(download the devkit again)") from None
     labels = {}
     for n, line in enumerate(files[truth_name].decode().split(), 1):
         if int(line) not in id_to_wnid:
@@ -350,10 +351,17 @@ def detect(src):
             if not labels.is_file():
                 raise UserError(f"{labels} is missing (the Kaggle download's val labels; put it beside ILSVRC/)")
             return _kaggle_labels(labels)
-        return Source("Kaggle", f"the Kaggle layout: {KAGGLE_DATA}/train/, {KAGGLE_DATA}/val/ and {labels.name} in {src}",
+        return Source("Kaggle", f"the Kaggle layout: {KAGGLE_DATA}/train/, {KAGGLE_DATA}/val/ and {labels.name} "
+                                f"in {src}",
                       lambda: _folder_train(train), lambda: _folder_val(val), kaggle_labels)
     if not any((src / name).exists() for name in (TRAIN_TAR, VAL_TAR, DEVKIT_TGZ, "ILSVRC2012_img_train",
                                                     "ILSVRC2012_img_val", DEVKIT_DIR)):
+        if (src / "Data" / "CLS-LOC").is_dir():
+            raise UserError(f"{src} is the Kaggle copy's ILSVRC/ folder (pass its parent, {src.parent}, which holds "
+                            f"ILSVRC/ and {KAGGLE_LABELS})")
+        if (src / "train").is_dir() and (src / "val").is_dir():
+            raise UserError(f"{src} already holds train/ and val/ (if they hold class folders, train on it as it is: "
+                            f"--data-dir {src})")
         raise UserError(f"{src} holds neither the official ImageNet files ({TRAIN_TAR}, {VAL_TAR}, {DEVKIT_TGZ}) nor "
                         f"the Kaggle copy (ILSVRC/Data/CLS-LOC/ and {KAGGLE_LABELS}) (pass the folder holding them)")
     train = _either(src, TRAIN_TAR, "ILSVRC2012_img_train", "the train images")
@@ -373,19 +381,24 @@ def detect(src):
 
 # --------------------------------------------------------------------------- counting
 def count_split(folder):
-    """{class: image files} of one split by file name (nothing decoded), and the entries that are not images."""
+    """{class: image files} of one split as ImageFolder finds them (every folder is a class, its images found
+    recursively, following links), by file name, nothing decoded; and the files it would skip."""
     counts, others = {}, []
     for entry in os.scandir(folder):
-        if entry.is_dir():
-            n = 0
-            for f in os.scandir(entry.path):
-                if is_image(f.name) and f.is_file():  # is_file follows a symlink: a dangling one is not counted
+        if not entry.is_dir():
+            others.append(entry.path)
+            continue
+        n, folders = 0, [entry.path]
+        while folders:
+            # scandir's entries know their type without a stat, except links (followed: a dangling one is no image)
+            for f in os.scandir(folders.pop()):
+                if f.is_dir():
+                    folders.append(f.path)
+                elif is_image(f.name) and f.is_file():
                     n += 1
                 else:
                     others.append(f.path)
-            counts[entry.name] = n
-        else:
-            others.append(entry.path)
+        counts[entry.name] = n
     return counts, others
 
 

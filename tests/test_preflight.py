@@ -57,7 +57,8 @@ def test_warnings_do_not_fail(tmp_path):
     code, lines = check("--min-free-gb", "1e9", "--", "--backend", "gloo")
     checks, summary = by_topic(lines)
     assert code == 0, lines
-    assert checks["weights"][0] == "warn" and "random init (the guide starts from ImageNet weights" in checks["weights"][1]
+    assert checks["weights"][0] == "warn"
+    assert "random init (the guide starts from ImageNet weights" in checks["weights"][1]
     assert checks["disk"][0] == "warn" and "under 1e+09 GiB" in checks["disk"][1]
     assert checks["gpus"][0] == "warn" and "the guide expects 4 GPUs" in checks["gpus"][1]
     assert "warning(s): read the warn lines" in summary
@@ -77,6 +78,14 @@ def _classes_differ(root):
     (root / "val" / "class2").rename(root / "val" / "class7")
 
 
+def _nested_and_stray(root):
+    """ImageFolder finds images in a class's subfolders; files that are not images it skips (a warning)."""
+    make_image_folder(root, classes=2, train_per_class=2, val_per_class=1)
+    (root / "train" / "class0" / "more").mkdir()
+    (root / "train" / "class0" / "0.png").rename(root / "train" / "class0" / "more" / "0.png")
+    (root / "train" / "class1" / "notes.txt").write_text("not an image")
+
+
 def _empty_class(root):
     make_image_folder(root, classes=2, train_per_class=2, val_per_class=1)
     (root / "train" / "class9").mkdir()
@@ -86,7 +95,8 @@ def _empty_class(root):
 @pytest.mark.parametrize("make,argv,topic,text", [
     (_no_val, ["--data-dir", "{root}"], "data", "--data-dir {root}: {root}/val is missing (the ImageFolder layout is"),
     (_classes_differ, ["--data-dir", "{root}"], "data",
-     "--data-dir {root}: train and val classes differ (1 only in train, e.g. ['class2']; 1 only in val, e.g. ['class7'])"),
+     "--data-dir {root}: train and val classes differ (1 only in train, e.g. ['class2']; 1 only in val, "
+     "e.g. ['class7'])"),
     (_empty_class, ["--data-dir", "{root}"], "data", "1 empty class folder(s) in {root}/train, e.g. class9"),
     (None, ["--data-dir", "{root}"], "data", "--data-dir {root} does not exist (pass the folder that holds train/"),
     (None, ["--batch-size", "500"], "data", "; batch size 500 is larger than the 480 training images each of 2"),
@@ -96,7 +106,8 @@ def _empty_class(root):
                                                    "resnet50-0676ba61.pth)"),
     (lambda root: root.with_suffix(".pth").write_bytes(b"not a state dict"), ["--weights", "{root}.pth"], "weights",
      "{root}.pth is not a resnet50 state dict"),
-    (None, ["--sync", "ring"], "arguments", "baseline_multi_card.py and ps_train.py: unrecognized arguments: --sync ring"),
+    (None, ["--sync", "ring"], "arguments",
+     "baseline_multi_card.py and ps_train.py: unrecognized arguments: --sync ring"),
 ])
 def test_each_failure_is_named_and_exits_non_zero(tmp_path, make, argv, topic, text):
     root = tmp_path / "data"
@@ -108,6 +119,17 @@ def test_each_failure_is_named_and_exits_non_zero(tmp_path, make, argv, topic, t
     assert [t for t, (status, _) in checks.items() if status == "FAIL"] == [topic], lines
     assert text.format(root=root) in checks[topic][1]
     assert summary.startswith(f"preflight: 1 problem(s) would make the run fail ({topic}): fix the FAIL lines")
+
+
+def test_data_counted_as_imagefolder_finds_it(tmp_path):
+    root = tmp_path / "data"
+    _nested_and_stray(root)
+    code, lines = check("--nproc", "2", "--", "--data-dir", root, "--batch-size", "2")
+    status, text = by_topic(lines)[0]["data"]
+    assert code == 0 and status == "warn"
+    assert text == (f"--data-dir {root}: 2 classes (the same in train and val), 4 train / 2 val images; 1 file(s) are "
+                    f"not images in class folders and are skipped, e.g. {root}/train/class1/notes.txt (remove them if "
+                    "they should not be there)")
 
 
 def test_rendezvous_settings(tmp_path, monkeypatch):
