@@ -252,6 +252,12 @@ def _no_kaggle_val(src):
     (src / "ILSVRC/Data/CLS-LOC/val").rmdir()
 
 
+def _ilsvrc_folder(src):
+    """SRC one level too deep: the Kaggle copy's ILSVRC/ folder instead of the folder holding it."""
+    make_kaggle(src.parent / "kaggle")
+    (src.parent / "kaggle" / "ILSVRC").rename(src)
+
+
 @pytest.mark.parametrize("make,dst,message", [
     (lambda src: src.mkdir(), "imagenet", "holds neither the official ImageNet files"),
     (lambda src: None, "imagenet", "is not a folder (pass the folder holding ILSVRC2012_img_train.tar"),
@@ -262,6 +268,9 @@ def _no_kaggle_val(src):
     (_unknown_class, "imagenet", "the val labels name 1 class(es) with no train folder, e.g. n09999999 (for "
                                  "ILSVRC2012_val_00000006.JPEG)"),
     (make_kaggle, "a_file/imagenet", "is not writable (Not a directory) (choose a folder you can write to)"),
+    (_ilsvrc_folder, "imagenet", "is the Kaggle copy's ILSVRC/ folder (pass its parent"),
+    (lambda src: [(src / d).mkdir(parents=True) for d in ("train", "val")], "imagenet",
+     "already holds train/ and val/ (if they hold class folders, train on it as it is: --data-dir"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, dst, message):
     (tmp_path / "a_file").write_text("not a folder")
