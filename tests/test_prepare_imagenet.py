@@ -159,6 +159,19 @@ def test_kaggle_copy_is_linked_not_copied(tmp_path, capsys):
     assert (dst / "val" / VAL_LABELS[0] / val_name(0)).samefile(original / "val" / val_name(0))
 
 
+def test_the_full_set_is_named_as_such(tmp_path, monkeypatch):
+    """The check that says "the full set" compares the counts with ImageNet-1k's (here made the tiny set's)."""
+    src, dst = make_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    prep.prepare(src, dst, out=lambda line: None)
+    monkeypatch.setattr(prep, "FULL_CLASSES", 3)
+    monkeypatch.setattr(prep, "FULL_TRAIN", 12)
+    monkeypatch.setattr(prep, "FULL_VAL", 6)
+    lines = []
+    assert prep.verify(dst, lines.append) == (3, 12, 6)
+    assert lines[-1] == "the full ImageNet-1k (ILSVRC2012) set: 3 classes, 12 train / 6 val images, train and val " \
+                        "classes equal"
+
+
 def test_across_file_systems_the_links_are_symlinks(tmp_path, capsys):
     """/dev/shm is a tmpfs: a hard link from there into tmp_path fails (EXDEV), so the files are symlinked."""
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
