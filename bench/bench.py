@@ -10,7 +10,7 @@ of the machine hits every method alike):
   buckets      DDP and --sync overlap at --buckets MiB
   async        PS sync against PS async (on the sample data: accuracy counts)
   seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
-Every number comes from the runs' results JSON, read with analyze_results.py's own functions: throughput,
+Every number comes from the runs' results JSON, read with the analysis package's own functions: throughput,
 the communication overhead (the yardstick: median over its pairs; here also the median and the spread over the
 repeats), scaling efficiency, the bytes through the busiest link and the time they take at the link rate.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import analyze_results  # noqa: E402
+import analysis  # noqa: E402
+from analysis.links import link_figures  # noqa: E402
 from all_reduce_train import SYNC_MODES  # noqa: E402  (the mode lists: one source, the scripts)
 from baseline_multi_card import COMM_HOOKS  # noqa: E402
 from ps_train import COMMS  # noqa: E402
@@ -76,23 +77,22 @@ def run(label, script, flags, args, out, repeat):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return analyze_results.load_run(out)
+    return analysis.load_run(out)
 
 
 def figures(run):
     """The numbers a table row needs, from one run."""
-    x = analyze_results.Experiment([run])
-    bound = analyze_results.link_bound(x)
+    link, y = link_figures(analysis.Experiment([run])), run.yardstick
     staleness = [e.get("staleness_mean") for e in run.epochs if e.get("staleness_mean") is not None]
-    return {"throughput": run.metric("avg_train_throughput"), "overhead": run.overhead(),
-            "spread": (run.overhead("overhead_min"), run.overhead("overhead_max")),
-            "efficiency": run.metric("scaling_efficiency"), "hidden": run.overhead("hidden_share"),
-            "link_mb": None if bound is None else max(bound[0]) / 1e6,
-            "bound": None if bound is None else bound[1],
-            "predicted_mb": None if bound is None or bound[2] is None else bound[2] / 1e6,
-            "accuracy": None if run.synthetic else run.metric("final_val_accuracy"),
-            "loss": run.metric("final_train_loss"), "staleness": statistics.mean(staleness) if staleness else None,
-            "pull": run.metric("avg_comm_time_pull"), "push": run.metric("avg_comm_time_push")}
+    return {"throughput": run.throughput, "overhead": y and y.overhead,
+            "spread": (y and y.overhead_min, y and y.overhead_max),
+            "efficiency": run.scaling_efficiency, "hidden": y and y.hidden_share,
+            "link_mb": None if link is None else link.busiest / 1e6,
+            "bound": None if link is None else link.link_time,
+            "predicted_mb": None if link is None or link.bound_bytes is None else link.bound_bytes / 1e6,
+            "accuracy": None if run.synthetic else run.final_val_accuracy,
+            "loss": run.final_train_loss, "staleness": statistics.mean(staleness) if staleness else None,
+            "pull": run.comm_pull, "push": run.comm_push}
 
 
 def table(rows):

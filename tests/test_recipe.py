@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-import analyze_results
+import analysis
 import common
 from dist_helpers import REPO, run_script
 
@@ -62,13 +62,13 @@ def test_the_three_methods_apply_the_same_learning_rate_at_every_step(runs):
 
 def test_same_math_methods_agree_within_the_seed_to_seed_spread(runs):
     folder, _ = runs
-    experiments, skipped = analyze_results.load_all(folder)
+    experiments, skipped = analysis.load_folder(folder)
     assert not skipped and sorted(len(x.runs) for x in experiments) == [1, 1, 1, 2]
-    lines = analyze_results.convergence_lines(experiments)
+    lines = analysis.report.convergence_lines(experiments)
     for method in ("Manual All-Reduce (overlap)", "Parameter Server (collective) [3 proc]"):
         line = next(x for x in lines if x.startswith(f"- Loss curves: {method}"))
         assert "within the seed-to-seed spread" in line and "they agree" in line, line
-    assert not any(math.isnan(x.mean(analyze_results.THROUGHPUT)) for x in experiments)
+    assert not any(math.isnan(x.mean("throughput")) for x in experiments)
 
 
 def test_powersgd_learns_near_the_uncompressed_run(runs):
