@@ -118,9 +118,10 @@ def overhead_lines(xs):
             continue
         lo, hi = verdicts.overhead_range(x)
         step, share = x.stat("yardstick.step_time"), x.stat("yardstick.share")
+        pairs = next(r.yardstick.pairs for r in x.runs if r.yardstick)
         text = (f"- {x.label}: communication overhead {ms(overhead.mean)} per step"
                 + (f" (± {ms(overhead.sd)} over seeds)" if overhead.sd is not None else "")
-                + f" (min {ms(lo)}, max {ms(hi)} over {x.first.yardstick.pairs} pairs) = {share.text(1, 100)}% of "
+                + f" (min {ms(lo)}, max {ms(hi)} over {pairs} pairs) = {share.text(1, 100)}% of "
                 f"its {ms(step.mean)} step on the yardstick's fixed batch (the epochs' measured step: "
                 f"{ms(x.mean('batch_time'))})")
         if verdicts.overhead_near_zero(x):

@@ -321,11 +321,14 @@ def method_of(data, name):
 def peek(path):
     """Why the file is surely not a results file, judged from its size and first bytes (a profiler trace is
     never read in full), or None when it should be parsed."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(PEEK_BYTES).decode("utf-8", errors="replace").lstrip("\ufeff")
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
     if size == 0:
         return "not valid JSON (an empty file)"
-    with open(path, "rb") as f:
-        head = f.read(PEEK_BYTES).decode("utf-8", errors="replace")
     start = head.lstrip()[:1]
     if '"traceEvents"' in head or '"schemaVersion"' in head:
         return "a profiler trace (traceEvents), not a results file"
@@ -346,7 +349,7 @@ def load_run(path):
     if reason:
         raise ValueError(reason)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -379,7 +382,7 @@ class Skipped:
 def read_folder(folder):
     """([Run], [Skipped]) for every *.json in the folder, in name order."""
     runs, skipped = [], []
-    for path in sorted(Path(folder).glob("*.json")):
+    for path in sorted(p for p in Path(folder).glob("*.json") if not p.is_dir()):
         try:
             runs.append(load_run(path))
         except ValueError as e:
