@@ -291,7 +291,9 @@ class Run:
 
     def not_measured(self):
         """The words of every figure this kind of run has that the file does not record."""
-        return [words for name, (words, kinds) in FIGURES.items()
+        why = {"yardstick": " (only the kit's scripts measure it)" if self.guide_format else
+               " (--overhead-pairs 0, or a resumed run)"}
+        return [words + why.get(name, "") for name, (words, kinds) in FIGURES.items()
                 if self.kind in kinds and getattr(self, name) is None]
 
 

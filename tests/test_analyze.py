@@ -280,6 +280,22 @@ def test_a_faster_method_with_the_larger_overhead_says_why(tmp_path):
     assert "Rankings disagree" not in r.report
 
 
+def test_a_kit_run_without_the_yardstick_shows_dashes_and_says_why(tmp_path):
+    bare = fixture(DEFAULTS[1])
+    del bare["comm_overhead"], bare["summary"]["scaling_efficiency"]  # as --overhead-pairs 0 writes it
+    for e in bare["epochs"]:
+        del e["scaling_efficiency"]
+    r = Text(setup_dir(tmp_path, DEFAULTS[:1], {DEFAULTS[1]: bare}))
+    row = r.tables[COMM]["Manual All-Reduce (overlap)"]
+    assert {k: v for k, v in row.items() if k != "Method"} == dict.fromkeys(list(row)[1:], "-")
+    assert r.tables[OWN]["Manual All-Reduce (overlap)"]["All-Reduce wait (ms)"] == \
+        f"{1e3 * bare['summary']['avg_comm_time']:.1f}"
+    missing = r.report.split("Not measured by these runs")[1]
+    assert "results_all_reduce.json: communication overhead (the kit's yardstick) (--overhead-pairs 0" in missing
+    assert "Manual All-Reduce (overlap): communication overhead" not in r.report
+    assert "Rankings disagree" not in r.report
+
+
 def test_a_hidden_share_is_a_percentage_only_beyond_noise(tmp_path):
     """The overlap's hidden share: within noise, nothing to hide (a one-process run), the overlap costing more,
     or a real share: the table cell and the sentence agree and never show a negative or meaningless share."""
