@@ -18,22 +18,20 @@ import torch.nn as nn
 
 import common
 import data
-import measure
+import driver
+from modes import DEFAULT_BUCKET_MB, SYNC_MODES, variant_output
 
-METHOD = "Manual All-Reduce"
-SYNC_MODES = ("overlap", "bucketed", "per-param", "ring")  # the first is the default
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.splitlines()[0])
-    p.add_argument("--sync", choices=SYNC_MODES, default=SYNC_MODES[0], help="how gradients are synchronized "
-                   "(see the module docstring)")
-    p.add_argument("--bucket-mb", type=common.positive(float), default=25.0,
+    p = common.make_parser(__doc__, lambda a: variant_output("all_reduce", a.sync, SYNC_MODES[0]))
+    p.add_argument("--sync", choices=SYNC_MODES, default=SYNC_MODES[0], help="how gradients are synchronized")
+    p.add_argument("--bucket-mb", type=common.positive(float), default=DEFAULT_BUCKET_MB,
                    help="gradient bucket size in MiB (not per-param)")
     p.add_argument("--compress", choices=tuple(COMPRESSION), default="none",
                    help="dtype gradients travel in (bucketed modes), as DDP's fp16/bf16 compression hooks")
-    args = common.parse(p, argv, lambda a: common.variant_output("all_reduce", a.sync, SYNC_MODES[0]))
+    args = common.parse(p, argv)
     if args.compress != "none" and args.sync == "per-param":
         p.error("--compress needs buckets (use --sync bucketed, overlap or ring)")
     return args
@@ -92,11 +90,16 @@ class GradSync:
                 p.grad = view
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
         self.buffers = common.flat_by_dtype(model.buffers())
-        self.active = True  # False during the yardstick's no-communication steps
+        self.kind = "comm"  # the step's kind (see begin)
         self.ready, self.filled, self.in_flight = set(), [0] * len(self.buckets), []
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
         self._broadcast(common.flat_by_dtype(self.params))
+
+    def begin(self, kind):
+        """A step of `kind` starts: "comm" synchronizes as the mode says, "blocking" the same buckets after
+        backward, "local" not at all (the yardstick's kinds)."""
+        self.kind = kind
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
@@ -110,13 +113,13 @@ class GradSync:
         self._broadcast(self.buffers)
 
     def _grad_ready(self, param):
-        if not self.active:
+        if self.kind == "local":
             return
         if id(param) in self.ready:
             raise common.UserError(f"parameter {self.names[id(param)]} got a second gradient before the sync: "
                                    "like DDP outside no_sync(), the manual all-reduce allows one backward per step")
         self.ready.add(id(param))
-        if self.mode == "overlap":
+        if self.mode == "overlap" and self.kind == "comm":
             self.filled[self.bucket_index[id(param)]] += 1
             # Launch strictly in bucket order, so every rank issues the same collectives in the same order.
             while len(self.in_flight) < len(self.buckets) and \
@@ -135,7 +138,7 @@ class GradSync:
             for p in self.params:
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
-        elif self.mode == "overlap":
+        elif self.mode == "overlap" and self.kind == "comm":
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:
@@ -169,13 +172,13 @@ class GradSync:
 
 # --------------------------------------------------------------------------- training
 def make_train_step(model, sync, optimizer, scaler, args, ctx):
-    """One training step with our gradient synchronization; with communicate=False the same step with no
-    communication at all (the yardstick's no-communication step)."""
+    """One training step with our gradient synchronization; kind "local": the same step with no communication at
+    all (the yardstick's no-communication step); "blocking": --sync overlap's buckets synchronized after backward."""
     criterion = nn.CrossEntropyLoss()
 
-    def train_step(images, targets, clock, lr, communicate=True):
-        sync.active = communicate
-        if communicate:
+    def train_step(images, targets, clock, lr, kind="comm"):
+        sync.begin(kind)
+        if kind != "local":
             sync.broadcast_buffers()
             clock.mark("buffers")
         with common.autocast(args, ctx):
@@ -184,7 +187,7 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
         sync.zero_grad()
         scaler.scale(loss).backward()  # overlap: buckets start all-reducing from gradient hooks inside
         clock.mark("compute")
-        if communicate:
+        if kind != "local":
             sync.finish()  # averages the scaled gradients; scaler.step unscales them, as under DDP
             clock.mark("comm")
         common.set_lr(optimizer, lr)
@@ -196,81 +199,32 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
     return train_step
 
 
+def make_method(args, ctx, info, model, weights=None):
+    """Our synchronization on `model`, its optimizer and step, as the driver runs them."""
+    # Same seed on every rank gives the same initial weights; GradSync also broadcasts rank 0's, as DDP does.
+    sync = GradSync(model, args.sync, args.bucket_mb, args.compress)
+    optimizer = common.make_optimizer(args, model.parameters())
+    scaler = common.make_scaler(args, ctx)
+    grad_bytes = sum(p.numel() * p.element_size() for p in sync.params)
+    layout = f"{len(sync.buckets)} buckets of <= {args.bucket_mb:g} MiB" if sync.buckets else "one all-reduce each"
+    return driver.Method(
+        kind="all_reduce", description=f"--sync {args.sync}, {len(sync.params)} gradient tensors in {layout}, "
+                                       f"compress {args.compress}",
+        settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress), model=model,
+        step=make_train_step(model, sync, optimizer, scaler, args, ctx),
+        state={"model": model, "optimizer": optimizer, "scaler": scaler}, trainers=list(range(ctx.world_size)),
+        overlaps=args.sync == "overlap",
+        figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the wait after backward
+        fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
+                    wire_bytes_per_step=grad_bytes if sync.wire_dtype is None else grad_bytes // 2))
+
+
 def main(argv=None):
     args = parse_args(argv)
-    common.check_output_path(args.output)
-    ctx = common.setup_distributed(args)
-    try:
+    with driver.session(args) as ctx:
         ds = data.open_data(args, ctx, ctx.world_size)
-        info = ds.info
-        train_loader = data.train_loader(ds, args, ctx, ctx.world_size, ctx.rank)
-        val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
-        model, weights = common.build_model(args, ctx, info.num_classes)
-        # Same seed on every rank gives the same initial weights; GradSync also broadcasts rank 0's, as DDP does.
-        sync = GradSync(model, args.sync, args.bucket_mb, args.compress)
-        optimizer = common.make_optimizer(args, model.parameters())
-        scaler = common.make_scaler(args, ctx)
-        step = make_train_step(model, sync, optimizer, scaler, args, ctx)
-        grad_bytes = sum(p.numel() * p.element_size() for p in sync.params)
-        wire_bytes = grad_bytes if sync.wire_dtype is None else grad_bytes // 2
-        results = common.Results(args.output, METHOD, "all_reduce", ctx, args, info, writer=ctx.is_main,
-                                 trainers=ctx.world_size, weights=weights, sync=args.sync, bucket_mb=args.bucket_mb,
-                                 num_buckets=len(sync.buckets), compress=args.compress, gradient_bytes=grad_bytes,
-                                 wire_bytes_per_step=wire_bytes)
-        layout = f"{len(sync.buckets)} buckets of <= {args.bucket_mb:g} MiB" if sync.buckets else "one all-reduce each"
-        common.log(ctx, f"{METHOD} (--sync {args.sync}, {len(sync.params)} gradient tensors in {layout}, "
-                        f"compress {args.compress}): {ctx.world_size} processes ({ctx.backend}, "
-                        f"{common.device_name(ctx.device)}), {args.arch} on {info.name} ({info.train_size} train / "
-                        f"{info.val_size} val images, {info.image_size}px), {info.steps} steps/epoch, "
-                        f"batch {args.batch_size}/process")
-        resumed = common.load_checkpoint(args, ctx, owner=0, writer=0)
-        if resumed:
-            start, state, saved = resumed
-            for part, obj in zip(("model", "optimizer", "scaler"), (model, optimizer, scaler)):
-                obj.load_state_dict(state[part])
-            results.resume(saved)
-            common.log(ctx, f"resumed after epoch {start} from {common.checkpoint_dir(args)}")
-        elif args.overhead_pairs:
-            results.update(comm_overhead=measure_overhead(model, sync, optimizer, scaler, step, args, ctx, info))
-        for epoch in range(1 + (resumed[0] if resumed else 0), args.epochs + 1):
-            link = measure.read_link_bytes(ctx)
-            record = measure.run_epoch(ctx, args, epoch, train_loader, info.steps, step)
-            record["avg_comm_time"] = record["phase_times"]["comm"]  # the wait after backward (secondary)
-            record["link"] = measure.busiest_link(ctx, link, record["steps"])
-            record["val_loss"], record["val_accuracy"] = measure.evaluate(model, val_loader, ctx, args)
-            results.add_epoch(record)
-            common.checkpoint_epoch(args, ctx, epoch, results, state=None if ctx.rank else {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
-            common.log(ctx, common.epoch_line(record))
-            common.warn_if_data_bound(ctx, record)
-        results.finish()
-        common.log(ctx, f"wrote {args.output}")
-        common.cleanup_distributed(barrier=True)
-    finally:
-        common.cleanup_distributed()
-
-
-def measure_overhead(model, sync, optimizer, scaler, step, args, ctx, info):
-    """The yardstick; for --sync overlap also the same buckets synchronized blocking after backward, so the
-    share of communication hidden behind backward comes from two measurements of this run."""
-    clock, lr = measure.NoClock(), common.lr_at(args, 0)
-    kinds = {"comm": lambda x, y: step(x, y, clock, lr), "local": lambda x, y: step(x, y, clock, lr, False)}
-    if args.sync == "overlap":
-        def blocking(x, y):
-            sync.mode = "bucketed"
-            try:
-                step(x, y, clock, lr)
-            finally:
-                sync.mode = "overlap"
-        kinds["blocking"] = blocking
-    with measure.preserved(model, optimizer, scaler):
-        overhead = measure.measure_overhead(ctx, args, kinds, *measure.fixed_batch(args, info, ctx))
-    hidden = overhead.get("hidden_share")
-    common.log(ctx, f"communication overhead: {1e3 * overhead['overhead']:.1f} ms/step "
-                    f"({100 * overhead['overhead_share']:.0f}% of a {1e3 * overhead['step_time']:.1f} ms step)"
-                    + ("" if hidden is None else f"; blocking {1e3 * overhead['blocking_overhead']:.1f} ms, so "
-                                                 f"{100 * hidden:.0f}% is hidden behind backward"))
-    return overhead
+        model, weights = common.build_model(args, ctx, ds.info.num_classes)
+        driver.train(args, ctx, ds, make_method(args, ctx, ds.info, model, weights))
 
 
 if __name__ == "__main__":

@@ -1,23 +1,19 @@
-"""What the three training scripts share, and nothing method-specific.
+"""What every method builds itself from, and nothing method-specific: the command line and its one-line
+errors, distributed setup, the model with its optimizer and learning-rate schedule, and flat buffers.
 
-The command line and its one-line errors, distributed setup, the data, the model and its learning-rate
-schedule, flat gradient buffers, one epoch loop with honest clocks, the communication yardstick, exact
-evaluation, and the results writer. How a method synchronizes lives in its own script.
-Every field the results JSON holds is described in docs/results_schema.md.
+The rest has its own room: data.py (the data), measure.py (clocks, the epoch loop, evaluation, the yardstick,
+link counters), driver.py (the loop every method runs), checkpoint.py, results.py (the results JSON, described
+field by field in docs/results_schema.md). How a method synchronizes lives in its own script.
 """
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
-import shutil
 import socket
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,11 +28,20 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one line `error: ...`, never as a traceback."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows the script's docstring as written and each flag's default, when it has one worth saying."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line instead of usage + error; no abbreviated flags (--out is not --output)."""
 
     def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         report_error(f"{message} (see {self.prog} --help)")
@@ -69,9 +74,12 @@ def non_negative(kind):
     return parse
 
 
-def make_parser(description):
-    """The flags every script shares; each script adds its own and calls `parse(parser, argv, default_output)`."""
-    p = OneLineParser(description=description)
+def make_parser(doc, default_output=None):
+    """The flags every script shares; `doc` (the script's docstring) is what --help shows above them, and
+    `default_output(args)` the results file when --output is not given. Each script adds its own flags and calls
+    `parse(parser, argv)`."""
+    p = OneLineParser(description=doc)
+    p.default_output = default_output
     p.add_argument("--epochs", type=positive(int), default=3, help="training epochs")
     p.add_argument("--batch-size", type=positive(int), default=64, help="images per step per training process")
     p.add_argument("--workers", type=non_negative(int), default=16,
@@ -119,24 +127,20 @@ def make_parser(description):
                    help="minutes a collective may wait for a peer before the run fails instead of hanging")
     p.add_argument("--log-every", type=positive(int), default=10,
                    help="steps between progress updates (each is one host sync on every training rank)")
-    p.add_argument("--output", default=None, help="results JSON path (default: see the script's docstring)")
+    p.add_argument("--output", default=None,
+                   help="results JSON path; default results_<method>[_<variant>].json in the current folder, named "
+                        "after the variant flags (a finished run already there is moved to previous/, not replaced)")
     p.add_argument("--resume", action="store_true",
                    help="write a checkpoint after every epoch (<output stem>.ckpt/, visible to every node) and, "
                         "when one exists, continue from it and its results file instead of starting over")
     return p
 
 
-def parse(parser, argv, default_output):
-    """Parses `argv`; --output defaults to `default_output(args)` (so it can follow a variant flag)."""
+def parse(parser, argv):
+    """Parses `argv`; --output defaults to the parser's `default_output(args)` (so it can follow a variant flag)."""
     args = parser.parse_args(argv)
-    args.output = args.output or default_output(args)
+    args.output = args.output or parser.default_output(args)
     return args
-
-
-def variant_output(stem, variant, default_variant):
-    """results_<stem>.json for a script's default variant, results_<stem>_<variant>.json for the others."""
-    suffix = "" if variant == default_variant else "_" + str(variant).replace("-", "_")
-    return f"results_{stem}{suffix}.json"
 
 
 def check_output_path(path):
@@ -237,8 +241,9 @@ def setup_distributed(args):
     backend = ("nccl" if gpus >= local_world_size else "gloo") if args.backend == "auto" else args.backend
     if backend == "nccl" and gpus < local_world_size:
         raise UserError(f"--backend nccl needs one GPU per process: {local_world_size} processes on this node "
-                        f"but {gpus} GPU(s) found (lower --nproc_per_node to {gpus} or use --backend gloo)"
-                        if gpus else "--backend nccl needs GPUs but CUDA found none (use --backend gloo)")
+                        f"but {gpus} GPU(s) found (lower --nproc_per_node to {gpus}, or --backend auto or gloo)"
+                        if gpus else "--backend nccl needs GPUs but CUDA found none (use --backend auto or gloo: "
+                                     "the kit then runs on the CPU)")
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
@@ -311,7 +316,8 @@ def build_model(args, ctx, num_classes):
         model, source = models.get_model(args.arch, weights="DEFAULT"), "torchvision DEFAULT (downloaded)"
     else:
         source = "random init"
-        log(ctx, f"notice: no {WEIGHTS_FILE} found (--weights, ./, torch hub cache): starting from random init")
+        log(ctx, f"notice: no {WEIGHTS_FILE} found (--weights, ./, torch hub cache): starting from random init"
+            if args.arch == "resnet50" else f"notice: no --weights for --arch {args.arch}: starting from random init")
     if num_classes != 1000:
         _replace_head(model, num_classes)
     model.to(ctx.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -413,173 +419,9 @@ class FlatBuffer:
         torch._foreach_copy_(list(self.tensors if targets is None else targets), self.views)
 
 
-# --------------------------------------------------------------------------- checkpoints (--resume)
-def checkpoint_dir(args):
-    return Path(args.output).with_name(Path(args.output).stem + ".ckpt")
-
-
-def save_checkpoint(args, ctx, epoch, state=None, results=None):
-    """This rank's part of the checkpoint after `epoch`: its RNG (the data augmentation draws from it), and
-    `state` (the training state, from the rank that owns it) or `results` (the results so far, from their
-    writer). It counts once `latest` names it, which happens after every rank has written its part."""
-    folder = checkpoint_dir(args) / f"epoch{epoch}"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    part = {"epoch": epoch, "world_size": ctx.world_size, "rng": rng, "state": state, "results": results}
-    torch.save(part, folder / f".rank{ctx.rank}.tmp")
-    os.replace(folder / f".rank{ctx.rank}.tmp", folder / f"rank{ctx.rank}.pt")
-    dist.barrier()
-    if ctx.is_main:
-        (checkpoint_dir(args) / ".latest.tmp").write_text(str(epoch))
-        os.replace(checkpoint_dir(args) / ".latest.tmp", checkpoint_dir(args) / "latest")
-        for old in checkpoint_dir(args).glob("epoch*"):
-            if old.name != folder.name:
-                shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(args, ctx, owner, writer):
-    """With --resume and a complete checkpoint: restores this rank's RNG and returns (epoch, the training state
-    rank `owner` saved, the results rank `writer` saved); else None."""
-    latest = checkpoint_dir(args) / "latest"
-    if not args.resume or not latest.exists():
-        return None
-    folder = checkpoint_dir(args) / f"epoch{int(latest.read_text())}"
-    try:
-        mine, state, results = (torch.load(folder / f"rank{r}.pt", map_location=ctx.device, weights_only=True)
-                                for r in (ctx.rank, owner, writer))
-    except FileNotFoundError as e:
-        raise UserError(f"checkpoint {folder} is incomplete ({e.filename} is missing; remove {checkpoint_dir(args)} "
-                        "to start over)") from None
-    if mine["world_size"] != ctx.world_size:
-        raise UserError(f"checkpoint {folder} was written by {mine['world_size']} processes, not "
-                        f"{ctx.world_size} (resume with the same number, or remove {checkpoint_dir(args)})")
-    torch.set_rng_state(mine["rng"]["cpu"].cpu())
-    if mine["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([t.cpu() for t in mine["rng"]["cuda"]])
-    return mine["epoch"], state["state"], results["results"]
-
-
-def checkpoint_epoch(args, ctx, epoch, results, state=None):
-    """--resume: writes the checkpoint after `epoch` (`state` on the rank that owns the training state) and
-    records in the epoch's results how long that took."""
-    if args.resume:
-        start = time.perf_counter()
-        save_checkpoint(args, ctx, epoch, state, results.data if results.writer else None)
-        if results.writer:
-            results.data["epochs"][-1]["checkpoint_time"] = time.perf_counter() - start
-            results.save()
-
-
-# --------------------------------------------------------------------------- results
-def network_info():
-    """The network the run used when declared (emulate_cluster.sh declares its emulated links), else None."""
-    if not os.environ.get("KIT_NET_RATE_BITS"):
-        return None
-    return {"emulated": bool(os.environ.get("KIT_NET_TOPOLOGY")), "topology": os.environ.get("KIT_NET_TOPOLOGY"),
-            "nodes": int(os.environ.get("KIT_NET_NODES", 1)),
-            "procs_per_node": int(os.environ.get("KIT_NET_PROCS_PER_NODE", 1)),
-            "link_rate": os.environ.get("KIT_NET_RATE"), "link_rate_bits": float(os.environ["KIT_NET_RATE_BITS"]),
-            "delay": os.environ.get("KIT_NET_DELAY") or None}
-
-def write_json_atomic(path, data):
-    """Writes JSON to a temporary file in the same folder, then renames it: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# --------------------------------------------------------------------------- where it runs
 def device_name(device):
     """A human name for the training device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-class Results:
-    """The results JSON in the guide's schema plus what the kit measures, rewritten atomically after every
-    epoch. "status" stays "incomplete" until `finish()`, so a crash, a dead rank or Ctrl-C leaves valid JSON
-    with the finished epochs. Only the rank that `writer` names writes."""
-
-    def __init__(self, path, method, kind, ctx, args, info, *, writer, trainers, **fields):
-        self.path, self.writer = path, writer
-        self.data = {
-            "method": method, "kind": kind, "world_size": ctx.world_size, "trainers": trainers,
-            "batch_size": args.batch_size, **fields,
-            "start_time": time.strftime("%Y-%m-%d %H:%M:%S"), "end_time": None, "status": "incomplete",
-            "seed": args.seed, "dataset": dataclasses.asdict(info), "arch": args.arch, "image_size": info.image_size,
-            "steps_per_epoch": info.steps, "device": device_name(ctx.device), "backend": ctx.backend,
-            "network": network_info(), "torch_version": str(torch.__version__), "host": socket.gethostname(),
-            "python": platform.python_version(), "args": vars(args), "epochs": [], "summary": {}, "all_losses": [],
-        }
-        if args.synthetic:
-            self.data["accuracy_note"] = "synthetic data: random images and labels, so accuracy is meaningless"
-        self.save()
-
-    def update(self, **fields):
-        self.data.update(fields)
-        self.save()
-
-    def resume(self, saved):
-        """Continues the results of an interrupted run (from its checkpoint) instead of starting new ones."""
-        self.data = {**saved, "status": "incomplete", "resumed_after_epoch": [
-            *saved.get("resumed_after_epoch", []), len(saved["epochs"])]}
-        self.save()
-
-    def add_epoch(self, record):
-        overhead = self.data.get("comm_overhead")
-        if overhead:  # measured throughput against trainers x the no-communication throughput of one
-            ideal = self.data["trainers"] * self.data["batch_size"] / overhead["local_step_time"]
-            record["scaling_efficiency"] = record["train_throughput"] / ideal
-        self.data["epochs"].append(record)
-        self.data["all_losses"].extend(record["all_losses"])
-        self.data["end_time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.data["summary"] = summarize(self.data["epochs"], self.data["summary"])
-        self.save()
-
-    def finish(self):
-        self.data["status"] = "complete"
-        self.data["end_time"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.save()
-
-    def save(self):
-        if self.writer:
-            write_json_atomic(self.path, self.data)
-
-
-def summarize(epochs, previous=None):
-    """The guide's summary fields, plus the mean of every per-epoch `avg_*` figure and scaling efficiency."""
-    summary = dict(previous or {})
-    summary.update(avg_train_throughput=statistics.mean(e["train_throughput"] for e in epochs),
-                   avg_train_time_per_epoch=statistics.mean(e["train_time"] for e in epochs),
-                   final_train_accuracy=epochs[-1]["train_accuracy"], final_train_loss=epochs[-1]["train_loss"])
-    if "val_accuracy" in epochs[-1]:
-        summary.update(best_val_accuracy=max(e["val_accuracy"] for e in epochs),
-                       final_val_accuracy=epochs[-1]["val_accuracy"])
-    for key in epochs[-1]:
-        if (key.startswith("avg_") or key == "scaling_efficiency") and all(
-                isinstance(e.get(key), (int, float)) for e in epochs):
-            summary[key] = statistics.mean(e[key] for e in epochs)
-    return summary
-
-
-def epoch_line(record):
-    """The one-line per-epoch summary every script prints; its phases are the method's own."""
-    phases = " ".join(f"{k} {1e3 * v:.1f}" for k, v in record["phase_times"].items())
-    line = (f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2f}% | "
-            f"{record['train_throughput']:.1f} img/s | {record['train_time']:.1f}s | step "
-            f"{1e3 * record['avg_batch_time']:.1f}ms ({phases} ms)")
-    if "val_accuracy" in record:
-        line += f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2f}%"
-    return line
-
-
-def warn_if_data_bound(ctx, record, rank=0, share=0.3):
-    """One line when waiting for data takes more than `share` of a step: the loader, not sync, is measured."""
-    if record["avg_batch_time"] > 0 and record["avg_data_time"] / record["avg_batch_time"] > share:
-        log(ctx, f"warning: data loading is {100 * record['avg_data_time'] / record['avg_batch_time']:.0f}% of "
-                 "each step, so this run measures the data loader more than synchronization (raise --workers, "
-                 "or use --synthetic)", rank=rank)

@@ -114,6 +114,13 @@ class DataInfo:
     steps: int  # training steps per epoch
     dropped_last_image: bool  # a shard's last batch would hold one image (BatchNorm cannot train on it)
 
+    def describe(self):
+        sizes = (f"{self.num_classes} classes, {self.train_size} train / {self.val_size} val images, "
+                 f"{self.image_size}px")
+        if self.name.endswith(" (synthetic)"):
+            return f"one random batch (--synthetic) shaped like {self.name[:-12]} ({sizes})"
+        return f"{self.name} ({sizes})"
+
 
 @dataclasses.dataclass
 class Datasets:
@@ -127,11 +134,14 @@ def resolve_data(args):
     if args.data_dir is not None:
         root = Path(args.data_dir)
         if not root.is_dir():
-            raise UserError(f"--data-dir {root} does not exist (pass the folder that holds train/ and val/)")
+            raise UserError(f"--data-dir {root} does not exist (pass the folder that holds train/ and val/, or drop "
+                            "--data-dir to use the built-in sample dataset)")
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise UserError(f"--data-dir {root} has no {split}/ folder: {root / split} is missing "
-                                f"(ImageFolder layout: {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)")
+                                f"(ImageFolder layout: {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg; "
+                                "python data.py --prepare-imagenet turns the ImageNet download into it; or drop "
+                                "--data-dir to use the built-in sample dataset)")
         return "imagefolder", root
     if Path("train").is_dir():
         if not Path("val").is_dir():
@@ -178,8 +188,10 @@ def open_data(args, ctx, replicas):
             root = ensure()
         dist.barrier()  # the other local ranks wait until the generator has finished
         root = ROOT / VERSION
-        log(ctx, f"notice: no --data-dir and no ./train: using the built-in sample dataset "
-                 f"({len(CLASSES)} classes of synthetic shapes) at {root}")
+        log(ctx, f"notice: --synthetic: random batches, with the class count and steps per epoch of the built-in "
+                 f"sample dataset at {root}" if args.synthetic else
+            f"notice: no --data-dir and no ./train: using the built-in sample dataset ({len(CLASSES)} classes of "
+            f"synthetic shapes) at {root}")
     size = args.image_size or (IMAGE_SIZE if kind == "sample" else 224)
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_set = _image_folder(Path(root) / "train", transforms.Compose([

@@ -15,9 +15,8 @@ if [ "$NGPU" -lt 1 ]; then
   exit 2
 fi
 NPROC=${NPROC:-$NGPU}
-AR_SYNCS="overlap bucketed per-param ring"  # the scripts' lists (tests/test_run_all.py checks these copies)
-PS_COMMS="collective p2p overlap"
-DDP_HOOKS="none fp16 bf16 powersgd"
+# The scripts' variant lists (the first is each one's default), from modes.py
+AR_SYNCS=$("$PY" modes.py SYNC_MODES) PS_COMMS=$("$PY" modes.py PS_COMMS) DDP_HOOKS=$("$PY" modes.py COMM_HOOKS)
 STEPS=${STEPS:-20}
 ROOT=${OUT_DIR:-smoke_results}
 rm -rf "$ROOT"

@@ -48,14 +48,22 @@ class StepClock:
     def mark(self, name):
         self.steps[-1].append((name, self._stamp()))
 
+    def _seconds(self, a, b):
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
     def phase_sums(self, skip=0):
         """Total seconds of each phase over the steps after the first `skip`."""
         synchronize(self.device)
         sums = {}
         for marks in self.steps[skip:]:
             for (_, a), (name, b) in zip(marks, marks[1:]):
-                sums[name] = sums.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+                sums[name] = sums.get(name, 0.0) + self._seconds(a, b)
         return sums
+
+    def step_times(self, skip=0):
+        """Seconds of each step after the first `skip`, from its begin to its last mark."""
+        synchronize(self.device)
+        return [self._seconds(marks[0][1], marks[-1][1]) for marks in self.steps[skip:] if len(marks) > 1]
 
 
 class NoClock:
@@ -145,7 +153,7 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         t_end = time.perf_counter()
     finally:
         progress.close()  # before any error line, so that line starts clean
-    phases = clock.phase_sums(skip=warmup)
+    phases, step_times = clock.phase_sums(skip=warmup), clock.step_times(skip=warmup)
     names = sorted(phases)
     totals = torch.tensor([seen, timed_seen, t_end - t_start, t_end - t_timed, *(phases[k] for k in names)],
                           dtype=torch.float64, device=ctx.device)
@@ -160,6 +168,7 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         "avg_data_time": phase_means[names.index("data")] / trainers / timed_steps,
         "phase_times": {k: v / trainers / timed_steps for k, v in zip(names, phase_means)},
         "phase_times_max": {k: v / timed_steps for k, v in zip(names, slowest[2:])},
+        "step_time_stdev": statistics.stdev(step_times) if len(step_times) > 1 else None,
         "steps": steps, "warmup_steps": warmup, "images_trained": int(seen),
         "all_losses": torch.stack(losses).float().tolist(), "lrs": lrs,
         **({"profile": tracer.summary} if tracer and tracer.summary else {}),
@@ -217,8 +226,9 @@ def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_lengt
     whole step) as `overhead_schedule` says; returns the JSON block. The caller restores the training state
     (see `preserved`), so that training goes on as if this had not happened."""
     times = {kind: [] for kind in steps}
+    member = not dist.is_initialized() or group is None or dist.get_rank() in dist.get_process_group_ranks(group)
     for kind, timed in overhead_schedule(list(steps), args.overhead_pairs, run_length):
-        if dist.is_initialized():
+        if dist.is_initialized() and member:  # a server outside the trainers' group serves their steps unsynced
             dist.barrier(group=group)
         synchronize(ctx.device)
         start = time.perf_counter()
@@ -282,6 +292,18 @@ def fixed_batch(args, info, ctx):
 
 
 # --------------------------------------------------------------------------- network links
+def network_info():
+    """The network the run used when declared (emulate_cluster.sh declares its emulated links in KIT_NET_*
+    variables), else None."""
+    env = os.environ
+    if not env.get("KIT_NET_RATE_BITS"):
+        return None
+    return {"emulated": bool(env.get("KIT_NET_TOPOLOGY")), "topology": env.get("KIT_NET_TOPOLOGY"),
+            "nodes": int(env.get("KIT_NET_NODES", 1)), "procs_per_node": int(env.get("KIT_NET_PROCS_PER_NODE", 1)),
+            "link_rate": env.get("KIT_NET_RATE"), "link_rate_bits": float(env["KIT_NET_RATE_BITS"]),
+            "delay": env.get("KIT_NET_DELAY") or None}
+
+
 def read_link_bytes(ctx):
     """[sent, received] bytes so far on this node's link (its local rank 0 reads KIT_NET_IFNAME's counters,
     which emulate_cluster.sh sets; zeros elsewhere or without it)."""

@@ -41,3 +41,8 @@ def sample_args(path=RECIPE_FILE):
     """The recipe as the flags run_all.sh gives every script on the sample dataset."""
     r = sample_recipe(path)
     return [*r["SAMPLE_RECIPE"], "--epochs", r["SAMPLE_EPOCHS"], "--batch-size", r["SAMPLE_BATCH"]]
+
+
+if __name__ == "__main__":  # for the shell scripts: `python modes.py SYNC_MODES` prints the list, space-separated
+    import sys
+    print(*globals()[sys.argv[1]])

@@ -24,32 +24,37 @@ serves its scale with the parameters; workers push scaled gradients; the server 
 the step on inf/NaN for everyone and adjusts the scale.
 Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async].json unless --output is given.
 """
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import common
 import data
+import driver
 import measure
+from modes import DEFAULT_BUCKET_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
 
-METHOD = "Parameter Server (PS)"
 SERVER = 0
-COMMS = ("collective", "p2p", "overlap")  # the first is the default
+COMMS = PS_COMMS  # the first is the default
+
+
+def output_name(args):
+    suffix = ("_sharded" if args.servers == "all" else "") + ("_async" if args.mode == "async" else "")
+    return variant_output("ps", args.comm, COMMS[0]).replace(".json", suffix + ".json")
 
 
 def parse_args(argv=None):
-    p = common.make_parser(__doc__.splitlines()[0])
-    p.add_argument("--comm", choices=COMMS, default=COMMS[0], help="how parameters and gradients travel "
-                   "(see the module docstring)")
-    p.add_argument("--bucket-mb", type=common.positive(float), default=25.0,
+    p = common.make_parser(__doc__, output_name)
+    p.add_argument("--comm", choices=COMMS, default=COMMS[0], help="how parameters and gradients travel")
+    p.add_argument("--bucket-mb", type=common.positive(float), default=DEFAULT_BUCKET_MB,
                    help="flat-buffer size in MiB for --comm collective and overlap")
-    p.add_argument("--servers", choices=("1", "all"), default="1",
+    p.add_argument("--servers", choices=PS_SERVERS, default=PS_SERVERS[0],
                    help="1: rank 0 serves, the others train; all: every rank trains and serves a shard")
-    p.add_argument("--mode", choices=("sync", "async"), default="sync",
+    p.add_argument("--mode", choices=PS_MODES, default=PS_MODES[0],
                    help="async: the server applies each gradient as it arrives (one server, its own exchange)")
-    name = lambda a: common.variant_output("ps", a.comm, COMMS[0]).replace(  # noqa: E731
-        ".json", ("_sharded" if a.servers == "all" else "") + ("_async" if a.mode == "async" else "") + ".json")
-    args = common.parse(p, argv, name)
+    args = common.parse(p, argv)
     if args.comm == "p2p" and args.channels_last:
         p.error("--comm p2p sends each tensor as it is and needs contiguous tensors (drop --channels-last "
                 "or use --comm collective)")
@@ -61,13 +66,97 @@ def parse_args(argv=None):
     return args
 
 
+# --------------------------------------------------------------------------- the algorithm, one step on each side
+def server_step(comm, optimizer, scaler, lr, clock):
+    """The single server's step: serve the parameters, gather the workers' gradients, average them, update."""
+    serve(comm, scaler)
+    clock.mark("serve")
+    comm.push()
+    clock.mark("push_wait")  # includes the workers' forward and backward
+    update(comm, optimizer, scaler, lr, len(comm.trainers))
+    clock.mark("update")
+
+
+def serve(comm, scaler):
+    """The server: puts the loss scale (1 without fp16) into the served state, then serves a pull."""
+    comm.layout.scale.copy_(scaler.scale(torch.ones((), device=comm.layout.scale.device)))
+    comm.pull()
+    comm.finish_pull()
+
+
+def update(comm, optimizer, scaler, lr, trainers):
+    """An owner: averages the sums pushed to it and steps its optimizer (fp16: unscales once, skips on inf)."""
+    comm.layout.average(comm.rank, trainers)
+    common.set_lr(optimizer, lr)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
+    """A worker's step: pull, forward and backward, push; with --servers all also the update of its own shard
+    (`optimizer`, at `lr`; otherwise the lr is the server's business). kind "local": the same forward and
+    backward and an SGD step on every parameter here, nothing exchanged (the yardstick's no-communication step,
+    while the servers wait); "blocking": overlap's buckets exchanged blocking (the collective transport)."""
+    criterion = nn.CrossEntropyLoss()
+    blocking = Collective(comm.layout, comm.rank, comm.trainers) if comm.overlaps else None
+    local = {}
+
+    def train_step(images, targets, clock, lr=None, kind="comm"):
+        comm.active = kind == "comm"  # the overlap transport's hooks stay quiet in the other kinds
+        try:
+            return local_step(images, targets) if kind == "local" else \
+                exchange_step(images, targets, clock, lr, blocking if kind == "blocking" else comm)
+        finally:
+            comm.active = True
+
+    def exchange_step(images, targets, clock, lr, via):
+        via.clock = clock
+        via.pull()
+        clock.mark("pull")
+        with common.autocast(args, ctx):
+            logits = model(images)  # overlap: each module first waits for its own pull bucket
+            loss = criterion(logits, targets)
+        via.finish_pull()
+        clock.mark("compute")
+        comm.layout.zero_grad()
+        (loss * comm.layout.scale).backward()  # overlap: the gradient hooks push buckets while backward runs
+        clock.mark("compute")
+        via.push()
+        clock.mark("push")
+        if optimizer is not None:
+            update(via, optimizer, scaler, lr, len(comm.trainers))
+            clock.mark("update")
+        return loss, logits
+
+    def local_step(images, targets):
+        if not local:
+            local.update(opt=common.make_optimizer(args, model.parameters()), scaler=common.make_scaler(args, ctx))
+        with common.autocast(args, ctx):
+            logits = model(images)
+            loss = criterion(logits, targets)
+        comm.layout.zero_grad()
+        local["scaler"].scale(loss).backward()
+        local["scaler"].step(local["opt"])
+        local["scaler"].update()
+        return loss, logits
+
+    return train_step
+
+
 # --------------------------------------------------------------------------- what travels, and who owns it
+class Bucket(common.FlatBuffer):
+    """A float32 flat buffer that one rank owns: the server's, or with sharding the rank owning its tensors."""
+
+    def __init__(self, tensors, owner):
+        super().__init__(tensors, torch.float32)
+        self.owner = owner
+
+
 class Layout:
     """The state as served (parameters and buffers in module order, so one module's tensors share a bucket,
     then the fp16 loss scale) and as pushed (gradients in the order backward produces them, then buffers), cut
-    into float32 flat buckets, each owned by one rank: the server's, or with sharding the rank owning the
-    tensors. Gradients are views of the push buckets: on an owner one division per bucket averages them, on a
-    worker backward writes straight into what is pushed."""
+    into buckets with an owner each. Gradients are views of the push buckets: on an owner one division per
+    bucket averages them, on a worker backward writes straight into what is pushed."""
 
     def __init__(self, model, bucket_mb, owner_of=None):
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -89,18 +178,13 @@ class Layout:
                 p.grad = view
 
     def _buckets(self, tensors, cap):
-        """Runs of one owner, each cut into buckets of about `cap` bytes; a bucket knows its owner."""
+        """Runs of one owner, each cut into buckets of about `cap` bytes."""
         runs = []
         for t in tensors:
             if not runs or runs[-1][0] != self.owner[id(t)]:
                 runs.append((self.owner[id(t)], []))
             runs[-1][1].append(t)
-        buckets = []
-        for owner, run in runs:
-            for group in common.split_buckets(run, cap, same_dtype=False):
-                buckets.append(common.FlatBuffer(group, torch.float32))
-                buckets[-1].owner = owner
-        return buckets
+        return [Bucket(group, owner) for owner, run in runs for group in common.split_buckets(run, cap, False)]
 
     def owned_params(self, rank):
         return [p for p in self.params if self.owner[id(p)] == rank]
@@ -130,8 +214,11 @@ def shard_owners(params, world_size):
 
 # --------------------------------------------------------------------------- how it travels
 class Transport:
-    """Every rank calls pull() then push() each step, in the same order. pull() is skipped while the trainers
-    already hold the owners' state (after the epoch's final pull); push() leaves the sums on the owners."""
+    """How the state and the gradients travel. Synchronous transports: every rank calls pull() then push() each
+    step, in the same order; pull() is skipped while the trainers already hold the owners' state (after the
+    epoch's final pull); push() leaves the sums on the owners. A server that does not train serves with
+    serve_step() and serve_epoch(); final_pull() (every rank) hands every trainer the owners' newest state."""
+    overlaps = False  # pushes and pulls overlap backward and forward: the yardstick measures a blocking twin
 
     def __init__(self, layout, rank, trainers):
         self.layout, self.rank, self.trainers = layout, rank, list(trainers)
@@ -152,6 +239,28 @@ class Transport:
     def push(self):
         self.fresh = False
         self._push()
+
+    def final_pull(self, scaler):
+        if self.trains:
+            self.pull()
+            self.finish_pull()
+        else:
+            serve(self, scaler)
+
+    def serve_step(self, optimizer, scaler, lr, clock):
+        server_step(self, optimizer, scaler, lr, clock)
+
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock):
+        """The single server's epoch: `steps` steps, then the final pull as part of the last. Returns its
+        figures, seconds per step after the first `warmup` steps."""
+        lrs = [lr_at(step) for step in range(steps)]
+        for lr in lrs:
+            clock.begin()
+            server_step(self, optimizer, scaler, lr, clock)
+        serve(self, scaler)
+        clock.mark("serve")
+        sums = clock.phase_sums(skip=warmup)
+        return ServerStats(*(sums.get(k, 0.0) / (steps - warmup) for k in ("serve", "push_wait", "update")), lrs=lrs)
 
     def _start(self, bucket):
         """A push bucket's first contribution on this rank: its own gradients are there already (views); a
@@ -219,6 +328,7 @@ class Overlap(Collective):
     """Collective, with the trainers' side overlapped: pushes start from gradient hooks during backward (in
     bucket order, so every rank issues the same collectives), and each module waits in a forward pre-hook only
     for the pull bucket holding its own tensors."""
+    overlaps = True
 
     def __init__(self, layout, rank, trainers, model):
         super().__init__(layout, rank, trainers)
@@ -282,17 +392,25 @@ def make_transport(comm, layout, model, rank, trainers):
 PULL, PUSH = 0, 1
 
 
-class Async:
+class Async(Transport):
     """--mode async: each worker asks for the newest state (a PULL ticket) before computing and sends its
     gradients (a PUSH ticket, with the version it computed on) after; the server answers tickets in the order
     they arrive, applying every push at once. Tickets travel on a gloo group (any-source receive), the state
-    and gradients on the main one."""
+    and gradients on the main one; the epoch's final pull is a collective one."""
 
     def __init__(self, layout, rank, num_workers):
-        self.layout, self.rank, self.num_workers, self.trains = layout, rank, num_workers, rank != SERVER
+        super().__init__(layout, rank, range(1, num_workers + 1))
+        self.num_workers = num_workers
         self.tickets = dist.new_group(backend="gloo")  # every rank must call new_group
-        self.version, self.clock, self.active = 0, measure.NoClock(), True
+        self.final = Collective(layout, rank, self.trainers)
+        self.version = 0
         self.latest = {}  # server: each worker's latest buffers, whose mean it serves
+
+    def state_dict(self):
+        return {"version": self.version, "latest": {str(w): b for w, b in self.latest.items()}}
+
+    def load_state_dict(self, state):
+        self.version, self.latest = state["version"], {int(w): b for w, b in state["latest"].items()}
 
     def _ticket(self, kind):
         dist.send(torch.tensor([kind, self.version]), dst=SERVER, group=self.tickets)
@@ -315,8 +433,21 @@ class Async:
                 bucket.pack()
             dist.send(bucket.flat, dst=SERVER)
 
-    def finish_pull(self):
-        pass
+    def final_pull(self, scaler):
+        self.final.fresh = False
+        self.final.final_pull(scaler)
+
+    def serve_step(self, optimizer, scaler, lr, clock):
+        self.serve(self.num_workers, optimizer, lambda i: lr, clock)
+
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock):
+        clock.begin()
+        stale = self.serve(steps * self.num_workers, optimizer, lambda i: lr_at(i / self.num_workers), clock)
+        self.final_pull(scaler)  # the epoch's model, to everyone
+        sums = clock.phase_sums()
+        return ServerStats(sums.get("serve", 0.0) / steps, sums.get("wait", 0.0) / steps,
+                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / steps,
+                           sum(stale) / len(stale), max(stale), [lr_at(s) for s in range(steps)])
 
     @torch.no_grad()
     def serve(self, pushes, optimizer, lr_of, clock):
@@ -346,110 +477,29 @@ class Async:
         return staleness
 
 
-# --------------------------------------------------------------------------- one step on each side
-def serve(comm, scaler):
-    """The server: puts the loss scale (1 without fp16) into the served state, then serves a pull."""
-    comm.layout.scale.copy_(scaler.scale(torch.ones((), device=comm.layout.scale.device)))
-    comm.pull()
-    comm.finish_pull()
+# --------------------------------------------------------------------------- the server's figures, to the trainers
+@dataclasses.dataclass
+class ServerStats:
+    """The single server's epoch, per step: serving the pull, waiting for the pushes (the workers' compute
+    included), averaging and updating; async: staleness; and the learning rate it applied at each step."""
+    serve: float = 0.0
+    push_wait: float = 0.0
+    update: float = 0.0
+    staleness_mean: float = 0.0
+    staleness_max: float = 0.0
+    lrs: list = dataclasses.field(default_factory=list)
+
+    SCALARS = ("serve", "push_wait", "update", "staleness_mean", "staleness_max")
+
+    def share(self, ctx, steps):
+        """Every rank calls it (the trainers with zeros): the server's figures, on every rank."""
+        packed = torch.tensor([*(getattr(self, k) for k in self.SCALARS), *(self.lrs or [0.0] * steps)],
+                              dtype=torch.float64, device=ctx.device)
+        values = measure.all_reduce(packed).tolist()
+        return ServerStats(*values[:len(self.SCALARS)], lrs=values[len(self.SCALARS):])
 
 
-def update(comm, optimizer, scaler, lr, trainers):
-    """An owner: averages the sums pushed to it and steps its optimizer (fp16: unscales once, skips on inf)."""
-    comm.layout.average(comm.rank, trainers)
-    common.set_lr(optimizer, lr)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def server_step(comm, optimizer, scaler, lr, clock):
-    """The single server's step: serve the parameters, gather the workers' gradients, average them, update."""
-    serve(comm, scaler)
-    clock.mark("serve")
-    comm.push()
-    clock.mark("push_wait")  # includes the workers' forward and backward
-    update(comm, optimizer, scaler, lr, len(comm.trainers))
-    clock.mark("update")
-
-
-def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
-    """A worker's step: pull, forward and backward, push; with --servers all also the update of its own shard
-    (`optimizer`, at `lr`). Otherwise the lr is the server's business."""
-    criterion = nn.CrossEntropyLoss()
-
-    def train_step(images, targets, clock, lr=None):
-        comm.clock = clock
-        comm.pull()
-        clock.mark("pull")
-        with common.autocast(args, ctx):
-            logits = model(images)  # overlap: each module first waits for its own pull bucket
-            loss = criterion(logits, targets)
-        comm.finish_pull()
-        clock.mark("compute")
-        comm.layout.zero_grad()
-        (loss * comm.layout.scale).backward()  # overlap: the gradient hooks push buckets while backward runs
-        clock.mark("compute")
-        comm.push()
-        clock.mark("push")
-        if optimizer is not None:
-            update(comm, optimizer, scaler, lr, len(comm.trainers))
-            clock.mark("update")
-        return loss, logits
-
-    return train_step
-
-
-# --------------------------------------------------------------------------- the yardstick
-def measure_overhead(model, comm, optimizer, scaler, args, ctx, info, workers):
-    """The yardstick: a worker's step against the same step with a local SGD update and no communication
-    while a server waits; runs of 2, because a pull waits for the update of the step before. For --comm
-    overlap also the collective (blocking) exchange of the same buckets. Returns the block (None on a server
-    that does not train)."""
-    kinds = ["comm", "local"] + (["blocking"] if isinstance(comm, Overlap) else [])
-    lr, clock = common.lr_at(args, 0), measure.NoClock()
-    schedule = measure.overhead_schedule(kinds, args.overhead_pairs, run_length=2)
-    sharded = comm.trains and optimizer is not None  # every rank trains and updates its shard
-    if not comm.trains:  # the single server serves the steps that communicate
-        with measure.preserved(model, optimizer, scaler):
-            if isinstance(comm, Async):
-                comm.serve((ctx.world_size - 1) * sum(1 for k, _ in schedule if k == "comm"), optimizer,
-                           lambda i: lr, clock)
-                comm.version, comm.latest = 0, {}
-            else:
-                for kind, _ in schedule:
-                    if kind != "local":
-                        server_step(comm, optimizer, scaler, lr, clock)
-        return None
-    real = make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler)
-    blocking = Collective(comm.layout, comm.rank, comm.trainers) if isinstance(comm, Overlap) else None
-    blocking = blocking and make_worker_step(model, blocking, args, ctx, optimizer if sharded else None, scaler)
-    local_opt, local_scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
-    criterion = nn.CrossEntropyLoss()
-
-    def local(images, targets, clock):
-        with common.autocast(args, ctx):
-            loss = criterion(model(images), targets)
-        comm.layout.zero_grad()
-        local_scaler.scale(loss).backward()
-        local_scaler.step(local_opt)
-        local_scaler.update()
-
-    def hooks_off(fn):  # the overlap transport's hooks stay quiet: nothing is pushed from backward
-        def run(images, targets):
-            comm.active = False
-            try:
-                fn(images, targets, clock)
-            finally:
-                comm.active = True
-        return run
-
-    steps = {"comm": lambda x, y: real(x, y, clock, lr), "local": hooks_off(local), "blocking": hooks_off(blocking)}
-    with measure.preserved(model, *([optimizer] if sharded else [])):
-        overhead = measure.measure_overhead(ctx, args, {k: steps[k] for k in kinds},
-                                            *measure.fixed_batch(args, info, ctx), group=workers, run_length=2)
-    return overhead
-
-
+# --------------------------------------------------------------------------- the two roles
 def messages_per_step(comm, layout, args):
     """Messages per training step: per tensor and peer (p2p), per bucket (collective: one call each), per
     worker two tickets and every bucket each way (async)."""
@@ -460,136 +510,98 @@ def messages_per_step(comm, layout, args):
     return len(layout.pull) + len(layout.push)
 
 
-# --------------------------------------------------------------------------- epochs
-def serve_epoch(comm, optimizer, scaler, epoch, steps, args, ctx):
-    """The single server's epoch: `steps` steps (async: steps x workers gradients), then the final pull, as part
-    of the last step. Returns [serve, push wait, update] seconds per step, staleness [mean, max], the lrs."""
-    clock, lrs = measure.StepClock(ctx.device), [common.lr_at(args, epoch - 1 + s / steps) for s in range(steps)]
-    warmup = min(args.warmup_steps, steps - 1) if epoch == 1 else 0
-    if isinstance(comm, Async):
-        clock.begin()
-        workers = ctx.world_size - 1
-        stale = comm.serve(steps * workers, optimizer, lambda i: common.lr_at(args, epoch - 1 + i / workers / steps),
-                           clock)
-        sums, per = clock.phase_sums(), steps
-        Collective(comm.layout, ctx.rank, range(1, ctx.world_size)).pull()  # the epoch's model, to everyone
-        times = [sums.get("serve", 0.0) / per, sums.get("wait", 0.0) / per,
-                 (sums.get("update", 0.0) + sums.get("receive", 0.0)) / per]
-        return times, [sum(stale) / len(stale), max(stale)], lrs
-    for step in range(steps):
-        clock.begin()
-        server_step(comm, optimizer, scaler, lrs[step], clock)
-    serve(comm, scaler)
-    clock.mark("serve")
-    sums = clock.phase_sums(skip=warmup)
-    return [sums.get(k, 0.0) / (steps - warmup) for k in ("serve", "push_wait", "update")], [0.0, 0.0], lrs
+def server_role(args, ctx, comm, optimizer, scaler, method):
+    """The single server: it serves the trainers' steps, in the yardstick too, and has epochs of its own."""
+    def step(images, targets, clock, lr, kind="comm"):
+        if kind != "local":  # the workers' no-communication step needs no server
+            comm.serve_step(optimizer, scaler, lr, clock)
+
+    def serve_epoch(epoch, steps):
+        stats = comm.serve_epoch(optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
+                                 min(args.warmup_steps, steps - 1) if epoch == 1 else 0,
+                                 measure.StepClock(ctx.device))
+        common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * stats.serve:.1f}ms, wait "
+                        f"{1e3 * stats.push_wait:.1f}ms, aggregate+update {1e3 * stats.update:.1f}ms"
+                        + (f", staleness {stats.staleness_mean:.2f} (max {stats.staleness_max:.0f})"
+                           if args.mode == "async" else ""))
+        return stats
+
+    method.step, method.serve_epoch = step, serve_epoch
+    method.before_epochs = lambda: comm.final_pull(scaler)  # the initial state, before any clock
+
+
+def trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded):
+    """A worker (or, sharded, a worker that also owns a shard): it trains, and reports the server's figures."""
+    method.step = make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler)
+    method.before_epochs = lambda: comm.final_pull(scaler)
+
+    def end_of_epoch(clock):  # the epoch's last update, so every trainer validates the same model
+        comm.final_pull(scaler)
+        clock.mark("pull")
+
+    def figures(record, server):
+        phases = record["phase_times"]
+        out = dict(avg_comm_time_pull=phases["pull"], avg_comm_time_push=phases["push"],
+                   avg_comm_time=phases["pull"] + phases["push"])
+        if server is not None:
+            out.update(avg_server_serve_time=server.serve, avg_server_push_wait_time=server.push_wait,
+                       avg_server_update_time=server.update, lrs=server.lrs)
+        if args.mode == "async":
+            out.update(staleness_mean=server.staleness_mean, staleness_max=server.staleness_max,
+                       updates_per_second=record["steps"] * len(comm.trainers) / record["train_time"])
+        return out
+
+    method.end_of_epoch, method.figures = end_of_epoch, figures
+
+
+def trainers_of(args, world_size):
+    """The ranks that train: every rank with --servers all, else all but the server."""
+    return list(range(world_size)) if args.servers == "all" else [r for r in range(world_size) if r != SERVER]
+
+
+def make_method(args, ctx, info, model, weights=None):
+    """The layout, the transport, this rank's role (server or trainer) and its state, as the driver runs them."""
+    sharded, trainers = args.servers == "all", trainers_of(args, ctx.world_size)
+    workers = None if sharded else dist.new_group(ranks=trainers)  # every rank must call new_group
+    params = [p for p in model.parameters() if p.requires_grad]
+    layout = Layout(model, args.bucket_mb, shard_owners(params, ctx.world_size) if sharded else None)
+    comm = Async(layout, ctx.rank, len(trainers)) if args.mode == "async" else \
+        make_transport(args.comm, layout, model, ctx.rank, trainers)
+    owned = layout.owned_params(ctx.rank)
+    optimizer = common.make_optimizer(args, owned) if owned else None
+    scaler = common.make_scaler(args, ctx)
+    state_bytes = sum(4 * t.numel() for t in layout.params + layout.buffers)
+    method = driver.Method(
+        kind="ps", description=f"{'every rank serves a shard' if sharded else 'rank 0 serves'}, --comm {args.comm}, "
+                               f"--mode {args.mode}, {state_bytes / 1e6:.1f} MB of state",
+        settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb),
+        model=model, step=None, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
+        run_length=2,  # a pull waits for the server's update of the step before: runs of 2 in the yardstick
+        state={"model": model, "optimizer": optimizer, "scaler": scaler,
+               **({"async": comm} if args.mode == "async" else {})} if owned else {},
+        share=None if sharded else (lambda stats: (stats or ServerStats()).share(ctx, info.steps)),
+        fields=dict(weights=weights, num_workers=len(trainers), state_bytes=state_bytes,
+                    largest_shard_bytes=max(sum(4 * p.numel() for p in layout.owned_params(r))
+                                            for r in range(ctx.world_size)),
+                    gradient_bytes=sum(4 * p.numel() for p in layout.params),
+                    messages_per_step=messages_per_step(comm, layout, args)))
+    if ctx.rank in trainers:
+        trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded)
+    else:
+        server_role(args, ctx, comm, optimizer, scaler, method)
+    return method
 
 
 def main(argv=None):
     args = parse_args(argv)
-    common.check_output_path(args.output)
-    ctx = common.setup_distributed(args)
-    try:
-        sharded = args.servers == "all"
-        if ctx.world_size < 2 and not sharded:
+    with driver.session(args) as ctx:
+        if ctx.world_size < 2 and args.servers != "all":
             raise common.UserError("the parameter server needs at least 2 processes, a server and a worker "
                                    "(run with torchrun --nproc_per_node=2 or more)")
-        trainers = list(range(ctx.world_size)) if sharded else list(range(1, ctx.world_size))
-        is_server, trains = ctx.rank == SERVER and not sharded, ctx.rank in trainers
-        workers = None if sharded else dist.new_group(ranks=trainers)  # every rank must call new_group
-        ds = data.open_data(args, ctx, len(trainers))  # the trainers shard the training set among themselves
-        info = ds.info
-        train_loader = data.train_loader(ds, args, ctx, len(trainers), trainers.index(ctx.rank)) if trains else None
-        val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)  # the server validates too
-        model, weights = common.build_model(args, ctx, info.num_classes)
-        params = [p for p in model.parameters() if p.requires_grad]
-        layout = Layout(model, args.bucket_mb, shard_owners(params, ctx.world_size) if sharded else None)
-        comm = Async(layout, ctx.rank, len(trainers)) if args.mode == "async" else \
-            make_transport(args.comm, layout, model, ctx.rank, trainers)
-        owned = layout.owned_params(ctx.rank)
-        optimizer = common.make_optimizer(args, owned) if owned else None
-        scaler = common.make_scaler(args, ctx)
-        step = make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler) if trains else None
-        writer = trainers[0]
-        state_bytes = sum(4 * t.numel() for t in layout.params + layout.buffers)
-        busiest = max(sum(4 * p.numel() for p in layout.owned_params(r)) for r in range(ctx.world_size))
-        results = common.Results(args.output, METHOD, "ps", ctx, args, info, writer=ctx.rank == writer,
-                                 trainers=len(trainers), num_workers=len(trainers), comm=args.comm,
-                                 mode=args.mode, servers=args.servers, weights=weights, bucket_mb=args.bucket_mb,
-                                 state_bytes=state_bytes, largest_shard_bytes=busiest,
-                                 gradient_bytes=sum(4 * p.numel() for p in layout.params),
-                                 messages_per_step=messages_per_step(comm, layout, args))
-        common.log(ctx, f"{METHOD} ({'every rank serves a shard' if sharded else 'rank 0 serves'}, --comm "
-                        f"{args.comm}, --mode {args.mode}): {len(trainers)} trainers ({ctx.backend}, "
-                        f"{common.device_name(ctx.device)}), {args.arch} on {info.name} ({info.train_size} train / "
-                        f"{info.val_size} val images, {info.image_size}px), {state_bytes / 1e6:.1f} MB of state, "
-                        f"{info.steps} steps/epoch, batch {args.batch_size}/trainer", rank=writer)
-        resumed = common.load_checkpoint(args, ctx, owner=ctx.rank, writer=writer)
-        if resumed:  # every owner takes its training state back; the trainers get it with the first pull
-            if optimizer is not None:
-                for part, obj in zip(("model", "optimizer", "scaler"), (model, optimizer, scaler)):
-                    obj.load_state_dict(resumed[1][part])
-            results.resume(resumed[2])
-            common.log(ctx, f"resumed after epoch {resumed[0]} from {common.checkpoint_dir(args)}", rank=writer)
-        elif args.overhead_pairs:
-            overhead = measure_overhead(model, comm, optimizer, scaler, args, ctx, info, workers)
-            if trains:
-                results.update(comm_overhead=overhead)
-                common.log(ctx, f"communication overhead: {1e3 * overhead['overhead']:.1f} ms/step "
-                                f"({100 * overhead['overhead_share']:.0f}% of a "
-                                f"{1e3 * overhead['step_time']:.1f} ms step)", rank=writer)
-        final_pull = Collective(layout, ctx.rank, trainers) if args.mode == "async" else comm
-        if is_server:
-            serve(final_pull, scaler)  # the initial state, before any clock (as DDP broadcasts at wrap)
-        else:
-            final_pull.pull()
-            final_pull.finish_pull()
-        for epoch in range(1 + (resumed[0] if resumed else 0), args.epochs + 1):
-            link = measure.read_link_bytes(ctx)
-            server = [0.0] * 5 + [0.0] * info.steps
-            if is_server:
-                times, stale, lrs = serve_epoch(comm, optimizer, scaler, epoch, info.steps, args, ctx)
-                server = times + stale + lrs
-            else:
-                def end_of_epoch(clock):  # the epoch's last update, so every trainer validates the same model
-                    final_pull.fresh = False if args.mode == "async" else final_pull.fresh
-                    final_pull.pull()
-                    final_pull.finish_pull()
-                    clock.mark("pull")
-                record = measure.run_epoch(ctx, args, epoch, train_loader, info.steps, step, group=workers,
-                                           end_of_epoch=end_of_epoch)
-            link = measure.busiest_link(ctx, link, info.steps)
-            # The server's clocks, staleness and learning rates, to every rank (the others contribute zeros).
-            server = measure.all_reduce(torch.tensor(server, dtype=torch.float64, device=ctx.device)).tolist()
-            val_loss, val_accuracy = measure.evaluate(model, val_loader, ctx, args)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict()} if optimizer is not None else None
-            if is_server:
-                common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * server[0]:.1f}ms, wait "
-                                f"{1e3 * server[1]:.1f}ms, aggregate+update {1e3 * server[2]:.1f}ms"
-                                + (f", staleness {server[3]:.2f} (max {server[4]:.0f})" if args.mode == "async"
-                                   else ""))
-                common.checkpoint_epoch(args, ctx, epoch, results, state=state)
-                continue
-            record.update(avg_comm_time_pull=record["phase_times"]["pull"],
-                          avg_comm_time_push=record["phase_times"]["push"],
-                          avg_comm_time=record["phase_times"]["pull"] + record["phase_times"]["push"],
-                          link=link, val_loss=val_loss, val_accuracy=val_accuracy)
-            if not sharded:
-                record.update(avg_server_serve_time=server[0], avg_server_push_wait_time=server[1],
-                              avg_server_update_time=server[2], lrs=server[5:])
-            if args.mode == "async":
-                record.update(staleness_mean=server[3], staleness_max=server[4],
-                              updates_per_second=info.steps * len(trainers) / record["train_time"])
-            results.add_epoch(record)
-            common.checkpoint_epoch(args, ctx, epoch, results, state=state)
-            common.log(ctx, common.epoch_line(record), rank=writer)
-            common.warn_if_data_bound(ctx, record, rank=writer)
-        results.finish()
-        common.log(ctx, f"wrote {args.output}", rank=writer)
-        common.cleanup_distributed(barrier=True)
-    finally:
-        common.cleanup_distributed()
+        # The trainers shard the training set among themselves.
+        ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
+        model, weights = common.build_model(args, ctx, ds.info.num_classes)
+        driver.train(args, ctx, ds, make_method(args, ctx, ds.info, model, weights))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The guide's quick full run: clears old results, runs the three methods with torchrun, analyses them.
+# The guide's quick full run: moves earlier results aside (to previous/<time>/, and says so), runs the three
+# methods with torchrun, analyses them.
 #
 #   bash run_all.sh                   every GPU with NCCL, else 4 CPU processes with gloo; the guide's defaults
 #                                     (on the built-in sample dataset: a from-scratch recipe that learns in minutes)
@@ -26,16 +27,9 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# The scripts' own lists (SYNC_MODES, COMMS, COMM_HOOKS; the first is the default); tests/test_run_all.py
-# checks that these copies match them.
-AR_SYNCS="overlap bucketed per-param ring"
-PS_COMMS="collective p2p overlap"
-DDP_HOOKS="none fp16 bf16 powersgd"
-# The sample dataset's first-run recipe: ResNet-18 from scratch, warm-up and cosine decay, so that every
-# method visibly learns (~80% val accuracy) within about 5 minutes on 2 CPU cores. Settings given in the
-# environment or EXTRA_ARGS win. On ImageNet (DATA_DIR or ./train) the guide's defaults apply unchanged.
-SAMPLE_EPOCHS=14 SAMPLE_BATCH=32
-SAMPLE_RECIPE="--arch resnet18 --lr 0.1 --lr-warmup-epochs 1 --lr-scheduler cosine --overhead-pairs 2"
+# The sample dataset's first-run recipe (SAMPLE_EPOCHS, SAMPLE_BATCH, SAMPLE_RECIPE: ResNet-18 from scratch, warm-up
+# and cosine decay), in the one file Python reads too.
+source "$HERE/sample_recipe.env"
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 VARIANTS=0 COMPRESSION=0 CHECK=0
@@ -57,7 +51,7 @@ while [ $# -gt 0 ]; do
     --cluster=*) CLUSTER="${1#--cluster=}" ;;
     --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
     --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --check; settings go in the environment, see --help)" ;;
   esac
   shift
@@ -85,6 +79,9 @@ DRY_RUN=${DRY_RUN:-0}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
+# The scripts' variant lists (the first is each one's default), from modes.py: one source for shell and Python.
+AR_SYNCS=$("$PYTHON" "$HERE/modes.py" SYNC_MODES) PS_COMMS=$("$PYTHON" "$HERE/modes.py" PS_COMMS)
+DDP_HOOKS=$("$PYTHON" "$HERE/modes.py" COMM_HOOKS)
 for n in $NPROC $SWEEP; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "process count '$n' is not a positive integer (NPROC or --sweep)"
   if [ -n "$CLUSTER" ]; then  # a sweep count runs on the first n/PROCS nodes; the cluster has the most needed
@@ -106,8 +103,16 @@ elif [ -d train ]; then DATASET="./train and ./val"
 else
   DATASET="the built-in sample dataset (no DATA_DIR, no ./train) with its first-run recipe"
   read -r -a RECIPE <<< "$SAMPLE_RECIPE"
-  ARGS+=("${RECIPE[@]}")
   EPOCHS=${EPOCHS:-$SAMPLE_EPOCHS} BATCH_SIZE=${BATCH_SIZE:-$SAMPLE_BATCH}
+  if [ "$EPOCHS" -lt "$SAMPLE_EPOCHS" ] 2>/dev/null; then  # a shorter run keeps the recipe's shape: warm-up scaled
+    for k in "${!RECIPE[@]}"; do
+      if [ "${RECIPE[k]}" = --lr-warmup-epochs ]; then
+        RECIPE[k+1]=$(awk -v w="${RECIPE[k+1]}" -v e="$EPOCHS" -v s="$SAMPLE_EPOCHS" 'BEGIN { printf "%.3g", w * e / s }')
+        DATASET+=" (EPOCHS=$EPOCHS of its $SAMPLE_EPOCHS: warm-up scaled to ${RECIPE[k+1]} epochs)"
+      fi
+    done
+  fi
+  ARGS+=("${RECIPE[@]}")
 fi
 [ -n "${EPOCHS:-}" ] && ARGS+=(--epochs "$EPOCHS")
 [ -n "${BATCH_SIZE:-}" ] && ARGS+=(--batch-size "$BATCH_SIZE")
@@ -186,10 +191,20 @@ if [ -n "$SEEDS" ]; then  # the whole plan once per seed, each file saying its s
   done
 fi
 
-if [ "$DRY_RUN" != 1 ]; then
+if [ "$DRY_RUN" != 1 ]; then  # an earlier run's files are moved aside, never deleted, and the move is said
   mkdir -p "$RESULTS_DIR"
-  rm -f "$RESULTS_DIR"/results_*.json "$RESULTS_DIR/performance_report.txt" "$RESULTS_DIR/report_tables.md"
-  rm -rf "$RESULTS_DIR/plots"
+  shopt -s nullglob
+  OLD=("$RESULTS_DIR"/results_*.json "$RESULTS_DIR"/trace_*.json "$RESULTS_DIR/performance_report.txt"
+       "$RESULTS_DIR/report_tables.md" "$RESULTS_DIR/plots")
+  shopt -u nullglob
+  OLD_FILES=()
+  for f in ${OLD[@]+"${OLD[@]}"}; do [ -e "$f" ] && OLD_FILES+=("$f"); done
+  if [ ${#OLD_FILES[@]} -gt 0 ]; then
+    AWAY="$RESULTS_DIR/previous/$(date +%Y-%m-%d_%H-%M-%S)"
+    mkdir -p "$AWAY"
+    mv "${OLD_FILES[@]}" "$AWAY/"
+    echo "run_all.sh: moved the earlier run's ${#OLD_FILES[@]} file(s) (results, report, plots) to $AWAY/"
+  fi
 fi
 
 START=$SECONDS

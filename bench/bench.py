@@ -27,16 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import analysis  # noqa: E402
 from analysis.links import link_figures  # noqa: E402
-from all_reduce_train import SYNC_MODES  # noqa: E402  (the mode lists: one source, the scripts)
-from baseline_multi_card import COMM_HOOKS  # noqa: E402
-from ps_train import COMMS  # noqa: E402
+from modes import COMM_HOOKS, PS_COMMS as COMMS, SYNC_MODES, sample_args  # noqa: E402
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
-RUN_ALL = dict(line.split("=", 1) for line in (REPO / "run_all.sh").read_text().replace(" SAMPLE_", "\nSAMPLE_")
-               .splitlines() if line.startswith("SAMPLE_"))
-SAMPLE = [*RUN_ALL["SAMPLE_RECIPE"].strip('"').split(), "--epochs", RUN_ALL["SAMPLE_EPOCHS"], "--batch-size",
-          RUN_ALL["SAMPLE_BATCH"], "--workers", "1"]  # run_all.sh's first-run recipe on the sample data
+SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
 
 
 def suite(name, args):

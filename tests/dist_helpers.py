@@ -18,7 +18,7 @@ FAST_ARGS = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "4", "-
 def cli_args(**overrides):
     """The flags every script shares, at their defaults, with `overrides` set (no command line parsed)."""
     import common
-    args = common.parse(common.make_parser("test"), [], lambda a: "results.json")
+    args = common.parse(common.make_parser("test", lambda a: "results.json"), [])
     for key, value in overrides.items():
         setattr(args, key, value)
     return args

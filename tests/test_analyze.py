@@ -508,14 +508,6 @@ def test_the_analysis_does_not_import_torch(tmp_path):
     check_plots(tmp_path)
 
 
-def test_the_older_names_still_work():
-    """tests/test_cluster.py's calls: analyze_results.load_run(path).overhead() and link_bound(Experiment)."""
-    run = analyze_results.load_run(FIXTURES / "cluster" / "results_all_reduce_bucketed.json")
-    assert run.overhead() == run.data["comm_overhead"]["overhead"]
-    link, seconds, predicted, _ = analyze_results.link_bound(analyze_results.Experiment([run]))
-    assert 0.9 * predicted < max(link) < 1.15 * predicted and seconds == max(link) * 8 / 1e8
-
-
 # --------------------------------------------------------------------------- the guide's own files
 GUIDE_FILES = ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json")
 

@@ -195,7 +195,7 @@ def test_corrupted_image(mistakes, workers, damage):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPUs")
 def test_nccl_without_gpus(mistakes):
     line = _one_error_line(mistakes["nccl"][1])
-    assert "GPU" in line and "--backend gloo" in line
+    assert "GPU" in line and "--backend auto or gloo" in line and "runs on the CPU" in line
 
 
 @pytest.mark.parametrize("flag,value", NON_POSITIVE)

@@ -192,17 +192,18 @@ def test_blocking_all_reduce_overhead_tracks_the_link_rate_bound(tmp_path, data)
     what its bytes take at the link rate, and the bytes the nodes' counters see are the ring's 2(N-1)/N x gradients.
     MobileNetV3-small (6 MB of gradients) over 2 nodes at 50 Mbit/s: ~1 s of communication against ~20 ms of
     compute, so the overhead is almost all link time."""
-    import analyze_results
+    import analysis
+    from analysis.links import link_figures
     name, out = f"{PREFIX}b", tmp_path / "bucketed.json"
     proc = emu("run", "--name", name, "--nodes", 2, "--rate", "50mbit", "--logs", tmp_path / "logs", "--",
                REPO / "all_reduce_train.py", "--sync", "bucketed", "--arch", "mobilenet_v3_small", "--image-size", 32,
                "--batch-size", 4, "--workers", 0, "--epochs", 1, "--max-steps", 3, "--data-dir", data,
                "--overhead-pairs", 2, "--output", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    run = analyze_results.load_run(out)
-    link, seconds, predicted, _ = analyze_results.link_bound(analyze_results.Experiment([run]))
-    assert 0.9 * predicted < max(link) < 1.15 * predicted, (link, predicted)  # headers: a few % on top
-    assert 0.85 * seconds < run.overhead() < 1.4 * seconds, (run.overhead(), seconds)
+    run = analysis.load_run(out)
+    f = link_figures(analysis.Experiment([run]))
+    assert 0.9 * f.bound_bytes < f.busiest < 1.15 * f.bound_bytes, f  # headers: a few % on top
+    assert 0.85 * f.link_time < run.yardstick.overhead < 1.4 * f.link_time, (run.yardstick.overhead, f.link_time)
     assert_nothing_left(name)
 
 

@@ -1,7 +1,6 @@
 """common.py: the command line and its one-line errors, distributed setup, the model and its learning-rate
-schedule, flat buffers, and the results writer."""
+schedule, flat buffers."""
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -15,8 +14,8 @@ import all_reduce_train
 import baseline_multi_card
 import common
 import measure
+import modes
 import ps_train
-from data import DataInfo
 from dist_helpers import REPO, cli_args as _args, cpu_ctx as _ctx, run_in_group
 
 CPU = torch.device("cpu")
@@ -44,8 +43,8 @@ def test_an_abbreviated_flag_is_one_error_line(capsys, script, argv):
 
 
 def test_variant_outputs():
-    assert common.variant_output("ps", "collective", "collective") == "results_ps.json"
-    assert common.variant_output("all_reduce", "per-param", "overlap") == "results_all_reduce_per_param.json"
+    assert modes.variant_output("ps", "collective", "collective") == "results_ps.json"
+    assert modes.variant_output("all_reduce", "per-param", "overlap") == "results_all_reduce_per_param.json"
     assert baseline_multi_card.parse_args([]).output == "results_baseline_ddp.json"
     assert baseline_multi_card.parse_args(["--comm-hook", "bf16"]).output == "results_baseline_ddp_bf16.json"
 
@@ -216,7 +215,7 @@ def test_weights_file_is_loaded_and_a_wrong_one_rejected(tmp_path):
 
 
 def _lr_args(*argv):
-    return common.parse(common.make_parser("test"), list(argv), lambda a: "results.json")
+    return common.parse(common.make_parser("test", lambda a: "results.json"), list(argv))
 
 
 def test_lr_default_is_constant():
@@ -363,72 +362,6 @@ def test_flat_buffer_in_another_dtype():
     buffer.flat.div_(2)
     buffer.unpack()
     assert counter.dtype == torch.int64 and counter.item() == 2 and torch.equal(stats, torch.tensor([0, 0.5, 1]))
-
-
-# --------------------------------------------------------------------------- results
-INFO = DataInfo("sample", "/x", 10, 100, 20, 32, 5, False)
-RECORD = {"epoch": 1, "train_loss": 1.0, "train_accuracy": 10.0, "train_time": 2.0, "train_throughput": 50.0,
-          "avg_batch_time": 0.1, "avg_data_time": 0.01, "all_losses": [1.0, 1.5], "val_loss": 1.2,
-          "val_accuracy": 12.0, "phase_times": {"data": 0.01, "compute": 0.09}}
-
-
-def test_results_are_rewritten_atomically_with_status(tmp_path):
-    path = tmp_path / "r.json"
-    results = common.Results(path, "M", "k", _ctx(0, 2), _args(), INFO, writer=True, trainers=2, extra="x")
-    data = json.loads(path.read_text())
-    assert data["status"] == "incomplete" and data["kind"] == "k" and data["method"] == "M"
-    assert data["trainers"] == 2 and data["world_size"] == 2 and data["extra"] == "x"
-    assert data["steps_per_epoch"] == 5 and data["dataset"]["steps"] == 5 and data["image_size"] == 32
-    assert data["dataset"]["dropped_last_image"] is False and data["network"] is None
-    results.add_epoch(dict(RECORD))
-    data = json.loads(path.read_text())
-    assert data["status"] == "incomplete" and len(data["epochs"]) == 1 and data["all_losses"] == [1.0, 1.5]
-    assert data["summary"]["best_val_accuracy"] == 12.0 and data["summary"]["avg_train_throughput"] == 50.0
-    results.add_epoch({**RECORD, "epoch": 2, "val_accuracy": 20.0, "train_throughput": 70.0})
-    results.update(note="late")
-    results.finish()
-    data = json.loads(path.read_text())
-    assert data["status"] == "complete" and data["summary"]["avg_train_throughput"] == 60.0
-    assert data["summary"]["best_val_accuracy"] == 20.0 and data["note"] == "late"
-    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
-    assert "accuracy_note" not in data
-    common.Results(tmp_path / "s.json", "M", "k", _ctx(), _args(synthetic=True), INFO, writer=True, trainers=1)
-    assert "meaningless" in json.loads((tmp_path / "s.json").read_text())["accuracy_note"]
-    common.Results(tmp_path / "t.json", "M", "k", _ctx(), _args(), INFO, writer=False, trainers=1)
-    assert not (tmp_path / "t.json").exists()  # only the writer writes
-
-
-def test_summary_averages_every_avg_field_and_scaling_efficiency(tmp_path):
-    results = common.Results(tmp_path / "r.json", "M", "k", _ctx(0, 2), _args(batch_size=4), INFO, writer=True,
-                             trainers=2)
-    results.update(comm_overhead={"local_step_time": 0.1})  # one trainer alone: 40 img/s
-    extra = [{"avg_comm_time": 0.2, "avg_server_update_time": 1.0, "avg_anything_new": 3.0, "avg_text": "n/a",
-              "link": None},
-             {"avg_comm_time": 0.4, "avg_server_update_time": 2.0, "avg_anything_new": 5.0, "avg_sometimes": 1.0,
-              "avg_text": "n/a", "link": None}]
-    for i, fields in enumerate(extra):
-        results.add_epoch({**RECORD, "epoch": i + 1, "train_throughput": 40.0 * (i + 1), **fields})
-    data = json.loads((tmp_path / "r.json").read_text())
-    assert [e["scaling_efficiency"] for e in data["epochs"]] == pytest.approx([0.5, 1.0])  # of 2 x 40 img/s
-    summary = data["summary"]
-    assert summary["scaling_efficiency"] == pytest.approx(0.75)
-    assert summary["avg_comm_time"] == pytest.approx(0.3) and summary["avg_server_update_time"] == 1.5
-    assert summary["avg_anything_new"] == 4.0 and summary["avg_batch_time"] == pytest.approx(0.1)
-    assert summary["avg_data_time"] == pytest.approx(0.01) and summary["avg_train_throughput"] == 60.0
-    # Not a number in every epoch: no mean.
-    assert "avg_sometimes" not in summary and "avg_text" not in summary and "link" not in summary
-    assert summary == common.summarize(data["epochs"])
-
-
-def test_epoch_line_and_data_bound_warning(capsys):
-    record = {**RECORD, "avg_batch_time": 0.1, "avg_data_time": 0.05}
-    line = common.epoch_line(record)
-    assert line.startswith("epoch 1: train loss 1.0000 acc 10.00%") and "(data 10.0 compute 90.0 ms)" in line
-    assert line.endswith("val loss 1.2000 acc 12.00%")
-    common.warn_if_data_bound(_ctx(), record)
-    common.warn_if_data_bound(_ctx(), {**record, "avg_data_time": 0.01})
-    common.warn_if_data_bound(_ctx(1, 2), record)  # not the reporting rank
-    assert capsys.readouterr().out.count("warning: data loading is 50% of each step") == 1
 
 
 def test_output_folder_checked_before_training(tmp_path):

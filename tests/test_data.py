@@ -15,9 +15,10 @@ from dist_helpers import FAST_ARGS, cli_args as _args, cpu_ctx as _ctx, make_ima
 def test_data_py_generates_the_sample_set_deterministically_once(tmp_path):
     proc = run_python("data.py", "--root", tmp_path / "a", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    first = tmp_path / "a" / data.VERSION
+    first = tmp_path / "a"  # --root DIR writes DIR/train and DIR/val, so that --data-dir DIR reads it
     assert f"sample dataset: {first}" in proc.stdout
-    second = data.ensure(tmp_path / "b")  # the same, generated in this process
+    second = data.ensure(tmp_path / "b")  # the same, generated in this process into the scripts' versioned cache
+    assert second == tmp_path / "b" / data.VERSION
     files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
     assert len(files) == len(data.CLASSES) * (data.TRAIN_PER_CLASS + data.VAL_PER_CLASS)
     assert len(list((first / "train").rglob("*.png"))) == len(data.CLASSES) * data.TRAIN_PER_CLASS
@@ -26,9 +27,9 @@ def test_data_py_generates_the_sample_set_deterministically_once(tmp_path):
     for rel in files[:: len(files) // 7]:
         assert (first / rel).read_bytes() == (second / rel).read_bytes()
     mtime = (first / files[0]).stat().st_mtime
-    assert data.ensure(tmp_path / "a") == first  # cached: not regenerated
+    assert data.ensure(tmp_path / "a", versioned=False) == first  # cached: not regenerated
     assert (first / files[0]).stat().st_mtime == mtime
-    assert [p.name for p in (tmp_path / "a").iterdir()] == [data.VERSION]  # no temporary folder left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["train", "val"]  # no temporary folder left
 
 
 def test_sample_classes_are_distinguishable():

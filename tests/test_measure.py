@@ -9,22 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import all_reduce_train as ar
 import baseline_multi_card as ddp_script
 import common
+import driver
 import measure
 import ps_train as ps
 from data import DataInfo
-from dist_helpers import run_in_group
+from dist_helpers import cpu_ctx as _ctx, run_in_group
 
-CPU = torch.device("cpu")
 INFO = DataInfo("test", "/", 3, 0, 0, 8, 1, False)  # 3 classes, 8 px images: the yardstick's batch shape
-
-
-def _ctx(rank=0, world=1):
-    return common.DistContext(rank, rank, world, world, CPU, "gloo", rank == 0)
 
 
 def _args(*extra):
@@ -127,61 +122,33 @@ def _same_state(a, b):
     return tensors and [g is None for g in a[1]] == [g is None for g in b[1]] and repr(a[2]) == repr(b[2])
 
 
-def _yardstick(rank, world_size, method, delay, seconds):
-    """Builds `method` on small_net in this group, counts the communication calls of one step, then
-    measures the overhead without and with `delay.seconds` in every call; returns (plain overhead block,
-    delayed block, calls per step, state unchanged by both?) (the blocks are None on the PS server)."""
+SCRIPTS = {"ddp": (ddp_script, []), "ps-sharded": (ps, ["--servers", "all"]), "ps-async": (ps, ["--mode", "async"]),
+           **{f"ar-{m}": (ar, ["--sync", m]) for m in ar.SYNC_MODES},
+           **{f"ps-{c}": (ps, ["--comm", c]) for c in ps.COMMS}}
+
+
+def _yardstick(rank, world_size, name, delay, seconds):
+    """Builds method `name` on small_net in this group as its script does, counts the communication calls of one
+    step, then measures the overhead without and with `delay.seconds` in every call; returns (plain overhead
+    block, delayed block, calls per step, state unchanged by both?) (the blocks are None on the PS server)."""
     ctx = _ctx(rank, world_size)
-    variant = {"ps-sharded": ["--servers", "all"], "ps-async": ["--mode", "async"]}.get(method, (
-        ["--sync", method[3:]] if method.startswith("ar") else ["--comm", method[3:]] if method.startswith("ps") else []))
-    args = (ps.parse_args if method.startswith("ps") else ar.parse_args)(
-        ["--batch-size", "4", "--overhead-pairs", "3", *variant])
+    script, variant = SCRIPTS[name]
+    args = script.parse_args(["--batch-size", "4", "--overhead-pairs", "3", *variant])
+    method = script.make_method(args, ctx, INFO, small_net())
+    if name == "ddp":
+        method.ddp.register_comm_hook(None, delay.ddp_hook)
     x, y = measure.fixed_batch(args, INFO, ctx)
-    model, clock, lr = small_net(), measure.NoClock(), 0.01
-    if method == "ddp":
-        model = DDP(model)
-        model.register_comm_hook(None, delay.ddp_hook)
-        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
-        step = ddp_script.make_train_step(model, optimizer, scaler, args, ctx)
-        run = lambda: step(x, y, clock, lr)  # noqa: E731
-        measure_it = lambda: ddp_script.measure_overhead(model, optimizer, scaler, step, args, ctx, INFO)  # noqa
-        stateful = (optimizer, scaler)
-    elif method.startswith("ar"):
-        sync = ar.GradSync(model, args.sync)
-        optimizer, scaler = common.make_optimizer(args, model.parameters()), common.make_scaler(args, ctx)
-        step = ar.make_train_step(model, sync, optimizer, scaler, args, ctx)
-        run = lambda: step(x, y, clock, lr)  # noqa: E731
-        measure_it = lambda: ar.measure_overhead(model, sync, optimizer, scaler, step, args, ctx, INFO)  # noqa
-        stateful = (optimizer, scaler)
-    else:
-        sharded = args.servers == "all"
-        trainers = list(range(world_size)) if sharded else list(range(1, world_size))
-        workers = None if sharded else dist.new_group(trainers)
-        owners = ps.shard_owners(list(model.parameters()), world_size) if sharded else None
-        layout = ps.Layout(model, args.bucket_mb, owners)
-        comm = ps.Async(layout, rank, len(trainers)) if args.mode == "async" else \
-            ps.make_transport(args.comm, layout, model, rank, trainers)
-        owned = layout.owned_params(rank)
-        optimizer, scaler = common.make_optimizer(args, owned) if owned else None, common.make_scaler(args, ctx)
-        step = ps.make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler)
-        if rank in trainers:
-            run = lambda: step(x, y, clock, lr)  # noqa: E731
-        elif args.mode == "async":
-            run = lambda: comm.serve(len(trainers), optimizer, lambda i: lr, clock)  # noqa: E731
-        else:
-            run = lambda: ps.server_step(comm, optimizer, scaler, lr, clock)  # noqa: E731
-        measure_it = lambda: ps.measure_overhead(model, comm, optimizer, scaler, args, ctx, INFO, workers)  # noqa
-        stateful = (optimizer, scaler) if optimizer is not None else ()
+    run = lambda: method.step(x, y, measure.NoClock(), 0.01)  # noqa: E731
     run()  # warm-up
     delay.calls = 0
     run()
     calls = delay.calls
-    before = _state(model, *stateful)
-    plain = measure_it()
+    before = _state(method.model, *method.state.values())
+    plain = driver.yardstick(args, ctx, INFO, method)
     delay.seconds = seconds
-    delayed = measure_it()
+    delayed = driver.yardstick(args, ctx, INFO, method)
     delay.seconds = 0.0
-    return plain, delayed, calls, _same_state(before, _state(model, *stateful))
+    return plain, delayed, calls, _same_state(before, _state(method.model, *method.state.values()))
 
 
 def _all(rank, world_size, methods, seconds):

@@ -7,12 +7,12 @@ import pytest
 
 import analysis
 import common
-from dist_helpers import REPO, run_script
+import modes
+from dist_helpers import run_script
 
-# run_all.sh's first-run recipe (SAMPLE_RECIPE: 4 trainers x 32 images at --lr 0.1), shortened to 3 epochs of
+# run_all.sh's first-run recipe (sample_recipe.env: 4 trainers x 32 images at --lr 0.1), shortened to 3 epochs of
 # 2 trainers x 16 images, its learning rate scaled with the global batch (the linear scaling rule): 0.1 x 32 / 128.
-RUN_ALL = (REPO / "run_all.sh").read_text()
-RECIPE = RUN_ALL.split('SAMPLE_RECIPE="')[1].split('"')[0].split() + [
+RECIPE = modes.sample_recipe()["SAMPLE_RECIPE"] + [
     "--epochs", "3", "--batch-size", "16", "--lr", "0.025", "--workers", "0", "--overhead-pairs", "0"]
 RUNS = {"ddp": ("baseline_multi_card.py", 2, 0, []), "ddp_seed1": ("baseline_multi_card.py", 2, 1, []),
         "all_reduce": ("all_reduce_train.py", 2, 0, []), "ps": ("ps_train.py", 3, 0, []),  # PS: 2 workers + server

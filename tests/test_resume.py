@@ -41,7 +41,7 @@ def _kill_tree(pid):
 def _final_state(out):
     """The model the owner (rank 0: DDP, all-reduce, the PS server) saved with the last checkpoint."""
     folder = out.with_name(out.stem + ".ckpt")
-    return torch.load(folder / f"epoch{(folder / 'latest').read_text()}" / "rank0.pt", weights_only=True)["state"]
+    return torch.load(folder / (folder / "latest").read_text() / "rank0.pt", weights_only=True)["state"]
 
 
 @pytest.mark.parametrize("script,nproc", METHODS)
@@ -54,12 +54,12 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, data, script, npr
     # A long run (the schedule is constant, so its length does not change the math), killed after epoch 1.
     proc, latest = _start(script, nproc, 50, cut, data), cut.with_name("r.ckpt") / "latest"
     start = time.time()
-    while not (latest.exists() and latest.read_text() == "1"):
+    while not (latest.exists() and latest.read_text() == "step00000006"):  # after epoch 1 (6 steps)
         assert proc.poll() is None and time.time() - start < 240, proc.communicate()[1][-3000:]
         time.sleep(0.02)
     _kill_tree(proc.pid)  # the machine dies: torchrun and every rank at once
     proc.wait()
-    assert latest.read_text() == "1" and json.loads(cut.read_text())["status"] == "incomplete"
+    assert latest.read_text() == "step00000006" and json.loads(cut.read_text())["status"] == "incomplete"
     resumed = _start(script, nproc, 2, cut, data)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]

@@ -10,6 +10,7 @@ import pytest
 
 import all_reduce_train
 import baseline_multi_card
+import modes
 import ps_train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,14 +33,19 @@ def test_end_to_end_small(tmp_path):
     (tmp_path / "plots" / "old.png").write_text("stale")
     proc = run_all(tmp_path, **SMALL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The earlier run's files are moved aside, not deleted, and the move is said.
     assert not (tmp_path / "results_stale.json").exists() and not (tmp_path / "plots" / "old.png").exists()
+    away, = (tmp_path / "previous").iterdir()
+    assert (away / "results_stale.json").exists() and (away / "plots" / "old.png").exists()
+    assert f"moved the earlier run's 2 file(s) (results, report, plots) to ./previous/{away.name}/" in proc.stdout
     kinds = {}
     for name in ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json"):
         data = json.loads((tmp_path / name).read_text())
         assert data["status"] == "complete" and data["world_size"] == 2 and data["batch_size"] == 8
         # The sample dataset's first-run recipe, with the environment's settings on top of it.
         assert data["arch"] == "resnet18" and data["dataset"]["name"] == "sample" and data["backend"] == "gloo"
-        assert data["args"]["lr_scheduler"] == "cosine" and data["args"]["lr_warmup_epochs"] == 1
+        # EPOCHS=1 of the recipe's 14: its one-epoch warm-up scaled to 1/14 epoch, so the run is not all warm-up
+        assert data["args"]["lr_scheduler"] == "cosine" and data["args"]["lr_warmup_epochs"] == pytest.approx(1 / 14, 1e-2)
         assert len(data["epochs"]) == 1 and data["epochs"][0]["steps"] == 2 and data["comm_overhead"]["pairs"] == 1
         kinds[data["kind"]] = data
     assert set(kinds) == {"baseline_ddp", "all_reduce", "ps"}
@@ -54,7 +60,7 @@ def test_end_to_end_small(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(label + "  "))
         assert f"{data['summary']['avg_train_throughput']:.1f}" in row.split()
     assert re.search(r"=== all done in \d+s; files:", proc.stdout)
-    assert "first-run recipe" in proc.stdout
+    assert "first-run recipe (EPOCHS=1 of its 14: warm-up scaled to 0.0714 epochs)" in proc.stdout
 
 
 def test_failed_experiment_stops_with_clear_message(tmp_path):
@@ -106,16 +112,18 @@ def test_the_sample_recipe_applies_only_to_the_sample_dataset(tmp_path):
     assert imagenet and not any("--arch" in c or "--epochs" in c or "--lr" in c for c in imagenet)
 
 
-def test_mode_lists_match_the_scripts():
-    """run_all.sh keeps copies of the scripts' variant lists: they must be the same, in the same order."""
-    text = (REPO / "run_all.sh").read_text()
-    lists = {name: re.search(rf'^{name}="([^"]*)"', text, re.M).group(1).split() for name in
-             ("AR_SYNCS", "PS_COMMS", "DDP_HOOKS")}
-    assert lists == {"AR_SYNCS": list(all_reduce_train.SYNC_MODES), "PS_COMMS": list(ps_train.COMMS),
-                     "DDP_HOOKS": list(baseline_multi_card.COMM_HOOKS)}
+def test_the_shell_scripts_plan_every_variant_the_scripts_have():
+    """run_all.sh and gpu_smoke.sh read the variant lists from modes.py, which the scripts' parsers use: --variants
+    plans every non-default --sync and --comm, --compression every DDP hook."""
+    assert baseline_multi_card.parse_args([]).comm_hook == modes.COMM_HOOKS[0]
+    assert all_reduce_train.parse_args([]).sync == modes.SYNC_MODES[0]
+    assert ps_train.parse_args([]).comm == modes.PS_COMMS[0]
+    commands = planned(run_all(REPO, "--variants", "--compression", DRY_RUN="1", NPROC="3"))
+    for flag, values in (("--sync", modes.SYNC_MODES), ("--comm", modes.PS_COMMS), ("--comm-hook", modes.COMM_HOOKS)):
+        assert [v for v in values[1:] if not any(f"{flag} {v} " in c for c in commands)] == [], flag
     smoke = (REPO / "gpu_smoke.sh").read_text()
-    for name in ("AR_SYNCS", "PS_COMMS", "DDP_HOOKS"):
-        assert re.search(rf'^{name}="([^"]*)"', smoke, re.M).group(1).split() == lists[name], name
+    for name in ("SYNC_MODES", "PS_COMMS", "COMM_HOOKS"):
+        assert f"modes.py {name})" in smoke, name
 
 
 @pytest.mark.parametrize("args,env", [(["--bogus"], {}), (["--sweep"], {}), ([], {"NPROC": "two"}),

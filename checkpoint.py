@@ -1,0 +1,141 @@
+"""Checkpoints for --resume: what an exact continuation needs, written so that a crash at any moment leaves one
+that can be used, and read only after checking that it belongs to this run.
+
+    <output stem>.ckpt/
+        run.json              the run's signature (method and variant, model, world size, batch, data, seed)
+        step00000240/         the checkpoint after global step 240 (one folder per checkpoint)
+            rank<R>.pt        rank R's part: its RNG states, where it is (epoch, step), the training state it
+                              owns (rank 0's when every rank holds the same model; each owner's shard for a PS),
+                              and on the results' writer the results so far
+            rank<R>.sha256    the part's checksum, written after the part
+        latest                names the newest complete checkpoint (written after every part is)
+
+The checkpoint before the latest is kept until a newer one is complete, so a torn or corrupt latest part falls
+back to it with a one-line notice, never to a silent fresh start.
+"""
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import measure
+from common import UserError, log
+
+def folder(args):
+    return Path(args.output).with_name(Path(args.output).stem + ".ckpt")
+
+
+def signature(args, ctx, info, method):
+    """What must be the same for a checkpoint to continue this run: {what: value}, named as the user knows them."""
+    return {"method": method.kind, **{f"--{k.replace('_', '-')}": v for k, v in method.settings.items()},
+            "--arch": args.arch, "processes": ctx.world_size, "--batch-size": args.batch_size,
+            "dataset": f"{info.name} at {info.root}", "classes": info.num_classes,
+            "training images": info.train_size, "--image-size": info.image_size, "--seed": args.seed}
+
+
+def _rng():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng(rng):
+    torch.set_rng_state(rng["cpu"].cpu())
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all([t.cpu() for t in rng["cuda"]])
+
+
+def _write(path, obj):
+    """torch.save through a temporary file and a rename, then its sha256 beside it: a part is either whole and
+    verifiable or absent."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    blob = buffer.getbuffer()
+    for name, content in ((path, blob), (path.with_suffix(".sha256"), hashlib.sha256(blob).hexdigest().encode())):
+        tmp = name.with_name(f".{name.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, name)
+
+
+def _read(path, device):
+    """A part, or None when it is missing, torn or corrupt (its checksum does not match)."""
+    try:
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != path.with_suffix(".sha256").read_text().strip():
+            return None
+        return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        return None
+
+
+class Checkpoints:
+    """This run's checkpoints. `owner`: the rank whose training state this rank restores (0 when every rank
+    holds the same model, itself when each owns a shard); `writer`: the rank whose part holds the results."""
+
+    def __init__(self, args, ctx, sign, owner, writer):
+        self.root, self.ctx, self.sign, self.owner, self.writer = folder(args), ctx, sign, owner, writer
+        self.enabled = args.resume
+
+    def check(self):
+        """Before anything is touched: refuses, in one line naming both values, a checkpoint of another run."""
+        run = self.root / "run.json"
+        if not (self.enabled and run.exists()):
+            return
+        try:
+            theirs = json.loads(run.read_text())
+        except ValueError:
+            raise UserError(f"{run} is not readable (remove {self.root} to start over)") from None
+        for key, mine in self.sign.items():
+            if key in theirs and theirs[key] != mine:
+                raise UserError(f"checkpoint {self.root} is from another run: {key} {theirs[key]} there, {mine} here "
+                                f"(resume with the same settings, or remove {self.root} or drop --resume to start "
+                                "over; the results file was left as it was)")
+
+    def save(self, step, part):
+        """Writes this rank's `part` of the checkpoint after global step `step` (every rank calls it); the
+        checkpoint counts once `latest` names it, after every rank has written its part."""
+        start = time.perf_counter()
+        here = self.root / f"step{step:08d}"
+        here.mkdir(parents=True, exist_ok=True)
+        _write(here / f"rank{self.ctx.rank}.pt", {**part, "step": step, "rng": _rng()})
+        dist.barrier()
+        if self.ctx.is_main:
+            (self.root / "run.json").write_text(json.dumps(self.sign, indent=1))
+            pointer = self.root / "latest"
+            before = pointer.read_text().strip() if pointer.exists() else None
+            tmp = self.root / ".latest.tmp"
+            tmp.write_text(here.name)
+            os.replace(tmp, pointer)
+            for old in self.root.glob("step*"):  # keep this one and the complete one before it; a newer one is
+                if old.name < here.name and old.name != before:  # being written by a rank that went on already
+                    shutil.rmtree(old, ignore_errors=True)
+        return time.perf_counter() - start
+
+    def load(self):
+        """The newest checkpoint every rank can read: (this rank's part, the owner's training state, the results
+        or None on every rank but the writer), with this rank's RNG restored; None without one. A torn or corrupt
+        latest falls back to the one before, said in one line; none readable is an error, never a fresh start."""
+        if not (self.enabled and (self.root / "latest").exists()):
+            return None
+        latest = (self.root / "latest").read_text().strip()
+        candidates = sorted((p for p in self.root.glob("step*") if p.name <= latest), reverse=True)
+        for here in candidates:
+            parts = {r: _read(here / f"rank{r}.pt", self.ctx.device) for r in {self.ctx.rank, self.owner}}
+            ok = measure.all_reduce(torch.tensor([float(all(p is not None for p in parts.values()))],
+                                                 device=self.ctx.device), dist.ReduceOp.MIN).item()
+            if ok:
+                if here.name != latest:
+                    log(self.ctx, f"notice: checkpoint {self.root / latest} is incomplete or corrupt; resuming from "
+                                  f"the one before it, {here}")
+                mine = parts[self.ctx.rank]
+                _set_rng(mine["rng"])
+                return mine, parts[self.owner]["state"], mine.get("results")
+        raise UserError(f"no readable checkpoint in {self.root} (every one is incomplete or corrupt; remove it, or "
+                        "drop --resume, to start over)")

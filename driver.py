@@ -1,0 +1,207 @@
+"""The loop every method runs, so that each script shows only what is particular to it:
+
+    with driver.session(args) as ctx:          # the output checked, the process group joined, and left
+        ...                                    # the script builds its model, its sync and its step
+        driver.train(args, ctx, ds, Method(...))
+
+`train` writes the start-up line, resumes from a checkpoint or measures the communication yardstick, runs the
+epochs (training, validation, link counters, checkpoints, the epoch line) and writes the results.
+
+A method's step is `step(images, targets, clock, lr, kind="comm") -> (loss, logits)`, one shape for the three
+methods: "comm" is the method's training step; "local" the same step with no communication at all (forward,
+backward and optimizer update on this rank alone); "blocking", for a method that overlaps its exchange with
+backward, the same exchange blocking after backward. The yardstick times these kinds against each other.
+"""
+import contextlib
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+import checkpoint
+import common
+import data
+import measure
+import modes
+from common import log
+from results import Results
+
+
+@dataclasses.dataclass
+class Method:
+    """What one method hands the driver on this rank."""
+    kind: str  # baseline_ddp | all_reduce | ps
+    description: str  # the variant in words, for the start-up line
+    settings: dict  # the flags that make it this variant: {"sync": "overlap", ...}; a checkpoint must match them
+    model: torch.nn.Module  # what is validated
+    step: Callable  # this rank's step (above); on a server that does not train, what it does in each kind of step
+    state: dict  # {name: object with state_dict()}: what this rank checkpoints, restores and the yardstick puts back
+    trainers: list  # the ranks that train; the first writes the results
+    fields: dict = dataclasses.field(default_factory=dict)  # the method's own top-level results fields
+    overlaps: bool = False  # has a "blocking" kind: the hidden share is measured
+    run_length: int = 1  # steps of one kind in a row in the yardstick (2 when a step waits for the one before)
+    group: object = None  # the trainers' process group (None: every rank trains)
+    replicated: bool = True  # every rank holds the same state: rank 0's is checkpointed and restored everywhere
+    serve_epoch: Optional[Callable] = None  # (epoch, steps) -> figures: the epoch of a rank that does not train
+    share: Optional[Callable] = None  # every rank: (the server's figures or None) -> those figures on every rank
+    figures: Optional[Callable] = None  # (record, shared) -> the method's own per-epoch figures, on the trainers
+    before_epochs: Optional[Callable] = None  # once, after the yardstick or the resume (e.g. the PS's first pull)
+    end_of_epoch: Optional[Callable] = None  # (clock): inside the last step's clock (e.g. the PS's final pull)
+    after_resume: Optional[Callable] = None  # once, after the state is restored
+
+    @property
+    def name(self):
+        return modes.METHODS[self.kind]
+
+
+@contextlib.contextmanager
+def session(args):
+    """The output checked before any work, the process group joined; left at the end, after a barrier when the
+    run succeeded (so no rank closes a connection a peer still reads)."""
+    common.check_output_path(args.output)
+    ctx = common.setup_distributed(args)
+    try:
+        yield ctx
+        common.cleanup_distributed(barrier=True)
+    finally:
+        common.cleanup_distributed()
+
+
+def train(args, ctx, ds, method):
+    """The whole run of `method` on this rank (every rank calls it, in the same order)."""
+    info, trains, writer = ds.info, ctx.rank in method.trainers, method.trainers[0]
+    ckpt = checkpoint.Checkpoints(args, ctx, checkpoint.signature(args, ctx, info, method),
+                                  owner=0 if method.replicated else ctx.rank, writer=writer)
+    ckpt.check()  # a checkpoint of another run is refused before anything is touched
+    resumed = ckpt.load()
+    results = Results(args.output, method, ctx, args, info, writer=ctx.rank == writer,
+                      saved=resumed[2] if resumed and ctx.rank == writer else None)
+    if results.moved:
+        log(ctx, f"notice: {args.output} held {results.moved[1]}: moved it to {results.moved[0]} (a finished run "
+                 "is never replaced)", rank=writer)
+    loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) if trains \
+        else None
+    val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
+    log(ctx, start_line(args, ctx, info, method), rank=writer)
+    first = 1
+    if resumed:
+        part, state, _ = resumed
+        for name, obj in method.state.items():
+            obj.load_state_dict(state[name])
+        if method.after_resume:
+            method.after_resume()
+        first = part["epoch"] + 1
+        results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), part["epoch"]])
+        log(ctx, f"resumed after epoch {part['epoch']} from {ckpt.root}", rank=writer)
+    elif args.overhead_pairs:
+        overhead = yardstick(args, ctx, info, method)
+        if trains:
+            results.update(comm_overhead=overhead)
+            log(ctx, overhead_line(overhead, len(method.trainers)), rank=writer)
+    if method.before_epochs:
+        method.before_epochs()
+    for epoch in range(first, args.epochs + 1):
+        link = measure.read_link_bytes(ctx)
+        if trains:
+            record = measure.run_epoch(ctx, args, epoch, loader, info.steps, method.step, group=method.group,
+                                       end_of_epoch=method.end_of_epoch)
+        served = None if trains else method.serve_epoch(epoch, info.steps)
+        link = measure.busiest_link(ctx, link, info.steps)
+        shared = method.share(served) if method.share else None
+        val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args)
+        if trains:
+            record.update(link=link, val_loss=val_loss, val_accuracy=val_accuracy)
+            record.update(method.figures(record, shared) if method.figures else {})
+            overhead = results.data.get("comm_overhead")
+            if overhead:  # measured throughput against trainers x the no-communication throughput of one
+                record["scaling_efficiency"] = record["train_throughput"] / (
+                    len(method.trainers) * args.batch_size / overhead["local_step_time"])
+            results.add_epoch(record)
+        if args.resume:
+            seconds = ckpt.save(epoch * info.steps, {"epoch": epoch, "state": _state_dicts(method, ctx),
+                                                     "results": results.data if ctx.rank == writer else None})
+            if ctx.rank == writer:
+                results.data["epochs"][-1]["checkpoint_time"] = seconds
+                results.save()
+        if trains:
+            log(ctx, epoch_line(record), rank=writer)
+            warn_if_data_bound(ctx, record, rank=writer)
+    results.finish()
+    log(ctx, f"wrote {args.output}", rank=writer)
+
+
+def _state_dicts(method, ctx):
+    """This rank's training state for a checkpoint: rank 0's alone when every rank holds the same."""
+    if method.replicated and ctx.rank != 0:
+        return None
+    return {name: obj.state_dict() for name, obj in method.state.items()}
+
+
+# --------------------------------------------------------------------------- the yardstick
+def yardstick(args, ctx, info, method):
+    """The communication overhead of the method's step against its no-communication step (and its blocking
+    one), on one fixed batch, leaving the training state exactly as it was. None on a rank that does not train."""
+    clock, lr = measure.NoClock(), common.lr_at(args, 0)
+    kinds = ("comm", "local", "blocking") if method.overlaps else ("comm", "local")
+    steps = {kind: (lambda x, y, kind=kind: method.step(x, y, clock, lr, kind)) for kind in kinds}
+    with measure.preserved(method.model, *_stateful(method)):
+        overhead = measure.measure_overhead(ctx, args, steps, *measure.fixed_batch(args, info, ctx),
+                                            group=method.group, run_length=method.run_length)
+    return overhead if ctx.rank in method.trainers else None
+
+
+def step_without_trace(args, ctx, info, method):
+    """One training step on the yardstick's batch whose effects are all undone (DDP rebuilds its buckets after
+    its first step: a resumed run gets the bucket layout, and so the rounding, of the run it continues)."""
+    with measure.preserved(method.model, *_stateful(method)):
+        method.step(*measure.fixed_batch(args, info, ctx), measure.NoClock(), args.lr)
+
+
+def _stateful(method):
+    return [obj for name, obj in method.state.items() if obj is not method.model]
+
+
+# --------------------------------------------------------------------------- what the user reads
+def start_line(args, ctx, info, method):
+    trainers = len(method.trainers)
+    who = f"{trainers} trainer(s)" + ("" if trainers == ctx.world_size else f" of {ctx.world_size} processes")
+    return (f"{method.name} ({method.description}): {who} ({ctx.backend}, {common.device_name(ctx.device)}), "
+            f"{args.arch} on {info.describe()}, {info.steps} steps/epoch, batch {args.batch_size}/trainer")
+
+
+def overhead_line(overhead, trainers):
+    """The yardstick's result in one line, with its spread; the hidden share only where it is beyond the noise."""
+    ms = lambda key: f"{1e3 * overhead[key]:.1f}"  # noqa: E731
+    line = (f"communication overhead: {ms('overhead')} ms/step ({100 * overhead['overhead_share']:.0f}% of a "
+            f"{ms('step_time')} ms step; {overhead['pairs']} pairs, min {ms('overhead_min')}, max "
+            f"{ms('overhead_max')})")
+    if trainers == 1:
+        line += ("; one trainer: no byte crosses a link, so this is the method's own bookkeeping (e.g. DDP's "
+                 "bucket copies and hooks)" + (", within noise of zero" if overhead["overhead_min"] <= 0 else ""))
+    if overhead.get("blocking_overhead") is not None:
+        noise = max(overhead["overhead_max"] - overhead["overhead_min"],
+                    overhead["blocking_overhead_max"] - overhead["blocking_overhead_min"])
+        line += f"; blocking after backward {ms('blocking_overhead')} ms, so " + (
+            f"{100 * overhead['hidden_share']:.0f}% is hidden behind backward"
+            if overhead["blocking_overhead"] - overhead["overhead"] > noise else
+            f"no share is hidden beyond the noise ({1e3 * noise:.1f} ms)")
+    return line
+
+
+def epoch_line(record):
+    """The one-line per-epoch summary; its phases are the method's own."""
+    phases = " ".join(f"{k} {1e3 * v:.1f}" for k, v in record["phase_times"].items())
+    line = (f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.2f}% | "
+            f"{record['train_throughput']:.1f} img/s | {record['train_time']:.1f}s | step "
+            f"{1e3 * record['avg_batch_time']:.1f}ms ({phases} ms)")
+    if "val_accuracy" in record:
+        line += f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2f}%"
+    return line
+
+
+def warn_if_data_bound(ctx, record, rank=0, share=0.3):
+    """One line when waiting for data takes more than `share` of a step: the loader, not sync, is measured."""
+    if record["avg_batch_time"] > 0 and record["avg_data_time"] / record["avg_batch_time"] > share:
+        log(ctx, f"warning: data loading is {100 * record['avg_data_time'] / record['avg_batch_time']:.0f}% of "
+                 "each step, so this run measures the data loader more than synchronization (raise --workers, "
+                 "or use --synthetic)", rank=rank)
