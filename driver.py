@@ -47,6 +47,7 @@ class Method:
     figures: Optional[Callable] = None  # (record, shared) -> the method's own per-epoch figures, on the trainers
     before_epochs: Optional[Callable] = None  # once, after the yardstick or the resume (e.g. the PS's first pull)
     end_of_epoch: Optional[Callable] = None  # (clock): inside the last step's clock (e.g. the PS's final pull)
+    flush: Optional[Callable] = None  # () -> None: ends the exchanges a step left in flight (a pipelined method)
     after_resume: Optional[Callable] = None  # once, after the state is restored
 
     @property
@@ -146,7 +147,7 @@ def yardstick(args, ctx, info, method):
     steps = {kind: (lambda x, y, kind=kind: method.step(x, y, clock, lr, kind)) for kind in kinds}
     with measure.preserved(method.model, *_stateful(method)):
         overhead = measure.measure_overhead(ctx, args, steps, *measure.fixed_batch(args, info, ctx),
-                                            group=method.group, run_length=method.run_length)
+                                            group=method.group, run_length=method.run_length, flush=method.flush)
     return overhead if ctx.rank in method.trainers else None
 
 
@@ -155,6 +156,8 @@ def step_without_trace(args, ctx, info, method):
     its first step: a resumed run gets the bucket layout, and so the rounding, of the run it continues)."""
     with measure.preserved(method.model, *_stateful(method)):
         method.step(*measure.fixed_batch(args, info, ctx), measure.NoClock(), args.lr)
+        if method.flush:
+            method.flush()
 
 
 def _stateful(method):

@@ -221,14 +221,17 @@ def overhead_schedule(kinds, pairs, run_length=1):
     return plan
 
 
-def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_length=1):
+def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_length=1, flush=None):
     """Times `steps` = {"comm": fn, "local": fn, optionally "blocking": fn} (each fn(images, targets) one
-    whole step) as `overhead_schedule` says; returns the JSON block. The caller restores the training state
-    (see `preserved`), so that training goes on as if this had not happened."""
+    whole step) as `overhead_schedule` says; returns the JSON block. A barrier starts each run of one kind; the
+    steps of a run follow each other as in training, so a step that waits for the one before (a PS pull, a
+    pipelined exchange) is timed in its steady state; `flush()` ends a run's communication still in flight. The
+    caller restores the training state (see `preserved`), so that training goes on as if this had not happened."""
     times = {kind: [] for kind in steps}
     member = not dist.is_initialized() or group is None or dist.get_rank() in dist.get_process_group_ranks(group)
+    starts_run = True
     for kind, timed in overhead_schedule(list(steps), args.overhead_pairs, run_length):
-        if dist.is_initialized() and member:  # a server outside the trainers' group serves their steps unsynced
+        if starts_run and dist.is_initialized() and member:  # a server outside the trainers' group: unsynced
             dist.barrier(group=group)
         synchronize(ctx.device)
         start = time.perf_counter()
@@ -236,6 +239,9 @@ def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_lengt
         synchronize(ctx.device)
         if timed:
             times[kind].append(time.perf_counter() - start)
+        starts_run = timed or run_length == 1
+        if starts_run and flush:
+            flush()
     local = times["local"]
     own = [statistics.median(times["comm"]), statistics.median(local)]
     for kind in ("comm", "blocking"):
