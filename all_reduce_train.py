@@ -4,36 +4,52 @@
 
 Sync strategy: every rank all-reduces its gradients and divides by the world size, and broadcasts rank 0's
 buffers before each forward, as DDP does. --sync chooses how:
-  per-param  one all-reduce per gradient tensor after backward (the naive version)
-  bucketed   gradients live in ~--bucket-mb flat buffers, one blocking all-reduce per bucket after backward
-  overlap    (default) the same buckets, each all-reduced asynchronously from gradient hooks as soon as
-             backward has filled it, in reverse parameter order, as DDP does
-  ring       the buckets, with our own ring all-reduce (reduce-scatter + all-gather) of point-to-point sends
+  per-param     one all-reduce per gradient tensor after backward (the naive version)
+  bucketed      gradients live in ~--bucket-mb flat buffers, one blocking all-reduce per bucket after backward
+  overlap       (default) the same buckets, each all-reduced asynchronously from gradient hooks as soon as
+                backward has filled it, in reverse parameter order, as DDP does
+  ring          the buckets, with our own ring all-reduce (reduce-scatter + all-gather) of point-to-point sends
+  pipelined     hidden behind the next forward too (P3, ByteScheduler): each bucket (a partition) is updated when
+                its exchange ends, the next forward waits module by module for the partitions it needs, and the
+                ones it needs first are sent first, in an order every rank agrees on (PipelinedSync)
+  hierarchical  overlap with a two-level all-reduce per bucket: reduce-scatter inside each node, all-reduce of each
+                process's shard across nodes, all-gather inside the node (Horovod's hierarchical mode): each node
+                link carries 2(M-1)/M of the gradients on M nodes, the flat ring's 2(N-1)/N on N processes
 --compress fp16|bf16 casts each bucket before the all-reduce and back after, as DDP's compression hooks do.
 Writes results_all_reduce.json (--sync overlap) or results_all_reduce_<sync>.json unless --output is given.
 """
+import collections
+import contextlib
+import queue
+import threading
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.optim.sgd import sgd as sgd_update
 
 import common
 import data
 import driver
+import measure
 from modes import DEFAULT_BUCKET_MB, SYNC_MODES, variant_output
 
 COMPRESSION = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch 2.14 renamed the flat reduce-scatter and all-gather; torch >= 2.3 has them under the older names
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def parse_args(argv=None):
     p = common.make_parser(__doc__, lambda a: variant_output("all_reduce", a.sync, SYNC_MODES[0]))
     p.add_argument("--sync", choices=SYNC_MODES, default=SYNC_MODES[0], help="how gradients are synchronized")
     p.add_argument("--bucket-mb", type=common.positive(float), default=DEFAULT_BUCKET_MB,
-                   help="gradient bucket size in MiB (not per-param)")
+                   help="gradient bucket size in MiB (not per-param); pipelined: the partition size")
     p.add_argument("--compress", choices=tuple(COMPRESSION), default="none",
                    help="dtype gradients travel in (bucketed modes), as DDP's fp16/bf16 compression hooks")
     args = common.parse(p, argv)
     if args.compress != "none" and args.sync == "per-param":
-        p.error("--compress needs buckets (use --sync bucketed, overlap or ring)")
+        p.error("--compress needs buckets (use --sync bucketed, overlap, ring, pipelined or hierarchical)")
     return args
 
 
@@ -69,6 +85,25 @@ def ring_all_reduce(flat):
 
 
 # --------------------------------------------------------------------------- gradient synchronization
+def _grad_bucket(params, tail=0):
+    """A flat buffer whose views become `params`' gradients, with `tail` more elements after them (pipelined: the
+    readiness vector; hierarchical: padding to a multiple of the processes per node); `.grads` is the gradient part."""
+    bucket = common.FlatBuffer([*params, params[0].new_zeros(tail)] if tail else params)
+    bucket.tail = bucket.views.pop() if tail else None
+    del bucket.tensors[len(params):]
+    bucket.grads = bucket.flat[:bucket.flat.numel() - tail]
+    return bucket
+
+
+def _own_stream(device):
+    """A communication thread's own CUDA stream (nothing on a CPU): its waits for a collective hold back that stream,
+    never the one training computes on."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.cuda.set_device(device)
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
 class GradSync:
     """Averages a plain model's gradients over all ranks with one of SYNC_MODES and keeps parameters and
     buffers identical on all ranks the way DDP does (rank 0's copied at start, buffers before every forward).
@@ -77,14 +112,17 @@ class GradSync:
     gradient_as_bucket_view): backward accumulates straight into the buckets, nothing is copied.
     Like DDP without find_unused_parameters, every parameter must get exactly one gradient per step.
     """
+    pipelined = False  # True: the sync applies the update itself, inside the next forward (PipelinedSync)
+    group = None  # the process group of the exchanges (None: every rank)
 
     def __init__(self, model, mode, bucket_mb=25.0, compress="none"):
         self.mode, self.world_size, self.wire_dtype = mode, dist.get_world_size(), COMPRESSION[compress]
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
         reverse = self.params[::-1]  # the order backward produces gradients in
-        self.buckets = [] if mode == "per-param" else [
-            common.FlatBuffer(group) for group in common.split_buckets(reverse, bucket_mb * 2 ** 20)]
+        groups = [] if mode == "per-param" else common.split_buckets(reverse, bucket_mb * 2 ** 20)
+        self.buckets = [_grad_bucket(group, self._tail(len(groups), group)) for group in groups]
         for bucket in self.buckets:
             for p, view in zip(bucket.tensors, bucket.views):
                 p.grad = view
@@ -96,15 +134,18 @@ class GradSync:
             p.register_post_accumulate_grad_hook(self._grad_ready)
         self._broadcast(common.flat_by_dtype(self.params))
 
-    def begin(self, kind):
-        """A step of `kind` starts: "comm" synchronizes as the mode says, "blocking" the same buckets after
-        backward, "local" not at all (the yardstick's kinds)."""
+    def _tail(self, count, params):
+        return 0  # elements after a bucket's gradients
+
+    def begin(self, kind, clock=None, lr=None):
+        """A step of `kind` at learning rate `lr` starts: "comm" synchronizes as the mode says, "blocking" the same
+        buckets after backward, "local" not at all (the yardstick's kinds)."""
         self.kind = kind
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
         for bucket in self.buckets:
-            bucket.flat.zero_()
+            bucket.grads.zero_()
         for p in self.params if not self.buckets else ():
             p.grad = None
 
@@ -119,46 +160,58 @@ class GradSync:
             raise common.UserError(f"parameter {self.names[id(param)]} got a second gradient before the sync: "
                                    "like DDP outside no_sync(), the manual all-reduce allows one backward per step")
         self.ready.add(id(param))
-        if self.mode == "overlap" and self.kind == "comm":
-            self.filled[self.bucket_index[id(param)]] += 1
-            # Launch strictly in bucket order, so every rank issues the same collectives in the same order.
-            while len(self.in_flight) < len(self.buckets) and \
-                    self.filled[len(self.in_flight)] == len(self.buckets[len(self.in_flight)].tensors):
-                self.in_flight.append(self._all_reduce(self.buckets[len(self.in_flight)], async_op=True))
+        if self.kind == "comm" and self.mode in ("overlap", "hierarchical", "pipelined"):
+            i = self.bucket_index[id(param)]
+            self.filled[i] += 1
+            if self.filled[i] == len(self.buckets[i].tensors):
+                self._full(i)
 
-    def finish(self):
-        """Call after backward: leaves every parameter's .grad holding the average over all ranks."""
+    def _full(self, i):
+        # Launch strictly in bucket order, so every rank issues the same collectives in the same order.
+        while len(self.in_flight) < len(self.buckets) and \
+                self.filled[len(self.in_flight)] == len(self.buckets[len(self.in_flight)].tensors):
+            self.in_flight.append(self._all_reduce(self.buckets[len(self.in_flight)], async_op=True))
+
+    def _end_backward(self):
         missing = [self.names[id(p)] for p in self.params if id(p) not in self.ready]
         self.ready, self.filled = set(), [0] * len(self.buckets)
         if missing:
             raise common.UserError(f"{len(missing)} parameter(s) got no gradient in this step (e.g. {missing[0]}): "
                                    "like DDP without find_unused_parameters, the manual all-reduce needs every "
                                    "parameter to take part in the loss (use another --arch)")
+
+    def finish(self):
+        """Call after backward: leaves every parameter's .grad holding the average over all ranks."""
+        self._end_backward()
         if self.mode == "per-param":
             for p in self.params:
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
-        elif self.mode == "overlap" and self.kind == "comm":
+        elif self.mode in ("overlap", "hierarchical") and self.kind == "comm":
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:
-                    bucket.flat.copy_(wire)
+                    bucket.grads.copy_(wire[:bucket.grads.numel()])
             self.in_flight = []
         else:
             for bucket in self.buckets:
                 self._all_reduce(bucket, async_op=False)
 
-    def _all_reduce(self, bucket, async_op):
+    def _wire(self, bucket):
         # Divided before summing, as DDP does; compressed: cast, divide and sum in the wire dtype, cast back.
-        wire = bucket.flat.div_(self.world_size) if self.wire_dtype is None else \
-            bucket.flat.to(self.wire_dtype).div_(self.world_size)
+        wire = bucket.flat if self.wire_dtype is None else bucket.flat.to(self.wire_dtype)
+        wire[:bucket.grads.numel()].div_(self.world_size)
+        return wire
+
+    def _all_reduce(self, bucket, async_op):
+        wire = self._wire(bucket)
         if self.mode == "ring":
             ring_all_reduce(wire)
             work = None
         else:
-            work = dist.all_reduce(wire, async_op=async_op)
+            work = dist.all_reduce(wire, group=self.group, async_op=async_op)
         if not async_op and wire is not bucket.flat:
-            bucket.flat.copy_(wire)
+            bucket.grads.copy_(wire[:bucket.grads.numel()])
         return work, wire, bucket
 
     @staticmethod
@@ -170,26 +223,327 @@ class GradSync:
                 buffer.unpack()
 
 
+# --------------------------------------------------------------------------- --sync hierarchical
+class _Exchange:
+    """One bucket's two-level all-reduce on its way through the stages; wait() returns when the last has ended."""
+
+    def __init__(self, wire, shard):
+        self.wire, self.shard, self.work, self.error, self.last_started = wire, shard, None, None, threading.Event()
+
+    def wait(self):
+        self.last_started.wait()
+        if self.error is not None:
+            raise self.error
+        self.work.wait()
+
+
+class _Relay:
+    """A thread that takes exchanges in the order they are handed to it, waits for each one's current stage to end
+    and starts its next (`stage(exchange) -> work`, a collective on this stage's own group), then hands it on to
+    `then`: every member of a stage's group starts that stage's collectives in the order the buckets came."""
+
+    def __init__(self, stage, device, then=None):
+        self.stage, self.then, self.queue = stage, then, queue.Queue()
+        threading.Thread(target=self._run, args=(device,), daemon=True).start()
+
+    def put(self, exchange):
+        self.queue.put(exchange)
+
+    def _run(self, device):
+        with _own_stream(device):
+            while True:
+                exchange = self.queue.get()
+                if exchange.error is None:
+                    try:
+                        exchange.work.wait()
+                        exchange.work = self.stage(exchange)
+                    except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
+                        exchange.error = e
+                if self.then is not None:
+                    self.then.put(exchange)
+                else:
+                    exchange.last_started.set()
+
+
+class HierarchicalSync(GradSync):
+    """--sync hierarchical: overlap's buckets, started from the gradient hooks in bucket order, each all-reduced in
+    two levels on N = M nodes x L processes (torchrun numbers ranks node by node: node = rank // L):
+      1. reduce-scatter inside the node: local process l ends with the node's sum of shard l (1/L of the bucket);
+      2. all-reduce of shard l across the M nodes, among the processes of local rank l: the only stage that crosses
+         a node link, L processes x 2(M-1)/M x 1/L = 2(M-1)/M of the bucket through each (a flat ring: 2(N-1)/N);
+      3. all-gather inside the node: every process gets every shard.
+    Each stage has its own process groups (every rank creates every group, in the same order), and stages 2 and 3
+    their own thread (_Relay), which takes the buckets in the order stage 1 started them, waits for the stage before
+    and starts its own: every group sees its collectives in bucket order on all its members, whatever the timing.
+    gloo runs the reduce-scatter as an all-reduce inside the node (torch's gloo has no real one): more bytes, but on
+    the node's loopback, never on its link; NCCL runs both as they are. One node, or one process per node: one
+    level, which is `overlap`.
+    """
+
+    def __init__(self, model, bucket_mb=25.0, compress="none", local_size=1):
+        world = dist.get_world_size()
+        self.local_size, self.nodes = local_size, world // local_size
+        super().__init__(model, "hierarchical", bucket_mb, compress)
+        sizes = torch.tensor([local_size, -local_size], device=self.device)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+        if sizes.tolist() != [local_size, -local_size] or world % local_size:
+            raise common.UserError("--sync hierarchical needs the same number of processes on every node "
+                                   "(torchrun --nproc-per-node alike everywhere), or use --sync overlap")
+        self.levels = 2 if self.nodes > 1 and local_size > 1 else 1
+        if self.levels == 2:
+            L, rank = local_size, dist.get_rank()
+            nodes = [list(range(n * L, (n + 1) * L)) for n in range(self.nodes)]
+            self.local = rank % L
+            self.node_group, _ = dist.new_subgroups_by_enumeration(nodes)  # stage 1
+            self.across_group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, L)) for i in range(L)])
+            self.gather_group, _ = dist.new_subgroups_by_enumeration(nodes)  # stage 3: its own group and thread
+            self.gather = _Relay(lambda x: ALL_GATHER(x.wire, x.shard, group=self.gather_group, async_op=True),
+                                 self.device)
+            self.across = _Relay(lambda x: dist.all_reduce(x.shard, group=self.across_group, async_op=True),
+                                 self.device, then=self.gather)
+
+    def _tail(self, count, params):
+        return -sum(p.numel() for p in params) % self.local_size  # equal shards
+
+    def _all_reduce(self, bucket, async_op):
+        if self.levels == 1:
+            return super()._all_reduce(bucket, async_op)
+        wire = self._wire(bucket)
+        x = _Exchange(wire, wire.view(self.local_size, -1)[self.local])
+        x.work = REDUCE_SCATTER(x.shard, wire, group=self.node_group, async_op=True)  # in place: shard l of wire
+        if async_op:
+            self.across.put(x)  # stages 2 and 3 follow in their threads
+            return x, wire, bucket
+        x.work.wait()
+        dist.all_reduce(x.shard, group=self.across_group)
+        ALL_GATHER(wire, x.shard, group=self.gather_group)
+        if wire is not bucket.flat:
+            bucket.grads.copy_(wire[:bucket.grads.numel()])
+        return None, wire, bucket
+
+
+# --------------------------------------------------------------------------- --sync pipelined
+def next_partition(remaining, ready_everywhere):
+    """The partition whose exchange starts next (pipelined), from what every rank knows: among those ready on every
+    rank, the one the next forward needs first (the highest index: buckets hold the parameters in reverse), else the
+    next one backward fills (the lowest index left), which a rank then waits for."""
+    ready = remaining & ready_everywhere
+    return max(ready) if ready else min(remaining)
+
+
+@torch.no_grad()
+def sgd_step(optimizer, params, lr):
+    """torch's SGD step (optimizer.step()) for `params` alone, at `lr`: the same update, parameter by parameter, the
+    momentum kept in the optimizer's state (so its state_dict, the checkpoints and the yardstick's restore see it)."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        mine = [p for p in group["params"] if id(p) in ids]
+        if not mine:
+            continue
+        momenta = [optimizer.state[p].get("momentum_buffer") for p in mine]
+        sgd_update(mine, [p.grad for p in mine], momenta, foreach=group["foreach"], lr=lr,
+                            weight_decay=group["weight_decay"], momentum=group["momentum"],
+                            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+        if group["momentum"]:
+            for p, momentum in zip(mine, momenta):
+                optimizer.state[p]["momentum_buffer"] = momentum
+
+
+class _Job:
+    """One step's exchange (pipelined): the partitions this rank's backward has filled, each started exchange's
+    (work, wire) and the order they started in, the partitions updated, and the step's learning rate."""
+
+    def __init__(self, count, lr):
+        self.lr, self.ready, self.events, self.works = lr, [False] * count, [None] * count, [None] * count
+        self.order, self.applied = [], set()
+
+
+class PipelinedSync(GradSync):
+    """--sync pipelined (P3, ByteScheduler): the buckets are partitions of <= --bucket-mb, each all-reduced as backward
+    fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
+    same math as one optimizer.step(). A "comm" step returns with exchanges in flight; the next forward waits, in a
+    forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
+    update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
+
+    The order: every rank must start the same collectives in the same order, but which partition is ready when is
+    each rank's own. So the order is decided only from what every rank knows. Each exchange carries, after the
+    gradients, a readiness vector: 1 for every partition this rank's backward had filled when the exchange started,
+    summed by the same all-reduce, so when an exchange ends every rank holds the same counts. Exchange n is chosen
+    when exchange n - credit has ended (at most `credit` in flight), from the vectors of the exchanges ended by then
+    (the same on every rank): next_partition's rule. The first exchange of a step knows nothing yet: partition 0.
+    A communication thread decides, starts and ends the exchanges, on a process group of its own, so the training
+    thread's collectives (buffers, the loss sums, validation) never interleave with them.
+
+    fp16 (a GradScaler): the scaler's one inf check needs every gradient, so the next forward's first module waits
+    for every partition, then scaler.step(optimizer) and scaler.update() run as in the other modes: with fp16 the
+    exchange hides behind backward and the step boundary, not behind the next forward.
+    """
+    pipelined = True
+
+    def __init__(self, model, optimizer, scaler, bucket_mb=25.0, compress="none", credit=2):
+        super().__init__(model, "pipelined", bucket_mb, compress)
+        self.optimizer, self.scaler, self.credit = optimizer, scaler, credit
+        self.group = dist.new_group(list(range(self.world_size)))
+        self.job = self.pending = None  # this step's exchange; the one before, which this forward consumes
+        self.clock, self.error, self.last_order = measure.NoClock(), None, []
+        self.changed, self.jobs = threading.Condition(), queue.Queue()
+        everything = range(len(self.buckets))
+        for module in model.modules():
+            needs = sorted({self.bucket_index[id(p)] for p in module.parameters(recurse=False)
+                            if id(p) in self.bucket_index}, reverse=True)
+            if needs:
+                needs = everything if scaler.is_enabled() else needs
+                module.register_forward_pre_hook(lambda m, a, needs=needs: self._before_forward(needs))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _tail(self, count, params):
+        return count  # the readiness vector
+
+    def begin(self, kind, clock=None, lr=None):
+        if kind != "comm":
+            self.flush()  # "local" and "blocking" start with nothing in flight
+        super().begin(kind)
+        self.clock = clock or measure.NoClock()
+        if kind == "comm":
+            self.pending, self.job = self.job, _Job(len(self.buckets), lr)
+            self.last_order = self.job.order
+            self.jobs.put(self.job)
+
+    def zero_grad(self):
+        if self.pending is not None:
+            left = [self.names[id(p)] for b in range(len(self.buckets)) if b not in self.pending.applied
+                    for p in self.buckets[b].tensors]
+            raise common.UserError(f"--sync pipelined: parameter {left[0]} was used before its update arrived (each "
+                                   "parameter must be used in the forward of the module that holds it; use --sync "
+                                   "overlap)")
+        super().zero_grad()
+
+    def finish(self):
+        if self.kind != "comm":
+            return super().finish()
+        self._end_backward()  # the exchanges run on into the next forward
+
+    def flush(self, clock=None):
+        """Ends every exchange in flight and applies its update (inside `clock` when given: the epoch's last step)."""
+        self.clock = clock or self.clock
+        for job in (self.pending, self.job):
+            if job is not None:
+                self._apply(job, range(len(self.buckets)))
+        self.pending = self.job = None
+
+    def _before_forward(self, needs):
+        if self.pending is not None and self.kind == "comm":
+            self._apply(self.pending, needs)
+            if len(self.pending.applied) == len(self.buckets):
+                self.pending = None
+
+    def _apply(self, job, parts):
+        """Waits for the exchanges of `parts` and updates their parameters (each partition once)."""
+        parts = [b for b in parts if b not in job.applied]
+        if not parts:
+            return
+        self.clock.mark("compute")
+        for b in parts:
+            with self.changed:
+                self.changed.wait_for(lambda: job.works[b] is not None or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            work, wire = job.works[b]
+            work.wait()
+            bucket = self.buckets[b]
+            if wire is not bucket.flat:
+                bucket.grads.copy_(wire[:bucket.grads.numel()])
+                if wire.is_cuda:
+                    wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
+        self.clock.mark("comm")
+        with torch.autocast(self.device.type, enabled=False):
+            if self.scaler.is_enabled():  # every partition is here: one inf check, one step
+                common.set_lr(self.optimizer, job.lr)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                sgd_step(self.optimizer, [p for b in parts for p in self.buckets[b].tensors], job.lr)
+        job.applied.update(parts)
+        self.clock.mark("update")
+
+    def _full(self, i):  # in the gradient hook (autograd's thread)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()  # the communication thread's stream waits for it
+        with self.changed:
+            self.job.events[i], self.job.ready[i] = event, True
+            self.changed.notify_all()
+
+    # the communication thread
+    def _serve(self):
+        with _own_stream(self.device):
+            while True:
+                job = self.jobs.get()
+                try:
+                    self._exchange(job)
+                except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
+                    with self.changed:
+                        self.error = e
+                        self.changed.notify_all()
+                    return
+
+    def _exchange(self, job):
+        remaining, everywhere, flights = set(range(len(self.buckets))), set(), collections.deque()
+        while remaining:
+            if len(flights) == self.credit:
+                everywhere |= self._land(*flights.popleft())
+            b = next_partition(remaining, everywhere)
+            with self.changed:
+                self.changed.wait_for(lambda: job.ready[b])
+                flags = [float(r) for r in job.ready]
+            remaining.discard(b)
+            flights.append(self._start(job, b, flags))
+        while flights:
+            self._land(*flights.popleft())
+
+    def _start(self, job, b, flags):
+        bucket = self.buckets[b]
+        if job.events[b] is not None:
+            torch.cuda.current_stream().wait_event(job.events[b])
+        bucket.tail.copy_(torch.tensor(flags))
+        work, wire, _ = self._all_reduce(bucket, async_op=True)
+        with self.changed:
+            job.works[b] = work, wire
+            job.order.append(b)
+            self.changed.notify_all()
+        return work, wire
+
+    def _land(self, work, wire):
+        """Waits for an exchange; the partitions its readiness vector says were ready on every rank."""
+        work.wait()
+        counts = wire[-len(self.buckets):].tolist()
+        return {i for i, n in enumerate(counts) if n > self.world_size - 0.5}
+
+
 # --------------------------------------------------------------------------- training
 def make_train_step(model, sync, optimizer, scaler, args, ctx):
     """One training step with our gradient synchronization; kind "local": the same step with no communication at
-    all (the yardstick's no-communication step); "blocking": --sync overlap's buckets synchronized after backward."""
+    all (the yardstick's no-communication step); "blocking": the overlapped modes' buckets synchronized after
+    backward. A --sync pipelined "comm" step returns with its exchange in flight: the next forward or flush ends it."""
     criterion = nn.CrossEntropyLoss()
 
     def train_step(images, targets, clock, lr, kind="comm"):
-        sync.begin(kind)
+        sync.begin(kind, clock, lr)
         if kind != "local":
             sync.broadcast_buffers()
             clock.mark("buffers")
         with common.autocast(args, ctx):
-            logits = model(images)
+            logits = model(images)  # pipelined: each module first waits for, and applies, its partitions' update
             loss = criterion(logits, targets)
         sync.zero_grad()
-        scaler.scale(loss).backward()  # overlap: buckets start all-reducing from gradient hooks inside
+        scaler.scale(loss).backward()  # overlapped modes: buckets start all-reducing from gradient hooks inside
         clock.mark("compute")
         if kind != "local":
             sync.finish()  # averages the scaled gradients; scaler.step unscales them, as under DDP
             clock.mark("comm")
+        if kind == "comm" and sync.pipelined:
+            return loss, logits
         common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
@@ -199,24 +553,60 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
     return train_step
 
 
+def make_sync(model, args, ctx, optimizer, scaler):
+    """The GradSync of --sync on `model`."""
+    if args.sync == "pipelined":
+        return PipelinedSync(model, optimizer, scaler, args.bucket_mb, args.compress)
+    if args.sync == "hierarchical":
+        if ctx.rank % ctx.local_world_size != ctx.local_rank:
+            raise common.UserError(f"--sync hierarchical needs ranks numbered node by node, as torchrun does (rank "
+                                   f"{ctx.rank} is local rank {ctx.local_rank} of {ctx.local_world_size}); use "
+                                   "--sync overlap")
+        return HierarchicalSync(model, args.bucket_mb, args.compress, ctx.local_world_size)
+    return GradSync(model, args.sync, args.bucket_mb, args.compress)
+
+
+def describe(sync, args):
+    """The variant in words, for the start-up line."""
+    size = f"<= {args.bucket_mb:g} MiB"
+    text = f"--sync {args.sync}, {len(sync.params)} gradient tensors in " + (
+        f"{len(sync.buckets)} buckets of {size}" if sync.buckets else "one all-reduce each")
+    if args.sync == "pipelined":
+        text = (f"--sync pipelined, {len(sync.params)} gradient tensors in {len(sync.buckets)} partitions of {size}, "
+                f"each updated as its exchange ends, the next forward waiting per module; order agreed through a "
+                f"readiness vector in every exchange, {sync.credit} in flight" +
+                ("; fp16 GradScaler: the update waits for the last partition (one inf check)"
+                 if sync.scaler.is_enabled() else ""))
+    if args.sync == "hierarchical":
+        text += (f"; {sync.nodes} node(s) x {sync.local_size} process(es): " + (
+            "reduce-scatter in the node, all-reduce of each shard across nodes, all-gather in the node"
+            if sync.levels == 2 else "one level, so this is --sync overlap (two levels need 2+ nodes of 2+ "
+                                     "processes)"))
+    return f"{text}, compress {args.compress}"
+
+
 def make_method(args, ctx, info, model, weights=None):
     """Our synchronization on `model`, its optimizer and step, as the driver runs them."""
     # Same seed on every rank gives the same initial weights; GradSync also broadcasts rank 0's, as DDP does.
-    sync = GradSync(model, args.sync, args.bucket_mb, args.compress)
     optimizer = common.make_optimizer(args, model.parameters())
     scaler = common.make_scaler(args, ctx)
+    sync = make_sync(model, args, ctx, optimizer, scaler)
     grad_bytes = sum(p.numel() * p.element_size() for p in sync.params)
-    layout = f"{len(sync.buckets)} buckets of <= {args.bucket_mb:g} MiB" if sync.buckets else "one all-reduce each"
+    layout = {"nodes": sync.nodes, "procs_per_node": sync.local_size, "levels": sync.levels} \
+        if args.sync == "hierarchical" else None
     return driver.Method(
-        kind="all_reduce", description=f"--sync {args.sync}, {len(sync.params)} gradient tensors in {layout}, "
-                                       f"compress {args.compress}",
+        kind="all_reduce", description=describe(sync, args),
         settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress), model=model,
         step=make_train_step(model, sync, optimizer, scaler, args, ctx),
         state={"model": model, "optimizer": optimizer, "scaler": scaler}, trainers=list(range(ctx.world_size)),
-        overlaps=args.sync == "overlap",
-        figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the wait after backward
+        overlaps=args.sync in ("overlap", "pipelined", "hierarchical"),
+        run_length=2 if sync.pipelined else 1,  # a pipelined step waits in its forward for the one before
+        flush=sync.flush if sync.pipelined else None,
+        end_of_epoch=sync.flush if sync.pipelined else None,  # the last step ends inside the clock
+        figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the waits for the exchange
         fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
-                    wire_bytes_per_step=grad_bytes if sync.wire_dtype is None else grad_bytes // 2))
+                    wire_bytes_per_step=grad_bytes if sync.wire_dtype is None else grad_bytes // 2,
+                    **({"layout": layout} if layout else {})))
 
 
 def main(argv=None):

@@ -1,9 +1,12 @@
 """all_reduce_train.py: every --sync mode gives DDP's gradients, parameters and buffers in real gloo groups
-of 2 and 3 processes, also channels-last, compressed (as DDP's fp16/bf16 hooks) and under autocast; what DDP
-refuses is refused; the hand-written ring on uneven lengths; one run end to end."""
+of 2 and 4 processes (the 4 told they are 2 nodes x 2 for --sync hierarchical), also channels-last, compressed
+(as DDP's fp16/bf16 hooks) and under autocast; --sync pipelined updates inside the next forward, in an order every
+rank agrees on; what DDP refuses is refused; the hand-written ring on uneven lengths; runs end to end."""
+import contextlib
 import copy
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -14,8 +17,9 @@ import common
 from dist_helpers import FAST_ARGS, run_in_group, run_script
 
 TINY_MB = 600 / 2 ** 20  # 600 bytes: less than the largest tensor (conv2 weight, 315 floats = 1260 bytes); 3 buckets
-CONFIGS = [("per-param", 25.0)] + [(mode, mb) for mode in ("bucketed", "overlap", "ring") for mb in (25.0, TINY_MB)]
-BUCKETED = ("overlap", "bucketed", "ring")
+BUCKETED = ("overlap", "bucketed", "ring", "pipelined", "hierarchical")
+CONFIGS = [("per-param", 25.0)] + [(mode, mb) for mode in BUCKETED for mb in (25.0, TINY_MB)]
+PER_NODE = 2  # --sync hierarchical's processes per node in these groups: 2 processes are 1 node, 4 are 2 nodes x 2
 RING_LENGTHS = [1, 2, 3, 5, 7, 10, 1001]
 TOL = 1e-6  # relative to the largest gradient (or parameter) magnitude
 
@@ -45,35 +49,82 @@ def _views_of_buckets(sync):
                and p.grad.stride() == p.stride() for b in sync.buckets for p in b.tensors)
 
 
+def make_sync(model, mode, bucket_mb, compress="none", optimizer=None, scaler=None):
+    """Our sync as the script builds it (pipelined owns the update: it gets the optimizer and the scaler)."""
+    if mode == "pipelined":
+        return ar.PipelinedSync(model, optimizer, scaler or torch.amp.GradScaler("cpu", enabled=False), bucket_mb,
+                                compress)
+    if mode == "hierarchical":
+        return ar.HierarchicalSync(model, bucket_mb, compress, local_size=PER_NODE)
+    return ar.GradSync(model, mode, bucket_mb, compress)
+
+
+def ours_step(sync, model, opt, x, y, lr=0.1, scaler=None, autocast=None):
+    """One step of ours as train_step takes it; returns the buckets launched during backward. Pipelined: the
+    update happens in the next forward (or flush), every other mode updates here."""
+    sync.begin("comm", lr=lr)
+    sync.broadcast_buffers()
+    with autocast or contextlib.nullcontext():
+        loss = nn.functional.cross_entropy(model(x), y)
+    sync.zero_grad()  # in place: autograd accumulates into the buckets
+    (scaler.scale(loss) if scaler else loss).backward()
+    launched = len(sync.in_flight)
+    sync.finish()
+    if not sync.pipelined:
+        if scaler:
+            scaler.step(opt)  # unscales the averaged scaled gradients once, as under DDP
+            scaler.update()
+        else:
+            opt.step()
+    return launched
+
+
 def _match_ddp(rank, world_size, configs, steps=3):
-    """For each (mode, bucket_mb): our model + GradSync against DDP, same start, per-rank different batches."""
+    """For each (mode, bucket_mb): our model + sync against DDP, same start, per-rank different batches. Pipelined:
+    a step's gradients are compared after the next forward, which waited for them and applied their update."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     out = {}
     for mode, bucket_mb in configs:
         base = small_model(seed=100 + rank)  # different on each rank: both must take rank 0's
         ours, ddp = copy.deepcopy(base), DDP(copy.deepcopy(base))
-        sync = ar.GradSync(ours, mode, bucket_mb)
         opt_a = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         opt_b = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        grad_err, launched_in_backward, views = 0.0, [], []
+        sync = make_sync(ours, mode, bucket_mb, optimizer=opt_a)
+        grad_err, launched_in_backward, views, in_next_forward, orders, previous = 0.0, [], [], [], [], None
         for step in range(steps):
             x, y = _batch(step, rank)
-            sync.broadcast_buffers()
-            loss_a = nn.functional.cross_entropy(ours(x), y)
-            sync.zero_grad()  # in place: autograd accumulates into the buckets
-            loss_a.backward()
-            launched_in_backward.append(len(sync.in_flight))
-            sync.finish()
+            if sync.pipelined:
+                sync.begin("comm", lr=0.1)
+                pending = sync.pending  # the step before's exchange: this forward waits for it and applies it
+                untouched = pending is not None and not pending.applied
+                sync.broadcast_buffers()
+                loss_a = nn.functional.cross_entropy(ours(x), y)
+                if pending is not None:
+                    in_next_forward.append(untouched and sync.pending is None)
+                    grad_err = max(grad_err, _rel_err([p.grad for p in ours.parameters()], previous))
+                    orders.append(pending.order)
+                sync.zero_grad()
+                loss_a.backward()
+                sync.finish()
+                launched_in_backward.append(0)
+            else:
+                launched_in_backward.append(ours_step(sync, ours, opt_a, x, y))
             views.append(_views_of_buckets(sync))
             loss_b = nn.functional.cross_entropy(ddp(x), y)
             opt_b.zero_grad(set_to_none=True)
             loss_b.backward()
             grads_b = [p.grad for p in ddp.module.parameters()]
             assert min(g.abs().max().item() for g in grads_b) > 0
-            grad_err = max(grad_err, _rel_err([p.grad for p in ours.parameters()], grads_b))
-            opt_a.step()
+            if sync.pipelined:
+                previous = [g.clone() for g in grads_b]
+            else:
+                grad_err = max(grad_err, _rel_err([p.grad for p in ours.parameters()], grads_b))
             opt_b.step()
+        if sync.pipelined:  # the last step's exchange, ended by flush
+            orders.append(sync.last_order)
+            sync.flush()
+            grad_err = max(grad_err, _rel_err([p.grad for p in ours.parameters()], previous))
         out[(mode, bucket_mb)] = {
             "grad": grad_err,
             "param": _rel_err(list(ours.parameters()), list(ddp.module.parameters())),
@@ -82,8 +133,13 @@ def _match_ddp(rank, world_size, configs, steps=3):
             "bucket_order": [p for b in sync.buckets for p in b.tensors] == list(ours.parameters())[::-1],
             "launched_in_backward": launched_in_backward,
             "views": views,
+            "in_next_forward": in_next_forward,
+            "orders": orders,
+            "levels": getattr(sync, "levels", None),
         }
         dist.barrier()
+    if world_size == 4:  # two levels, compressed
+        out["hierarchical", "fp16"] = _match_ddp_compressed(rank, "hierarchical", "fp16")
     ring = {}
     for n in RING_LENGTHS:
         x = torch.randn(n, generator=torch.Generator().manual_seed(n + 17 * rank), dtype=torch.float64)
@@ -94,7 +150,7 @@ def _match_ddp(rank, world_size, configs, steps=3):
     return out, ring
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2 processes", "3 processes"])
+@pytest.fixture(scope="module", params=[2, 4], ids=["2 processes", "4 processes"])
 def group_run(request):
     return request.param, run_in_group(_match_ddp, request.param, CONFIGS)
 
@@ -112,10 +168,27 @@ def test_every_mode_matches_ddp(group_run, config):
             assert errs["buckets"] == (1 if config[1] == 25.0 else 3), errs
             assert errs["bucket_order"], "buckets hold the parameters in reverse order, as backward produces them"
             assert errs["views"] == [True] * 3, "every .grad stays a view of its bucket (gradient_as_bucket_view)"
-        if config[0] == "overlap":  # every bucket was launched from hooks while backward still ran
+        if config[0] in ("overlap", "hierarchical"):  # every bucket was launched from hooks while backward still ran
             assert errs["launched_in_backward"] == [errs["buckets"]] * 3, errs
         else:
             assert errs["launched_in_backward"] == [0] * 3, errs
+        if config[0] == "hierarchical":  # 4 processes: 2 nodes x 2, two levels; 2 processes: one node, one level
+            assert errs["levels"] == (2 if world_size == 4 else 1), errs
+        if config[0] == "pipelined":  # each step's update was applied inside the next forward, none before it
+            assert errs["in_next_forward"] == [True] * 2, errs
+            assert sorted(errs["orders"][0]) == list(range(errs["buckets"])) and len(errs["orders"]) == 3, errs
+            assert errs["orders"] == per_rank[0][0][config]["orders"], "every rank exchanged in the same order"
+
+
+def test_hierarchical_two_levels_compressed_matches_ddp_fp16_hook(group_run):
+    """Two levels sum the fp16 shares in another order than gloo's ring, (a+b)+(c+d) against ((a+b)+c)+d: the
+    same within a few fp16 units in the last place (2**-10), as far from each other as from no compression."""
+    world_size, per_rank = group_run
+    for rank, (out, _) in enumerate(per_rank):
+        if world_size == 4:
+            res = out["hierarchical", "fp16"]
+            assert res["grad"] < 4 * 2 ** -10 and res["param"] < 1e-4, (rank, res)
+            assert res["gap_to_uncompressed"] > 100 * COMPRESS_TOL, (rank, res)
 
 
 def test_ring_on_lengths_not_divisible_by_world_size(group_run):
@@ -127,29 +200,26 @@ def test_ring_on_lengths_not_divisible_by_world_size(group_run):
 
 # --------------------------------------------------------------------------- the rest, in one group of 2
 def _match_ddp_amp(rank, amp_dtype, mode):
-    """Mixed precision: autocast forward (and, for fp16, a GradScaler) around our sync and around DDP."""
+    """Mixed precision: autocast forward (and, for fp16, a GradScaler) around our sync and around DDP. Pipelined:
+    bf16 updates partition by partition in the next forward; fp16 waits for every partition (one inf check)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp_dtype]
     base = small_model(seed=7)
     ours, ddp = copy.deepcopy(base), DDP(copy.deepcopy(base))
-    sync = ar.GradSync(ours, mode, 25.0)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, ddp)]
     scalers = [torch.amp.GradScaler("cpu", enabled=amp_dtype == "fp16") for _ in range(2)]
+    sync = make_sync(ours, mode, TINY_MB if mode == "pipelined" else 25.0, optimizer=opts[0], scaler=scalers[0])
     for step in range(3):
         x, y = _batch(step, rank)
-        sync.broadcast_buffers()
-        for model, opt, scaler, is_ours in ((ours, opts[0], scalers[0], True), (ddp, opts[1], scalers[1], False)):
-            with torch.autocast("cpu", dtype=dtype):
-                loss = nn.functional.cross_entropy(model(x), y)
-            if is_ours:
-                sync.zero_grad()
-            else:
-                opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if is_ours:
-                sync.finish()  # scaled gradients averaged; scaler.step unscales them once, as under DDP
-            scaler.step(opt)
-            scaler.update()
+        ours_step(sync, ours, opts[0], x, y, scaler=scalers[0], autocast=torch.autocast("cpu", dtype=dtype))
+        with torch.autocast("cpu", dtype=dtype):
+            loss = nn.functional.cross_entropy(ddp(x), y)
+        opts[1].zero_grad(set_to_none=True)
+        scalers[1].scale(loss).backward()
+        scalers[1].step(opts[1])
+        scalers[1].update()
+    if sync.pipelined:
+        sync.flush()
     return (_rel_err(list(ours.parameters()), list(ddp.module.parameters())),
             scalers[0].get_scale() if amp_dtype == "fp16" else None,
             scalers[1].get_scale() if amp_dtype == "fp16" else None)
@@ -157,21 +227,19 @@ def _match_ddp_amp(rank, amp_dtype, mode):
 
 def _match_ddp_channels_last(rank, mode):
     """Model and input channels-last: after each step every gradient and every momentum buffer has its
-    parameter's strides (no silent copy into another layout), and the result equals channels-last DDP's."""
+    parameter's strides (no silent copy into another layout), and the result equals channels-last DDP's.
+    Pipelined: flushed after each step, so its gradients and momenta can be compared there."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     base = small_model(seed=100 + rank).to(memory_format=torch.channels_last)
     ours, ddp = copy.deepcopy(base), DDP(copy.deepcopy(base))
-    sync = ar.GradSync(ours, mode, TINY_MB)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in (ours, ddp)]
+    sync = make_sync(ours, mode, TINY_MB, optimizer=opts[0])
     strides_kept, grad_err = [], 0.0
     for step in range(2):
         x, y = _batch(step, rank, channels_last=True)
-        sync.broadcast_buffers()
-        loss = nn.functional.cross_entropy(ours(x), y)
-        sync.zero_grad()
-        loss.backward()
-        sync.finish()
-        opts[0].step()
+        ours_step(sync, ours, opts[0], x, y)
+        if sync.pipelined:
+            sync.flush()
         loss = nn.functional.cross_entropy(ddp(x), y)
         opts[1].zero_grad(set_to_none=True)
         loss.backward()
@@ -196,16 +264,14 @@ def _match_ddp_compressed(rank, mode, compress):
     base = small_model(seed=100 + rank)
     ours, hooked, plain = copy.deepcopy(base), DDP(copy.deepcopy(base)), DDP(copy.deepcopy(base))
     hooked.register_comm_hook(None, getattr(default_hooks, f"{compress}_compress_hook"))
-    sync = ar.GradSync(ours, mode, TINY_MB, compress)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, hooked, plain)]
+    sync = make_sync(ours, mode, TINY_MB, compress, optimizer=opts[0])
     grad_err = grad_gap = 0.0
     for step in range(3):
         x, y = _batch(step, rank)
-        sync.broadcast_buffers()
-        loss = nn.functional.cross_entropy(ours(x), y)
-        sync.zero_grad()
-        loss.backward()
-        sync.finish()
+        ours_step(sync, ours, opts[0], x, y)
+        if sync.pipelined:
+            sync.flush()
         for model, opt in zip((hooked, plain), opts[1:]):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x), y).backward()
@@ -213,7 +279,7 @@ def _match_ddp_compressed(rank, mode, compress):
         grad_err = max(grad_err, _rel_err(ours_g, [p.grad for p in hooked.module.parameters()]))
         grad_gap = max(grad_gap, _rel_err(ours_g, [p.grad for p in plain.module.parameters()]))
         assert all(p.grad.dtype == torch.float32 for p in ours.parameters())
-        for opt in opts:
+        for opt in opts[1:]:
             opt.step()
     return {"grad": grad_err, "gap_to_uncompressed": grad_gap,
             "param": _rel_err(list(ours.parameters()), list(hooked.module.parameters()))}
@@ -234,7 +300,8 @@ def _refusals(rank, mode):
     out = {}
     x, y = _batch(0, rank)
     model = WithUnused()
-    sync = ar.GradSync(model, mode, TINY_MB)
+    sync = make_sync(model, mode, TINY_MB, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    sync.begin("comm", lr=0.1)
     sync.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     try:
@@ -243,7 +310,8 @@ def _refusals(rank, mode):
     except common.UserError as e:
         out["unused"] = str(e)
     model = small_model(0)
-    sync = ar.GradSync(model, mode, TINY_MB)
+    sync = make_sync(model, mode, TINY_MB, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    sync.begin("comm", lr=0.1)
     sync.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
@@ -254,11 +322,33 @@ def _refusals(rank, mode):
         out["twice"] = str(e)
     for work, _, _ in sync.in_flight:  # overlap: the first backward's all-reduces, still to be waited for
         work.wait()
+    if sync.pipelined:
+        sync.flush()
     return out
 
 
+def _pipelined_priority(rank):
+    """One pipelined step whose exchanges are held until backward has ended on every rank: the first exchange's
+    readiness vector then says every partition is ready everywhere, so after partition 0 and the one decided with it
+    in flight (credit 2: partition 1, the next backward fills), the rest go in the order the next forward needs
+    them, the last filled first. 100-byte partitions: 5 of them."""
+    model = small_model(0)
+    sync = make_sync(model, "pipelined", 100 / 2 ** 20, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    backward_done, exchange = threading.Event(), sync._exchange
+    sync._exchange = lambda job: (backward_done.wait(), exchange(job))
+    x, y = _batch(0, rank)
+    sync.begin("comm", lr=0.1)
+    loss = nn.functional.cross_entropy(model(x), y)
+    sync.zero_grad()
+    loss.backward()
+    sync.finish()
+    backward_done.set()
+    sync.flush()
+    return sync.last_order, len(sync.buckets)
+
+
 def _features(rank, world_size):
-    out = {}
+    out = {"priority": _pipelined_priority(rank)}
     for amp_dtype in ("bf16", "fp16"):
         for mode in BUCKETED:
             out["amp", amp_dtype, mode] = _match_ddp_amp(rank, amp_dtype, mode)
@@ -314,6 +404,20 @@ def test_unused_parameter_and_second_backward_are_refused(features, mode):
         assert res["unused"] is not None and "unused.weight" in res["unused"], res
         assert "2 parameter(s) got no gradient" in res["unused"] and "find_unused_parameters" in res["unused"]
         assert res["twice"] is not None and "second gradient" in res["twice"], res
+
+
+def test_pipelined_sends_first_what_the_next_forward_needs_first(features):
+    for out in features:
+        order, count = out["priority"]
+        assert count == 5 and order == [0, 1, 4, 3, 2], out["priority"]
+
+
+def test_next_partition_is_agreed_from_shared_knowledge_only():
+    """Ready everywhere: the one the next forward needs first (highest index); none: the next backward fills."""
+    assert ar.next_partition({0, 1, 2, 3}, set()) == 0
+    assert ar.next_partition({1, 2, 3}, {0, 1, 2}) == 2
+    assert ar.next_partition({3, 4}, {0, 1, 2}) == 3
+    assert ar.next_partition({2, 4}, {0, 1, 2, 3, 4}) == 4
 
 
 # --------------------------------------------------------------------------- command line and end to end
