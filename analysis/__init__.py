@@ -4,7 +4,10 @@
     stats     Estimate (mean, spread over seeds), Verdict and compare(a, b, noise): the one noise rule
     verdicts  the judgements the tables and the report share (throughput, overhead, hidden share, accuracy)
     curves    loss curves, smoothing, the seed-to-seed noise floor
-    links     bytes through the busiest link against the link rate, and the bounds the methods cannot beat
+    links     bytes through the busiest link against the link rate, the bounds the methods cannot beat, a flat
+              ring's and the two-level all-reduce's bytes, the physical limit of a step, the cost against nodes
+    ranks     each trainer's own compute per step and the straggler the run named (rank_compute)
+    recovery  the restarts a run survived and what its checkpoints cost
     tables    Table (title, columns, rows of named cells, note) and its text and markdown renderers
     plots     the plots; each returns the numbers it drew
     report    the report's prose, from verdicts

@@ -19,8 +19,20 @@ Only what the method cannot beat is called a bound:
     summed gradients reach it at least once (push): 1 x the state each way, a weak bound; what gloo moves
     beyond it is measured, not predicted (one copy per worker would be an estimate, and gloo can do better);
   * the asynchronous PS: no per-step bound (pulls and pushes of different workers interleave).
+- Bytes an all-reduce's own pattern moves through each node link, with N processes on M nodes (ranks placed
+  node by node): a flat ring (DDP on gloo, and the manual all-reduce's overlap, bucketed, per-param, ring and
+  pipelined modes) passes 1/N of the gradients across every node boundary in each of its 2(N-1) steps:
+  2(N-1)/N x gradients; the two-level all-reduce (--sync hierarchical: reduce-scatter inside a node, all-reduce
+  across nodes, all-gather inside) sends across only in its middle step, each of a node's processes its 1/(N/M)
+  share in a ring of M: 2(M-1)/M x gradients, the bound above. On one process per node the two are the same.
+- The physical limit of a step: it cannot be shorter than its compute (the yardstick's step without any
+  communication) nor than its measured bytes at the link rate (the first point): the larger of the two. Measured
+  step / limit below 1 means time went elsewhere (waiting, data, the exchange not overlapping compute); above 1 is
+  impossible, so a measurement problem.
 """
 import dataclasses
+
+from .runs import KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +44,48 @@ class LinkFigures:
     link_time_how: str
     bound_bytes: float = None  # per direction: the least the method must move through the busiest link
     bound_how: str = ""
+    rate_bits: float = None  # the link rate, bits/s
+    star: bool = False  # the p2p star: pull, then push, the two directions one after the other
+    pattern: str = None  # an all-reduce's pattern across the node links: "flat ring", "two-level", "<backend>'s choice"
+    ring_bytes: float = None  # per direction through each node link: a flat ring's 2(N-1)/N x gradients
+    two_level_bytes: float = None  # the two-level all-reduce's 2(M-1)/M x gradients
 
     @property
     def busiest(self):
         return max(self.sent, self.received)
+
+    @property
+    def expected(self):
+        """(bytes per direction through the busiest link that the row's own pattern moves, how): the flat ring's or
+        the two-level's for an all-reduce whose pattern is known, else the least the method moves; (None, why)
+        without one."""
+        if self.pattern == "flat ring" and self.ring_bytes:
+            return self.ring_bytes, "flat ring: 2(N-1)/N x gradients"
+        if self.pattern == "two-level" and self.two_level_bytes:
+            return self.two_level_bytes, "two-level: 2(M-1)/M x gradients"
+        return self.bound_bytes, self.bound_how
+
+    def seconds(self, per_direction):
+        """The time bytes per direction take at the link rate, by this row's direction rule."""
+        return (2 if self.star else 1) * per_direction * 8 / self.rate_bits
 
 
 def nodes(x):
     net = x.network or {}
     per_node = net.get("procs_per_node") or 1
     return net.get("nodes") or max(1, x.world_size // per_node)
+
+
+def all_reduce_pattern(x):
+    """How an all-reduce experiment crosses the node links: "two-level" (--sync hierarchical), "flat ring" (the
+    manual all-reduce's other modes, DDP on gloo), "<backend>'s choice" (DDP on nccl: ring or tree, NCCL picks);
+    None for a PS."""
+    if x.kind == "all_reduce":
+        return "two-level" if x.sync == "hierarchical" else "flat ring"
+    if x.kind == "baseline_ddp":
+        backend = x.first.backend
+        return "flat ring" if backend == "gloo" else f"{backend or 'the backend'}'s choice"
+    return None
 
 
 def link_figures(x):
@@ -66,4 +110,78 @@ def link_figures(x):
             bound, bound_how = remote * x.state_bytes, "star: (workers off the server's node) x state"
         else:
             bound, bound_how = x.state_bytes, "one server: at least 1 x state each way"
-    return LinkFigures(net.get("link_rate") or "?", sent, received, seconds, how, bound, bound_how)
+    pattern, ring, two_level = all_reduce_pattern(x), None, None
+    if pattern and x.wire_bytes:
+        ring = 2 * (x.world_size - 1) / x.world_size * x.wire_bytes
+        two_level = 2 * (m - 1) / m * x.wire_bytes
+    return LinkFigures(net.get("link_rate") or "?", sent, received, seconds, how, bound, bound_how,
+                       net["link_rate_bits"], star, pattern, ring, two_level)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A step against its physical limit (seconds): the larger of its compute and its bytes' link time."""
+    step: float  # the epochs' measured step (avg_batch_time)
+    compute: float  # the yardstick's step without communication
+    link: LinkFigures = None  # None: no declared link (loopback), the limit is the compute alone
+
+    @property
+    def limit(self):
+        return max(self.compute, self.link.link_time) if self.link else self.compute
+
+    @property
+    def bound_by(self):
+        if self.link is None:
+            return "compute; no declared link"
+        return "link" if self.link.link_time >= self.compute else "compute"
+
+    @property
+    def reached(self):
+        """limit / step: 1.0 = at the limit; above 1 cannot be (a measurement problem)."""
+        return self.limit / self.step
+
+    @property
+    def impossible(self):
+        return self.reached > 1.0
+
+    @property
+    def reached_number(self):
+        """limit / step as written: two decimals, three where an impossible value would read 1.00."""
+        text = f"{self.reached:.2f}"
+        return f"{self.reached:.3f}" if self.impossible and text == "1.00" else text
+
+    @property
+    def reached_text(self):
+        """The table's cell: the number, flagged when above 1."""
+        return self.reached_number + (" (above 1: a measurement problem)" if self.impossible else "")
+
+
+def physical_limit(x):
+    """The experiment's Limit (means over seeds), or None without the yardstick's step without communication."""
+    step, compute = x.mean("batch_time"), x.mean("yardstick.local_step_time")
+    if step is None or compute is None or step <= 0:
+        return None
+    return Limit(step, compute, link_figures(x))
+
+
+# --------------------------------------------------------------------------- cost against the number of nodes
+def cluster_name(key):
+    """A cluster group's name: "Manual All-Reduce (bucketed) at 100mbit", with the processes per node when several."""
+    kind, variant, per_node, rate = key
+    shown = [part for part in variant.split(", ") if part and part != "none"]  # DDP without a hook
+    return KINDS[kind][0] + (f" ({', '.join(shown)})" if shown else "") + \
+        (f", {per_node} proc/node" if per_node > 1 else "") + f" at {rate}"
+
+
+def cluster_points(group):
+    """Per node count of a cluster group: {"nodes", "overhead" (s, None without the yardstick), "bound" (s: the
+    link-rate time of the bytes its pattern must move, None without one), "bytes" (measured per direction through
+    the busiest node link), "how" (the bound in words)}."""
+    points = []
+    for x in group:
+        f = link_figures(x)
+        expected, how = f.expected if f else (None, "")
+        points.append({"nodes": nodes(x), "overhead": x.mean("yardstick.overhead"),
+                       "bound": f.seconds(expected) if expected else None, "bytes": f.busiest if f else None,
+                       "how": how})
+    return points

@@ -1,7 +1,10 @@
 """The plots: the guide's five (throughput, training time, loss curves, accuracy curves, communication
-overhead) and the kit's time breakdown, scaling, bucket size and speed against accuracy. Colours are assigned
+overhead) and the kit's time breakdown, scaling (against processes, and the cost against the emulated cluster's
+nodes), bucket size, speed against accuracy and each rank's compute. Colours are assigned
 here. Every plot function returns the numbers it drew ({experiment label: ...}), so a test can hold them
 against the tables and the report."""
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: no display needed
@@ -9,9 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from . import curves, verdicts  # noqa: E402
-from .links import link_figures  # noqa: E402
-from .runs import KINDS, baseline_for, bucket_groups, scaling_groups  # noqa: E402
+from . import curves, ranks, verdicts  # noqa: E402
+from .links import cluster_name, cluster_points, link_figures  # noqa: E402
+from .runs import KINDS, baseline_for, bucket_groups, cluster_groups, run_label, scaling_groups  # noqa: E402
 from .stats import pct  # noqa: E402
 from .tables import has_tradeoffs  # noqa: E402
 
@@ -257,6 +260,75 @@ def plot_scaling(experiments, colour, path):
     return drawn
 
 
+def plot_cluster(experiments, colour, path):
+    """Communication per step (the yardstick's overhead) against the emulated cluster's nodes, per method and
+    variant, beside the link-rate time of the bytes its pattern must move (dotted); each point annotated with the
+    measured bytes per step through the busiest node link. Returns {name: cluster_points(group)}."""
+    fig, ax = plt.subplots(figsize=(10, 5.8))
+    drawn, ticks = {}, set()
+    for key, group in cluster_groups(experiments).items():
+        name, c, points = cluster_name(key), colour[group[0].label], cluster_points(group)
+        measured = [(p["nodes"], 1e3 * p["overhead"], p["bytes"]) for p in points if p["overhead"] is not None]
+        if measured:
+            ax.plot([m[0] for m in measured], [m[1] for m in measured], marker="o", linewidth=2, color=c,
+                    label=f"{name}: measured overhead")
+            for n, y, b in measured:
+                if b is not None:
+                    ax.annotate(f"{b / 1e6:.1f} MB/link", (n, y), textcoords="offset points", xytext=(5, 5),
+                                fontsize=8, color=c)
+        bound = [(p["nodes"], 1e3 * p["bound"]) for p in points if p["bound"] is not None]
+        if bound:
+            ax.plot([b[0] for b in bound], [b[1] for b in bound], linestyle=":", linewidth=2, color=c,
+                    label=f"{name}: link-rate bound ({points[-1]['how']})")
+        ticks.update(p["nodes"] for p in points)
+        drawn[name] = points
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    if ticks:
+        ax.set_xlim(min(ticks) / 1.25, max(ticks) * 1.5)  # room for the last point's label
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    save(fig, ax, path, "nodes of the emulated cluster (log scale)", "communication per training step (ms)",
+         "Cost against the number of nodes: the yardstick's overhead beside its link-rate bound",
+         dict(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)),
+         note="labels: measured bytes per step through the busiest node link (per direction); dotted: the bytes "
+              "the method's pattern must move there, at the link rate")
+    return drawn
+
+
+def plot_rank_compute(experiments, colour, path):
+    """Each run's per-rank compute per step (forward + backward, mean over its epochs; whiskers: the mean
+    step-to-step stdev), its median as a dashed line across the group, a straggler red and labelled with its
+    ratio. Returns {run label: {"ranks", "compute", "stdev", "median", "stragglers": {rank: ratio}}}, seconds."""
+    rows = [(run_label(x, r), x, r.rank_compute) for x in experiments for r in x.runs if r.rank_compute]
+    fig, ax = plt.subplots(figsize=(min(18, max(8, 2 + 0.6 * sum(len(rc.ranks) + 1 for *_, rc in rows))), 5.5))
+    drawn, pos, ticks, names = {}, 0, [], []
+    for label, x, rc in rows:
+        slow = {s.rank: s for s in rc.stragglers}
+        at = pos + np.arange(len(rc.ranks))
+        err = [1e3 * (sd or 0.0) for sd in rc.stdev]
+        ax.bar(at, [1e3 * c for c in rc.compute], yerr=err, capsize=3, edgecolor="black", linewidth=0.6,
+               color=["#d62728" if k in slow else colour[x.label] for k in rc.ranks])
+        ax.hlines(1e3 * rc.median, at[0] - 0.45, at[-1] + 0.45, color="black", linestyle="--", linewidth=1)
+        for a, k, c, e in zip(at, rc.ranks, rc.compute, err):
+            if k in slow:
+                ax.annotate(f"{slow[k].ratio:.2f}x\n({ranks.epochs_text(slow[k].epochs)})", (a, 1e3 * c + e),
+                            textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8, color="#d62728")
+        # the ranks' ticks, and the run's name under them on a tick of its own at the group's middle
+        ticks += [*at, at.mean()]
+        names += [str(k) for k in rc.ranks] + ["\n" + textwrap.fill(label, 24)]
+        drawn[label] = {"ranks": list(rc.ranks), "compute": list(rc.compute), "stdev": list(rc.stdev),
+                        "median": rc.median, "stragglers": {k: s.ratio for k, s in slow.items()}}
+        pos += len(rc.ranks) + 1
+    ax.set_xticks(ticks, names, fontsize=8)
+    ax.tick_params(axis="x", length=0)
+    ax.margins(y=0.15)
+    save(fig, ax, path, "rank, grouped by run", "own compute per step (ms): forward + backward",
+         "Each rank's own compute per step (dashed: the median; red: the straggler the run named,\n"
+         "x the others' median, over the epochs it was named in)",
+         note="bars: mean over the epochs that record it; whiskers: the step-to-step standard deviation")
+    return drawn
+
+
 def plot_buckets(experiments, colour, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
     fig.subplots_adjust(wspace=0.3)
@@ -320,6 +392,10 @@ def make_plots(experiments, folder):
     }
     if scaling_groups(experiments):
         drawn["scaling.png"] = plot_scaling(experiments, colour, folder / "scaling.png")
+    if cluster_groups(experiments):
+        drawn["scaling_cluster.png"] = plot_cluster(experiments, colour, folder / "scaling_cluster.png")
+    if any(r.rank_compute for x in experiments for r in x.runs):
+        drawn["rank_compute.png"] = plot_rank_compute(experiments, colour, folder / "rank_compute.png")
     if bucket_groups(experiments):
         drawn["bucket_size.png"] = plot_buckets(experiments, colour, folder / "bucket_size.png")
     if has_tradeoffs(experiments):

@@ -2,11 +2,11 @@
 Verdict (analysis.verdicts) as the table cell that shows it, so the tables and the text tell one story."""
 import time
 
-from . import curves, verdicts
-from .links import link_figures
-from .runs import KINDS, baseline_for, plain_variant, scaling_groups, twin_ddp
+from . import curves, ranks, recovery, verdicts
+from .links import cluster_name, cluster_points, link_figures, physical_limit
+from .runs import KINDS, baseline_for, cluster_groups, plain_variant, run_label, scaling_groups, twin_ddp
 from .stats import compare, ms
-from .tables import render_text, speedup_lines
+from .tables import render_text, several_per_node, speedup_lines
 
 WHY_RANKINGS_DIFFER = (
     "The two measure different things: the overhead is one fixed batch before epoch 1, the method's step against "
@@ -159,6 +159,73 @@ def overhead_lines(xs):
     return out
 
 
+def limit_lines(xs):
+    """Each method's measured step against its physical limit: the larger of its compute (the yardstick's step
+    without communication) and its measured bytes' time at the link rate (links.physical_limit, the table's
+    figures)."""
+    out = []
+    for x in xs:
+        lim = physical_limit(x)
+        if lim is None:
+            continue
+        if lim.link:
+            f = lim.link
+            text = (f"- Physical limit, {x.label}: a step cannot be shorter than the larger of its compute (the "
+                    f"step without communication, {ms(lim.compute)}) and the link time of its bytes "
+                    f"({f.sent / 1e6:.1f} MB out, {f.received / 1e6:.1f} MB in per step through the busiest node "
+                    f"link at {f.rate}: {ms(f.link_time)}, {f.link_time_how}): {ms(lim.limit)}, set by the "
+                    f"{lim.bound_by}")
+        else:
+            text = (f"- Physical limit, {x.label}: no declared link (loopback), so the limit is the compute alone: "
+                    f"the step without communication, {ms(lim.compute)}")
+        if lim.impossible:
+            text += (f"; the epochs' measured step, {ms(lim.step)}, is shorter than that (limit / step = "
+                     f"{lim.reached_number}, above 1): no method beats the limit, so the yardstick's fixed batch, "
+                     "the step timer or the link counters measured something else here")
+        else:
+            text += (f"; the epochs' measured step is {ms(lim.step)}, so it reaches {lim.reached_number} of the "
+                     "limit (limit / step; 1.00 = at the limit)")
+        out.append(text + ".")
+    return out
+
+
+def ddp_timer_lines(xs):
+    """DDP's own communication timers (its logging data) beside the yardstick, and once how the two differ."""
+    out = []
+    for x in [x for x in xs if x.kind == "baseline_ddp" and x.stat("ddp_timers.comm")]:
+        t = {k: x.mean(f"ddp_timers.{k}") for k in ("comm", "overlap", "exposed", "compute", "forward")}
+        overhead = x.mean("yardstick.overhead")
+        out.append(f"- DDP's own timers, {x.label}: {ms(t['comm'])} of backward communication per step (first "
+                   f"bucket's all-reduce launched to the last one done), {ms(t['overlap'])} of it overlapping "
+                   f"backward compute ({ms(t['exposed'])} exposed); backward compute {ms(t['compute'])}, forward "
+                   f"{ms(t['forward'])}; " + (f"the yardstick's overhead: {ms(overhead)}." if overhead is not None
+                                               else "the yardstick was not measured in this run."))
+    if out:
+        out.append("- DDP's timers and the yardstick answer different questions: DDP's is how long its "
+                   "all-reduces were in flight during backward (sampled iterations), the yardstick what the whole "
+                   "step costs more than the same step without communication; an exchange fully hidden behind "
+                   "backward costs DDP time but no yardstick time, and waiting that DDP's window does not cover (a "
+                   "slow rank, the optimizer's wait) costs yardstick time only.")
+    return out
+
+
+def straggler_lines(xs):
+    """Per run that measured each rank's compute: which rank held the others back, and for how long, as the run
+    named it (ranks.words: the table's numbers)."""
+    out = []
+    for x in xs:
+        for r in x.runs:
+            rc = r.rank_compute
+            if rc is None:
+                continue
+            text = f"- Slow rank, {run_label(x, r)}: {ranks.words(rc)}"
+            if rc.stragglers and r.batch_time:
+                waited = max(s.cost_per_step for s in rc.stragglers)
+                text += f" ({100 * waited / r.batch_time:.0f}% of the epochs' measured step of {ms(r.batch_time)})"
+            out.append(text + ".")
+    return out
+
+
 def convergence_lines(xs):
     """Each experiment's loss curve against the DDP doing the same math, judged against the seed-to-seed
     spread (the noise floor); with one seed the verdict has no floor and says so."""
@@ -261,6 +328,61 @@ def link_lines(xs):
     return out
 
 
+def hierarchy_lines(xs):
+    """On several processes per node: a flat ring's bytes per node link beside the two-level all-reduce's, and
+    which the row used, against what its busiest link carried (the link table's figures)."""
+    out = []
+    for x in xs:
+        f = link_figures(x)
+        if f is None or f.pattern is None or f.ring_bytes is None or not several_per_node(x):
+            continue
+        m, n = x.network.get("nodes"), x.world_size
+        text = (f"- Flat ring vs two-level, {x.label}: on {m} nodes x {x.network['procs_per_node']} processes a flat "
+                f"ring moves 2(N-1)/N = {2 * (n - 1) / n:.2f}x the {x.wire_bytes / 1e6:.1f} MB of gradients through "
+                f"each node link ({f.ring_bytes / 1e6:.1f} MB per direction), the two-level all-reduce 2(M-1)/M = "
+                f"{2 * (m - 1) / m:.2f}x ({f.two_level_bytes / 1e6:.1f} MB); ")
+        if f.pattern in ("flat ring", "two-level"):
+            expected = f.ring_bytes if f.pattern == "flat ring" else f.two_level_bytes
+            text += (f"this run used the {f.pattern} pattern and its busiest link carried {f.busiest / 1e6:.1f} MB "
+                     f"per direction ({f.busiest / expected:.2f}x the {f.pattern}'s)")
+        else:
+            text += (f"this run used {f.pattern} (ring or tree); its busiest link carried {f.busiest / 1e6:.1f} MB "
+                     f"per direction ({f.busiest / f.ring_bytes:.2f}x the flat ring's, "
+                     f"{f.busiest / f.two_level_bytes:.2f}x the two-level's)")
+        out.append(text + ".")
+    return out
+
+
+def cluster_lines(xs):
+    """Per method and variant run at several node counts: how its communication per step grew from the smallest
+    to the largest cluster against its link-rate bound (the scaling_cluster.png figures)."""
+    out = []
+    for key, group in cluster_groups(xs).items():
+        points = [p for p in cluster_points(group) if p["overhead"] is not None]
+        if len(points) < 2:
+            continue
+        a, b = points[0], points[-1]
+        text = (f"- Cost against nodes, {cluster_name(key)}: communication overhead {ms(a['overhead'])} per step at "
+                f"{a['nodes']} nodes -> {ms(b['overhead'])} at {b['nodes']} ({b['overhead'] / a['overhead']:.2f}x)")
+        if a["bound"] and b["bound"]:
+            text += (f"; its link-rate bound ({b['how']}) {ms(a['bound'])} -> {ms(b['bound'])} "
+                     f"({b['bound'] / a['bound']:.2f}x), so the overhead went from "
+                     f"{a['overhead'] / a['bound']:.2f}x to {b['overhead'] / b['bound']:.2f}x its bound")
+        else:
+            text += "; no per-step link bound for it"
+        if a["bytes"] is not None and b["bytes"] is not None:
+            text += (f"; the busiest node link carried {a['bytes'] / 1e6:.1f} -> {b['bytes'] / 1e6:.1f} MB per step "
+                     "(per direction)")
+        out.append(text + ".")
+    return out
+
+
+def restart_lines(xs):
+    """Per run: the restarts it survived and what its checkpoints cost (recovery.words: the table's numbers)."""
+    return [f"- Restarts and checkpoints, {run_label(x, r)}: {recovery.words(r.recovery)}."
+            for x in xs for r in x.runs if r.recovery.anything]
+
+
 def tradeoff_lines(xs):
     """Did compression or asynchrony pay off on this link: speed and accuracy against the plain variant."""
     out = []
@@ -326,8 +448,9 @@ def note_lines(xs):
 
 def analysis(xs):
     """Observations computed from the numbers; nothing here is asserted without a figure behind it."""
-    return (throughput_lines(xs) + ranking_lines(xs) + overhead_lines(xs) + convergence_lines(xs) + ps_lines(xs)
-            + link_lines(xs) + tradeoff_lines(xs) + scaling_lines(xs) + note_lines(xs))
+    return (throughput_lines(xs) + ranking_lines(xs) + overhead_lines(xs) + limit_lines(xs) + ddp_timer_lines(xs)
+            + straggler_lines(xs) + convergence_lines(xs) + ps_lines(xs) + link_lines(xs) + hierarchy_lines(xs)
+            + cluster_lines(xs) + tradeoff_lines(xs) + scaling_lines(xs) + restart_lines(xs) + note_lines(xs))
 
 
 def not_measured_lines(xs):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import modes
 
+from . import ranks, recovery
 from .stats import estimate
 
 # kind: the name shown in tables and plots, the script's variants (its default first: the ordering of rows)
@@ -50,6 +51,8 @@ FIGURES = {
     "comm_wait": ("all-reduce wait (own timer)", ("all_reduce",)),
     "comm_pull": ("pull time (own timer)", ("ps",)),
     "comm_push": ("push time (own timer)", ("ps",)),
+    "rank_compute": ("per-rank compute (rank_compute: which rank held the others back)", ALL_KINDS),
+    "ddp_timers": ("DDP's own communication timers (ddp_logging)", ("baseline_ddp",)),
 }
 
 # A results file is small (every step's loss of a long run is a few MB); a profiler trace can be 100+ MB.
@@ -100,6 +103,34 @@ class Yardstick:
                    blocking_max=get("blocking_overhead_max"), hidden_share=get("hidden_share"))
 
 
+@dataclasses.dataclass(frozen=True)
+class DdpTimers:
+    """DDP's own timers (epochs[].ddp_logging, from its _get_ddp_logging_data()): its averages over the iterations
+    it samples since the run began, so the last epoch that records them holds the whole run's; seconds per step.
+    comm: backward's communication (torch's reducer times it from the first bucket's all-reduce launch to the
+    last one's end); overlap: the part of it before backward's compute ended."""
+    comm: float
+    compute: float
+    overlap: float
+    forward: float
+
+    KEYS = {"comm": "avg_backward_comm_time", "compute": "avg_backward_compute_time",
+            "overlap": "avg_backward_compute_comm_overlap_time", "forward": "avg_forward_compute_time"}
+
+    @property
+    def exposed(self):
+        """The part of DDP's communication time not overlapped with backward compute."""
+        return self.comm - self.overlap
+
+    @classmethod
+    def read(cls, epochs):
+        records = [e["ddp_logging"] for e in epochs if isinstance(e.get("ddp_logging"), dict)
+                   and all(_number(e["ddp_logging"].get(k)) for k in cls.KEYS.values())]
+        if not records:
+            return None
+        return cls(**{name: float(records[-1][key]) for name, key in cls.KEYS.items()})
+
+
 @dataclasses.dataclass
 class Run:
     """One results file. Settings and figures are properties; None means the file does not record it."""
@@ -132,6 +163,7 @@ class Run:
     batch_size = property(lambda self: self.data["batch_size"])
     epochs = property(lambda self: self.data["epochs"])
     network = property(lambda self: self.data.get("network") or None)
+    backend = property(lambda self: self.data.get("backend"))
     args = property(lambda self: self.data.get("args") if isinstance(self.data.get("args"), dict) else {})
 
     @property
@@ -286,6 +318,21 @@ class Run:
         return None
 
     @property
+    def rank_compute(self):
+        """Each trainer's own compute per step and the straggler named in it (ranks.RankCompute), or None."""
+        return ranks.read(self.epochs)
+
+    @property
+    def ddp_timers(self):
+        """DDP's own communication timers (DdpTimers), or None (not DDP, or not recorded)."""
+        return DdpTimers.read(self.epochs) if self.kind == "baseline_ddp" else None
+
+    @property
+    def recovery(self):
+        """Restarts and checkpoint cost (recovery.Recovery)."""
+        return recovery.read(self.data)
+
+    @property
     def profile(self):
         return next((e["profile"] for e in self.epochs if isinstance(e.get("profile"), dict)), None)
 
@@ -429,6 +476,12 @@ class Experiment:
         return None if e is None else e.mean
 
 
+def run_label(x, run):
+    """How one run of an experiment is named where figures are per run: the experiment's label, with the file
+    name when the experiment has several seeds."""
+    return x.label if len(x.runs) == 1 else f"{x.label} <{run.path.name}>"
+
+
 def variant_of(run):
     """The settings that make a run another experiment than its script's default; "" for a guide-format file,
     which records none."""
@@ -527,6 +580,20 @@ def scaling_groups(experiments):
             if len({x.world_size for x in v}) > 1}
 
 
+def cluster_groups(experiments):
+    """{(kind, variant, processes per node, link rate): experiments by node count} for a method and variant run
+    on a declared network (emulate_cluster.sh) at several node counts with the same processes per node and link
+    rate: the cost against the number of nodes."""
+    groups = collections.defaultdict(list)
+    for x in experiments:
+        net = x.network or {}
+        if x.guide_format or not net.get("link_rate_bits") or not isinstance(net.get("nodes"), int):
+            continue
+        groups[(x.kind, x.variant, net.get("procs_per_node") or 1, net.get("link_rate") or "?")].append(x)
+    return {k: sorted(v, key=lambda x: (x.network["nodes"], x.world_size)) for k, v in groups.items()
+            if len({x.network["nodes"] for x in v}) > 1}
+
+
 def bucket_groups(experiments):
     """{(method name, world size): [(bucket MiB, experiment)]} for DDP and the overlap mode at several sizes."""
     groups = collections.defaultdict(list)
@@ -538,5 +605,6 @@ def bucket_groups(experiments):
 
 
 __all__ = ["KINDS", "KIT_DEFAULTS", "FIGURES", "Yardstick", "Run", "Skipped", "Experiment", "load_run",
-           "read_folder", "group", "load_folder", "method_of", "peek", "variant_of", "baseline_for", "twin_ddp",
-           "plain_variant", "scaling_groups", "bucket_groups"]
+           "read_folder", "group", "run_label", "load_folder", "method_of", "peek", "variant_of", "baseline_for",
+           "twin_ddp",
+           "plain_variant", "scaling_groups", "cluster_groups", "bucket_groups", "DdpTimers"]

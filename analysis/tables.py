@@ -3,9 +3,9 @@ the cell of one experiment, so a new column is one line; rendered as text for th
 as markdown for report_tables.md. A figure a run does not record is "-"."""
 import dataclasses
 
-from . import verdicts
-from .links import link_figures
-from .runs import baseline_for, twin_ddp
+from . import ranks, recovery, verdicts
+from .links import link_figures, physical_limit
+from .runs import baseline_for, run_label, twin_ddp
 from .stats import number
 
 
@@ -71,8 +71,19 @@ YARDSTICK_NOTE = (
     "way for every method in pairs before epoch 1 (median; min-max over the pairs beside it); share = overhead / "
     "step; scaling efficiency = throughput / (trainers x the no-communication throughput of one); hidden = 1 - "
     "overhead / the same buckets synchronized blocking after backward, both measured in the run, shown only when "
-    "the two differ beyond the pairs' spread. Only the kit's scripts measure it: a guide-format file (or a run with "
-    "--overhead-pairs 0, or resumed) shows -.")
+    "the two differ beyond the pairs' spread. Physical limit: a step cannot be shorter than the larger of its "
+    "compute (the step without communication) and its measured bytes per step through the busiest node link at "
+    "the link rate (loopback, no declared link: the compute alone); limit / step = how close the epochs' measured "
+    "step (avg_batch_time) came to it, 1.00 = at the limit, above 1 a measurement problem. Only the kit's scripts "
+    "measure it: a guide-format file (or a run with --overhead-pairs 0, or resumed) shows -.")
+
+
+def limit_cells(x):
+    """The physical limit's two cells: "3591.2 (link)" and "0.91", or dashes."""
+    lim = physical_limit(x)
+    if lim is None:
+        return "-", "-"
+    return f"{1e3 * lim.limit:.1f} ({lim.bound_by})", lim.reached_text
 
 
 def yardstick_table(xs):
@@ -91,6 +102,8 @@ def yardstick_table(xs):
         "Share of step (%)": lambda x: cell(x, "yardstick.share", 1, 100),
         "Scaling efficiency (%)": lambda x: cell(x, "scaling_efficiency", 1, 100),
         "Hidden behind backward (%)": hidden,
+        "Physical limit (ms/step)": lambda x: limit_cells(x)[0],
+        "Limit / measured step": lambda x: limit_cells(x)[1],
     }, YARDSTICK_NOTE)
 
 
@@ -113,10 +126,37 @@ def own_timers_table(xs):
     }, OWN_TIMERS_NOTE)
 
 
+def several_per_node(x):
+    return ((x.network or {}).get("procs_per_node") or 1) > 1
+
+
+def pattern_cells(x, f):
+    """The all-reduce pattern columns of a link-table row: the pattern the row used, and a flat ring's and the
+    two-level's bytes per node link (MB), the one it used marked; "-" for a PS."""
+    if f.pattern is None or f.ring_bytes is None:
+        return "-", "-"
+    ring, two = f"{f.ring_bytes / 1e6:.1f}", f"{f.two_level_bytes / 1e6:.1f}"
+    if f.pattern == "flat ring":
+        ring = f"[{ring}]"
+    elif f.pattern == "two-level":
+        two = f"[{two}]"
+    return f.pattern, f"{ring} / {two}"
+
+
 def link_table(xs):
     figures = {x.label: link_figures(x) for x in xs}
     f = lambda x: figures[x.label]  # noqa: E731
     overhead = lambda x: x.mean("yardstick.overhead")  # noqa: E731
+    patterns = {}
+    if any(f(x) and f(x).pattern and several_per_node(x) for x in xs):
+        patterns = {
+            "All-reduce pattern": lambda x: pattern_cells(x, f(x))[0],
+            "Flat ring / two-level per node link (MB)": lambda x: pattern_cells(x, f(x))[1],
+        }
+    note = (" All-reduce pattern (on several processes per node): a flat ring over the N processes moves 2(N-1)/N x "
+            "the gradients through each node link, the two-level all-reduce (--sync hierarchical) 2(M-1)/M on M "
+            "nodes; [brackets]: the pattern the row used (DDP on gloo and the manual all-reduce's other modes: the "
+            "flat ring; DDP on nccl: NCCL's choice, neither marked).") if patterns else ""
     return make_table("Communication against the link", [x for x in xs if f(x)], {
         "Method": lambda x: x.label,
         "Link": lambda x: f(x).rate,
@@ -127,11 +167,77 @@ def link_table(xs):
         "Least the method moves (MB per direction)": lambda x: (
             f"{f(x).bound_bytes / 1e6:.1f} ({f(x).bound_how})" if f(x).bound_bytes else f(x).bound_how),
         "Measured / least": lambda x: f"{f(x).busiest / f(x).bound_bytes:.2f}x" if f(x).bound_bytes else "-",
+        **patterns,
     }, "Time at link rate: the measured bytes at the declared rate, a lower bound on the time they take (a link "
        "carries both directions at once, so the larger counts; the p2p star's server sends, then receives, so "
        "there the two add up). The overhead can be below it only where communication runs during compute. Least "
        "the method moves: the bytes no implementation of the method can go below on the busiest link "
-       "(analysis/links.py says why each is a bound).")
+       "(analysis/links.py says why each is a bound)." + note)
+
+
+def per_run_rows(xs, figure):
+    """(label, experiment, run, value) for every run whose figure (a Run property) is recorded."""
+    return [(run_label(x, r), x, r, v) for x in xs for r in x.runs for v in [getattr(r, figure)] if v is not None]
+
+
+RANKS_NOTE = (
+    "Each trainer's own compute per step (forward + backward, no waiting for the others), mean over the epochs; the "
+    "straggler is named by the training side's rule (measure.py: the slowest rank, when its compute exceeds the "
+    "others' median beyond a floor and beyond their step-to-step noise), its ratio = its compute / the others' "
+    "median, over the epochs it was named in; others waited = its compute minus the others' median, per step, "
+    "what every synchronous method waits for it. A run without epochs[].rank_compute (older kit files, the guide's) is not listed: not measured.")
+
+
+def ranks_table(xs):
+    rows = []
+    for label, x, r, rc in per_run_rows(xs, "rank_compute"):
+        rows.append({
+            "Run": label,
+            "Ranks (epochs)": f"{', '.join(map(str, rc.ranks))} ({ranks.epochs_text(rc.epochs)})",
+            "Median compute (ms/step)": f"{1e3 * rc.median:.1f}",
+            "Slowest rank (x others' median)": ranks.slowest_cell(rc),
+            "Others waited for it (ms/step)": "; ".join(f"{1e3 * s.cost_per_step:.1f}" for s in rc.stragglers)
+            or "none (no straggler)",
+        })
+    return Table("Which rank held the others back", ["Run", "Ranks (epochs)", "Median compute (ms/step)",
+                                                     "Slowest rank (x others' median)",
+                                                     "Others waited for it (ms/step)"],
+                 rows, RANKS_NOTE)
+
+
+DDP_TIMERS_NOTE = (
+    "DDP's own timers (its logging data, _get_ddp_logging_data(): averages over the iterations it samples since "
+    "the run began, as the last epoch recorded them): backward comm = from the launch of the first bucket's "
+    "all-reduce to the end of the last; overlapped = the part of it before backward's compute ended; exposed = "
+    "backward comm - overlapped. The yardstick is another "
+    "definition: what the whole step costs more than the same step without communication (on a fixed batch before "
+    "epoch 1), so an exchange fully hidden behind backward costs DDP time but no yardstick time.")
+
+
+def ddp_timers_table(xs):
+    ddps = [x for x in xs if x.kind == "baseline_ddp"]
+    return make_table("DDP's own timers beside the yardstick", ddps, {
+        "Method": lambda x: x.label,
+        "Yardstick overhead (ms/step)": lambda x: cell(x, "yardstick.overhead", 1, 1e3),
+        "DDP backward comm (ms)": lambda x: cell(x, "ddp_timers.comm", 1, 1e3),
+        "Overlapped with backward compute (ms)": lambda x: cell(x, "ddp_timers.overlap", 1, 1e3),
+        "Exposed (ms)": lambda x: cell(x, "ddp_timers.exposed", 1, 1e3),
+        "Backward compute (ms)": lambda x: cell(x, "ddp_timers.compute", 1, 1e3),
+        "Forward compute (ms)": lambda x: cell(x, "ddp_timers.forward", 1, 1e3),
+    }, DDP_TIMERS_NOTE)
+
+
+def recovery_table(xs):
+    rows = [{"Run": run_label(x, r), "Restarts": recovery.restarts_cell(rec),
+             "Steps redone": recovery.total_text(rec.steps_redone) if rec.restarts is not None else "-",
+             "Time lost (s)": recovery.total_text(rec.seconds_lost, 1) if rec.restarts is not None else "-",
+             "Checkpoints (share of the training loop)": recovery.checkpoint_cell(rec)}
+            for x in xs for r in x.runs for rec in [r.recovery]]
+    return Table("Restarts and checkpoints", list(rows[0]) if rows else [], rows,
+                 "Restarts: torchrun --max-restarts attempts the run survived (its `restarts` list; none recorded: "
+                 "the file has no such list); steps redone: trained again after resuming from the last checkpoint; "
+                 "time lost: the seconds each failure cost, as the run measured them. Checkpoints: seconds writing "
+                 "them (epochs[].checkpoint_time) over the training loop's (the epochs' train_time).")
 
 
 def tradeoff_table(xs):
@@ -151,10 +257,17 @@ def has_tradeoffs(xs):
 
 
 def build_tables(xs):
-    """Every table the analysis shows, in order (the link table only with measured link bytes)."""
+    """Every table the analysis shows, in order; the link, DDP timer, rank, recovery and trade-off tables only
+    where some run measured what they show."""
     tables = [performance_table(xs), yardstick_table(xs), own_timers_table(xs)]
+    if any(x.stat("ddp_timers.comm") for x in xs):
+        tables.append(ddp_timers_table(xs))
     if any(link_figures(x) for x in xs):
         tables.append(link_table(xs))
+    if per_run_rows(xs, "rank_compute"):
+        tables.append(ranks_table(xs))
+    if any(r.recovery.anything for x in xs for r in x.runs):
+        tables.append(recovery_table(xs))
     if has_tradeoffs(xs):
         tables.append(tradeoff_table(xs))
     return tables

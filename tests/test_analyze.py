@@ -2,7 +2,10 @@
 make_fixtures.py) and on files in the guide's own shape (tests/fixtures/guide): tables equal their inputs, seeds
 become one experiment whose spread is the noise floor, the link bound comes from the measured bytes, every plot is
 a real image whose numbers are the tables', the report and the tables tell one story, any JSON file in the folder
-is looked at and named when skipped, and incomplete runs are marked."""
+is looked at and named when skipped, and incomplete runs are marked. The fields the training side is adding
+(rank_compute, ddp_logging, restarts, the hierarchical sync, runs at several node counts) are tested on
+tests/fixtures/hand (copies of the real fixtures with those fields added, make_hand.py): each cell, sentence and
+plotted number against the file's fields, and a file without them names them as not measured, once."""
 import contextlib
 import copy
 import io
@@ -630,3 +633,251 @@ def test_the_guide_fixtures_have_the_guides_fields_and_none_of_the_kits(name):
     assert set(top) <= set(data) and set(summary) <= set(data["summary"])
     assert all(set(epoch) <= set(e) for e in data["epochs"])
     assert not {"kind", "seed", "trainers", "status", "comm_overhead", "args"} & set(data)
+
+
+# --------------------------------------------------------------------------- fields the training side adds (hand)
+HAND = FIXTURES / "hand"
+HAND_LOOPBACK = ("results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json")
+RANKS, DDP_TIMERS, RECOVERY = "Which rank held the others back", "DDP's own timers beside the yardstick", \
+    "Restarts and checkpoints"
+
+
+def mean_of(epochs, get):
+    return statistics.mean(get(e) for e in epochs)
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory):
+    """The loopback defaults with rank_compute, ddp_logging, restarts and checkpoints, analysed once with plots."""
+    tmp = tmp_path_factory.mktemp("hand")
+    return analyze(tmp, setup_dir(tmp, HAND_LOOPBACK, source=HAND / "loopback"))
+
+
+def test_the_slow_rank_is_named_with_the_runs_own_figures(hand):
+    r = hand
+    assert r.rc == 0 and r.stderr == ""
+    table, drawn = r.tables[RANKS], r.plots["rank_compute.png"]
+    ddp, ar, ps = (fixture(n, HAND / "loopback") for n in HAND_LOOPBACK)
+    labels = ["Baseline DDP [2 proc]", "Manual All-Reduce (overlap) [2 proc]",
+              "Parameter Server (collective) [3 proc]"]
+    assert list(table) == list(drawn) == labels
+    for label, data in zip(labels, (ddp, ar, ps)):
+        rc = [e["rank_compute"] for e in data["epochs"]]
+        median = statistics.mean(x["median"] for x in rc)
+        assert table[label]["Median compute (ms/step)"] == f"{1e3 * median:.1f}"
+        assert drawn[label]["median"] == pytest.approx(median)
+        assert drawn[label]["ranks"] == rc[0]["ranks"]
+        for i in range(len(rc[0]["ranks"])):  # the bars: each rank's compute and stdev, mean over the epochs
+            assert drawn[label]["compute"][i] == pytest.approx(statistics.mean(x["compute"][i] for x in rc))
+            assert drawn[label]["stdev"][i] == pytest.approx(statistics.mean(x["stdev"][i] for x in rc))
+    # DDP: rank 1 in both epochs; the cell, the sentence and the plot carry the file's figures.
+    straggler_named_as_written(r, table, drawn, labels[0], ddp, 1, "epochs 1-2")
+    assert f"of the epochs' measured step of {1e3 * ddp['summary']['avg_batch_time']:.1f} ms" in \
+        r.line("Slow rank, Baseline DDP [2 proc]")
+    # The PS: rank 2 only in epoch 2, named with that epoch's figures.
+    straggler_named_as_written(r, table, drawn, labels[2], ps, 2, "epoch 2")
+    # The all-reduce: no straggler, and it says so with its slowest rank against the other's compute.
+    rc = [e["rank_compute"] for e in ar["epochs"]]
+    slowest = statistics.mean(x["compute"][1] for x in rc) / statistics.mean(x["compute"][0] for x in rc)
+    assert table[labels[1]]["Slowest rank (x others' median)"] == f"rank 1: {slowest:.2f}x (not a straggler)"
+    assert table[labels[1]]["Others waited for it (ms/step)"] == "none (no straggler)"
+    line = r.line("Slow rank, Manual All-Reduce")
+    assert "no rank was slower than the others beyond the noise in epochs 1-2" in line
+    assert f"rank 1, computed {slowest:.2f}x the others' median" in line
+    assert drawn[labels[1]]["stragglers"] == {}
+    check_plots(r.out, ["rank_compute.png"])
+    assert "per-rank compute" not in r.report.split("Analysis (computed")[1]  # every file measured it
+
+
+def straggler_named_as_written(r, table, drawn, label, data, rank, epochs):
+    """The straggler's cell, sentence and plot label carry its records' figures (means over the epochs it was
+    named in): its compute, the others' median (its compute - cost_per_step), ratio and cost."""
+    named = [e["rank_compute"]["straggler"] for e in data["epochs"] if e["rank_compute"]["straggler"]]
+    assert {s["rank"] for s in named} == {rank}
+    ratio, compute, cost = (statistics.mean(s[k] for s in named) for k in ("ratio", "compute", "cost_per_step"))
+    others = statistics.mean(s["compute"] - s["cost_per_step"] for s in named)
+    assert table[label]["Slowest rank (x others' median)"] == f"rank {rank}: {ratio:.2f}x ({epochs})"
+    assert table[label]["Others waited for it (ms/step)"] == f"{1e3 * cost:.1f}"
+    line = r.line(f"Slow rank, {label}")
+    assert (f"rank {rank} computed {ratio:.2f}x the others' median ({1e3 * compute:.0f} ms vs {1e3 * others:.0f} ms "
+            f"per step) in {epochs}; the others waited ~{1e3 * cost:.0f} ms per step for it") in line, line
+    if drawn is not None:
+        assert drawn[label]["stragglers"] == {rank: pytest.approx(ratio)}
+
+
+def test_a_straggler_among_four_is_held_against_the_others_median():
+    r = Text(HAND / "hier")
+    data = fixture("results_all_reduce_hierarchical.json", HAND / "hier")
+    e = data["epochs"][0]["rank_compute"]
+    others = statistics.median(c for k, c in zip(e["ranks"], e["compute"]) if k != 2)
+    assert e["straggler"]["compute"] - e["straggler"]["cost_per_step"] == pytest.approx(others)
+    straggler_named_as_written(r, r.tables[RANKS], None, "Manual All-Reduce (hierarchical)", data, 2, "epochs 1-2")
+    assert list(r.tables[RANKS]) == ["Manual All-Reduce (hierarchical)"]  # the others did not measure it
+
+
+def test_ddps_own_timers_beside_the_yardstick(hand):
+    r = hand
+    ddp = fixture(HAND_LOOPBACK[0], HAND / "loopback")
+    row = r.tables[DDP_TIMERS]["Baseline DDP [2 proc]"]
+    assert list(r.tables[DDP_TIMERS]) == ["Baseline DDP [2 proc]"]  # DDP rows only
+    logged = ddp["epochs"][-1]["ddp_logging"]  # DDP's averages since the run began: the last epoch's are the run's
+    comm, overlap = logged["avg_backward_comm_time"], logged["avg_backward_compute_comm_overlap_time"]
+    assert row["Yardstick overhead (ms/step)"] == f"{1e3 * ddp['comm_overhead']['overhead']:.1f}" == \
+        r.tables[COMM]["Baseline DDP [2 proc]"]["Comm overhead (ms/step)"]
+    assert row["DDP backward comm (ms)"] == f"{1e3 * comm:.1f}"
+    assert row["Overlapped with backward compute (ms)"] == f"{1e3 * overlap:.1f}"
+    assert row["Exposed (ms)"] == f"{1e3 * (comm - overlap):.1f}"
+    assert row["Backward compute (ms)"] == f"{1e3 * logged['avg_backward_compute_time']:.1f}"
+    assert row["Forward compute (ms)"] == f"{1e3 * logged['avg_forward_compute_time']:.1f}"
+    line = r.line("DDP's own timers, Baseline DDP [2 proc]")
+    assert f"{1e3 * comm:.1f} ms of backward communication per step" in line
+    assert f"{1e3 * overlap:.1f} ms of it overlapping backward compute ({1e3 * (comm - overlap):.1f} ms exposed)" \
+        in line
+    assert f"the yardstick's overhead: {row['Yardstick overhead (ms/step)']} ms" in line
+    assert r.report.count("costs DDP time but no yardstick time") == 2  # the table's note and one sentence
+
+
+def test_restarts_and_checkpoints_are_counted_per_run(hand):
+    r = hand
+    ar = fixture(HAND_LOOPBACK[1], HAND / "loopback")
+    table = r.tables[RECOVERY]
+    row = table["Manual All-Reduce (overlap) [2 proc]"]  # still one run, complete: no "(incomplete)"
+    restarts = ar["restarts"]
+    checkpoint = sum(e["checkpoint_time"] for e in ar["epochs"])
+    loop = sum(e["train_time"] for e in ar["epochs"])
+    assert row["Restarts"] == str(len(restarts))
+    assert row["Steps redone"] == str(sum(x["steps_redone"] for x in restarts))
+    assert "seconds_lost" not in restarts[1]  # the second attempt failed again before it was back
+    assert row["Time lost (s)"] == f"{restarts[0]['seconds_lost']:.1f} (+1 not recorded)"
+    assert row["Checkpoints (share of the training loop)"] == \
+        f"{checkpoint:.2f} s ({100 * checkpoint / loop:.1f}%, {sum(e['checkpoints'] for e in ar['epochs'])} written)"
+    assert table["Baseline DDP [2 proc]"]["Restarts"] == "none recorded"
+    line = r.line("Restarts and checkpoints, Manual All-Reduce (overlap) [2 proc]")
+    x, y = restarts
+    assert (f"2 restarts (attempt 1 at {x['time']} resumed from step {x['resumed_from_step']} after reaching step "
+            f"{x['last_step_before']}; attempt 2 at {y['time']} resumed from step {y['resumed_from_step']} after "
+            f"reaching step {y['last_step_before']}): {x['steps_redone'] + y['steps_redone']} steps redone, "
+            f"{x['seconds_lost']:.1f} s (+1 not recorded) lost") in line, line
+    assert f"took {checkpoint:.2f} s (2 checkpoints) of the {loop:.1f} s training loop " \
+        f"({100 * checkpoint / loop:.1f}%)" in line
+    assert "Throughput at 2 processes: Manual All-Reduce (overlap) [2 proc] has the highest" in r.report  # ranked
+
+
+def test_runs_without_the_new_fields_show_them_as_not_measured_once(defaults, guide):
+    for r, names in ((defaults, DEFAULTS), (guide, GUIDE_FILES)):
+        missing = r.report.split("Not measured by these runs")[1].splitlines()
+        for name in names:  # each file on one line, each figure it lacks named once there
+            lines = [x for x in missing if re.search(rf"[ ,]{re.escape(name)}[ ,:]", x)]
+            assert len(lines) == 1 and lines[0].count("per-rank compute (rank_compute") == 1, (name, lines)
+            assert lines[0].count("DDP's own communication timers") == (name == names[0]), (name, lines)
+        for title in (RANKS, DDP_TIMERS, RECOVERY):
+            assert title not in r.tables
+        assert "Slow rank" not in r.report and "Restarts and checkpoints" not in r.report
+        assert not {"rank_compute.png", "scaling_cluster.png"} & {p.name for p in (r.out / "plots").iterdir()}
+    # A guide file has no yardstick: no physical limit either (its cells are dashes, named once as the yardstick).
+    assert "Physical limit," not in guide.report
+    assert guide.tables[COMM]["Baseline DDP"]["Limit / measured step"] == "-"
+
+
+def test_every_method_against_its_physical_limit(tmp_path, defaults):
+    # Loopback: no declared link, the limit is the compute alone.
+    for label, name in zip(defaults.tables[COMM], DEFAULTS):
+        data = fixture(name)
+        compute, step = data["comm_overhead"]["local_step_time"], data["summary"]["avg_batch_time"]
+        row = defaults.tables[COMM][label]
+        assert row["Physical limit (ms/step)"] == f"{1e3 * compute:.1f} (compute; no declared link)"
+        assert row["Limit / measured step"] == f"{compute / step:.2f}"
+        line = defaults.line(f"Physical limit, {label}")
+        assert "no declared link (loopback), so the limit is the compute alone" in line
+        assert f"reaches {compute / step:.2f} of the limit" in line and f"{1e3 * step:.1f} ms" in line
+    # The emulated cluster: the link time of the measured bytes, by links.py's direction rule.
+    names = ("results_baseline_ddp.json", "results_all_reduce_bucketed.json", "results_ps_p2p.json")
+    r = Text(setup_dir(tmp_path / "cluster", names, source=FIXTURES / "cluster"))
+    for label, name in zip(r.tables[COMM], names):
+        data = fixture(name, FIXTURES / "cluster")
+        sent, received = (mean_of(data["epochs"], lambda e: e["link"][f"{d}_bytes_per_step"])
+                          for d in ("sent", "received"))
+        link = (sent + received if "ps" in name else max(sent, received)) * 8 / data["network"]["link_rate_bits"]
+        compute = data["comm_overhead"]["local_step_time"]
+        limit = max(link, compute)
+        step = data["summary"]["avg_batch_time"]
+        row = r.tables[COMM][label]
+        assert row["Physical limit (ms/step)"] == f"{1e3 * limit:.1f} ({'link' if link >= compute else 'compute'})"
+        assert row["Limit / measured step"] == f"{limit / step:.2f}"
+        line = r.line(f"Physical limit, {label}")
+        assert f"{1e3 * link:.1f} ms" in line and f"reaches {limit / step:.2f} of the limit" in line, line
+    # Above 1 is a measurement problem, and says so.
+    odd = fixture(DEFAULTS[0])
+    odd["comm_overhead"]["local_step_time"] = 1.25 * odd["summary"]["avg_batch_time"]
+    r = Text(setup_dir(tmp_path / "odd", (), {DEFAULTS[0]: odd}))
+    assert r.tables[COMM]["Baseline DDP"]["Limit / measured step"] == "1.25 (above 1: a measurement problem)"
+    assert "(limit / step = 1.25, above 1): no method beats the limit" in r.line("Physical limit, Baseline DDP")
+
+
+def test_cost_against_the_number_of_nodes(tmp_path):
+    folder = HAND / "cluster"
+    r = Text(folder)
+    drawn = analysis.plots.plot_cluster(r.experiments, analysis.plots.colours(r.experiments), tmp_path / "c.png")
+    assert matplotlib.image.imread(tmp_path / "c.png").std() > 0.01
+    names = {"Baseline DDP at 100mbit": "results_baseline_ddp", "Manual All-Reduce (bucketed) at 100mbit":
+             "results_all_reduce_bucketed", "Parameter Server (p2p) at 100mbit": "results_ps_p2p"}
+    assert list(drawn) == list(names)
+    for name, stem in names.items():
+        files = [fixture(f"{stem}_{n}nodes.json", folder) for n in (2, 4, 8)]
+        points = drawn[name]
+        assert [p["nodes"] for p in points] == [2, 4, 8]
+        for p, data in zip(points, files):
+            n, rate = data["network"]["nodes"], data["network"]["link_rate_bits"]
+            assert p["overhead"] == pytest.approx(data["comm_overhead"]["overhead"])
+            assert p["bytes"] == pytest.approx(mean_of(data["epochs"], lambda e: max(e["link"].values())))
+            if "ps" in stem:  # the star: (N-1) workers x state each way, pull then push
+                assert p["bound"] == pytest.approx(2 * (n - 1) * data["state_bytes"] * 8 / rate)
+            else:  # a flat ring: 2(N-1)/N x gradients
+                assert p["bound"] == pytest.approx(2 * (n - 1) / n * data["wire_bytes_per_step"] * 8 / rate)
+        a, b = points[0], points[-1]
+        line = r.line(f"Cost against nodes, {name}")
+        assert (f"communication overhead {1e3 * a['overhead']:.1f} ms per step at 2 nodes -> "
+                f"{1e3 * b['overhead']:.1f} ms at 8 ({b['overhead'] / a['overhead']:.2f}x)") in line, line
+        assert f"{1e3 * a['bound']:.1f} ms -> {1e3 * b['bound']:.1f} ms ({b['bound'] / a['bound']:.2f}x)" in line
+        assert f"carried {a['bytes'] / 1e6:.1f} -> {b['bytes'] / 1e6:.1f} MB per step" in line
+    assert "(star: (workers off the server's node) x state)" in r.line("Cost against nodes, Parameter Server")
+    assert "(flat ring: 2(N-1)/N x gradients)" in r.line("Cost against nodes, Manual All-Reduce")
+    assert runs.scaling_groups(r.experiments)  # scaling.png (throughput against processes) is still drawn
+
+
+def test_a_flat_rings_bytes_beside_the_two_levels(tmp_path):
+    folder = HAND / "hier"
+    r = Text(folder)
+    link = r.tables[LINK]
+    cases = {"Baseline DDP": ("results_baseline_ddp.json", "flat ring"),
+             "Manual All-Reduce (ring)": ("results_all_reduce_ring.json", "flat ring"),
+             "Manual All-Reduce (hierarchical)": ("results_all_reduce_hierarchical.json", "two-level")}
+    for label, (name, pattern) in cases.items():
+        data = fixture(name, folder)
+        n, m, wire = data["world_size"], data["network"]["nodes"], data["wire_bytes_per_step"]
+        ring, two = 2 * (n - 1) / n * wire, 2 * (m - 1) / m * wire
+        assert (n, m) == (4, 2)
+        marked = (f"[{ring / 1e6:.1f}] / {two / 1e6:.1f}" if pattern == "flat ring" else
+                  f"{ring / 1e6:.1f} / [{two / 1e6:.1f}]")
+        assert link[label]["All-reduce pattern"] == pattern
+        assert link[label]["Flat ring / two-level per node link (MB)"] == marked
+        busiest = mean_of(data["epochs"], lambda e: max(e["link"].values()))
+        line = r.line(f"Flat ring vs two-level, {label}")
+        assert (f"a flat ring moves 2(N-1)/N = 1.50x the {wire / 1e6:.1f} MB of gradients through each node link "
+                f"({ring / 1e6:.1f} MB per direction), the two-level all-reduce 2(M-1)/M = 1.00x "
+                f"({two / 1e6:.1f} MB)") in line, line
+        expected = ring if pattern == "flat ring" else two
+        assert (f"used the {pattern} pattern and its busiest link carried {busiest / 1e6:.1f} MB per direction "
+                f"({busiest / expected:.2f}x the {pattern}'s)") in line
+    # DDP on nccl: NCCL picks ring or tree; neither figure is marked.
+    nccl = fixture("results_baseline_ddp.json", folder)
+    nccl["backend"] = "nccl"
+    r = Text(setup_dir(tmp_path, (), {"results_baseline_ddp.json": nccl}))
+    row = r.tables[LINK]["Baseline DDP"]
+    assert row["All-reduce pattern"] == "nccl's choice"
+    assert "[" not in row["Flat ring / two-level per node link (MB)"]
+    assert "this run used nccl's choice (ring or tree)" in r.line("Flat ring vs two-level, Baseline DDP")
+    # One process per node: the two patterns move the same, and the columns are not shown.
+    r = Text(setup_dir(tmp_path / "one", ("results_baseline_ddp.json",), source=FIXTURES / "cluster"))
+    assert "All-reduce pattern" not in next(iter(r.tables[LINK].values()))
+    assert "Flat ring vs two-level" not in r.report
