@@ -439,13 +439,22 @@ def test_compression_needs_buckets(capsys):
     assert len(lines) == 1 and lines[0].startswith("error: --compress needs buckets")
 
 
-def test_script_end_to_end(tmp_path):
-    """Two processes, two epochs, with the communication yardstick (one pair) before epoch 1."""
-    out = tmp_path / "r.json"
+def _script_run(folder, *flags):
+    """Two processes, two epochs of 3 steps, with the communication yardstick (one pair) before epoch 1."""
+    out = folder / "r.json"
     proc = run_script("all_reduce_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs",
-                      "1", "--output", out, nproc=2, cwd=tmp_path)
+                      "1", "--output", out, *flags, nproc=2, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def overlap_run(tmp_path_factory):
+    return _script_run(tmp_path_factory.mktemp("overlap"))
+
+
+def test_script_end_to_end(overlap_run):
+    proc, data = overlap_run
     assert data["method"] == "Manual All-Reduce" and data["kind"] == "all_reduce" and data["status"] == "complete"
     assert data["sync"] == "overlap" and data["bucket_mb"] == 25.0 and data["world_size"] == data["trainers"] == 2
     assert data["compress"] == "none" and data["num_buckets"] >= 1
@@ -472,3 +481,20 @@ def test_script_end_to_end(tmp_path):
         assert key in data["summary"], key
     assert "epoch 2: train loss" in proc.stdout and "comm " in proc.stdout
     assert proc.stdout.count("communication overhead:") == 1
+
+
+def test_pipelined_end_to_end_trains_as_overlap_does(tmp_path, overlap_run):
+    """--sync pipelined: the same losses as --sync overlap step by step, and the same validation after each epoch
+    (the epoch's last step ends its exchange inside the clock); the yardstick times a step in its steady state
+    (runs of 2) and leaves no trace; the phases name the forward's waits (comm) and the per-partition updates."""
+    _, overlap = overlap_run
+    proc, data = _script_run(tmp_path, "--sync", "pipelined")
+    assert data["sync"] == "pipelined" and data["status"] == "complete"
+    assert data["all_losses"] == pytest.approx(overlap["all_losses"], rel=1e-5)
+    for e, o in zip(data["epochs"], overlap["epochs"]):
+        assert e["val_loss"] == pytest.approx(o["val_loss"], rel=1e-5) and e["val_accuracy"] == o["val_accuracy"]
+        assert set(e["phase_times"]) == {"data", "buffers", "compute", "comm", "update"}
+        assert e["avg_comm_time"] == e["phase_times"]["comm"] >= 0
+    overhead = data["comm_overhead"]
+    assert overhead["run_length"] == 2 and "hidden_share" in overhead and overhead["step_time"] > 0
+    assert "--sync pipelined" in proc.stdout and "readiness vector" in proc.stdout

@@ -352,8 +352,35 @@ def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
     assert len(ups) == 1 and "--nodes 2 --rate 1gbit" in ups[0]
     commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
     experiments = [line for line in lines if line.startswith("=== [")]
-    assert len(commands) == len(experiments) == 9  # 3 methods, 3 more --sync modes, 2 more --comm modes, sharded
+    assert len(commands) == len(experiments) == 11  # 3 methods, 5 more --sync modes, 2 more --comm modes, sharded
     assert all("--nodes 2 --nproc-per-node 1" in c and "--backend gloo --arch resnet18" in c for c in commands)
     assert "--standalone" not in proc.stdout
     cluster = ups[0].split("--name ")[1].split()[0]
     assert namespaces(cluster) == [] and not list(tmp_path.iterdir())  # a dry run creates nothing
+
+
+# ------------------------------------------------------------------------------- the two-level all-reduce on 2 x 2
+def test_hierarchical_on_two_nodes_of_two_trains_like_ddp_and_sends_one_model_per_link(tmp_path):
+    """--sync hierarchical on 2 emulated nodes x 2 processes: the losses of DDP on 4 processes of one machine, step
+    by step (its sums in another order: float32 rounding), and through each node link one model's gradients per step
+    (2(M-1)/M = 1 on M = 2 nodes) where the flat ring of 4 sends 2(N-1)/N = 1.5. MobileNetV3-small: 6 MB a step."""
+    root = make_image_folder(tmp_path / "data", classes=2, train_per_class=24, val_per_class=2, size=16)
+    args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
+            "2", "--epochs", "1", "--max-steps", "3", "--overhead-pairs", "0", "--data-dir", root]
+    ddp = run_script("baseline_multi_card.py", *args, *baseline_args(), "--output", tmp_path / "ddp.json", nproc=4,
+                     cwd=tmp_path, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    name = f"{PREFIX}y"
+    two = emu("run", "--name", name, "--nodes", 2, "--nproc-per-node", 2, "--rate", "1gbit", "--logs",
+              tmp_path / "logs", "--", REPO / "all_reduce_train.py", "--sync", "hierarchical", *args,
+              "--output", tmp_path / "hier.json", cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one, hier = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "hier.json"))
+    assert hier["layout"] == {"nodes": 2, "procs_per_node": 2, "levels": 2}
+    assert hier["network"]["nodes"] == 2 and hier["network"]["procs_per_node"] == 2
+    assert len(hier["all_losses"]) == 3 and hier["all_losses"] == pytest.approx(one["all_losses"], rel=1e-5)
+    link, gradients = hier["epochs"][0]["link"], hier["gradient_bytes"]
+    busiest = max(link["sent_bytes_per_step"], link["received_bytes_per_step"])
+    assert 0.95 * gradients < busiest < 1.12 * gradients, (busiest, gradients)  # the ring: 1.5 x gradients
+    assert "reduce-scatter in the node" in (tmp_path / "logs" / "node0.log").read_text()
+    assert_nothing_left(name)
