@@ -26,9 +26,9 @@ Only what the method cannot beat is called a bound:
   across nodes, all-gather inside) sends across only in its middle step, each of a node's processes its 1/(N/M)
   share in a ring of M: 2(M-1)/M x gradients, the bound above. On one process per node the two are the same.
 - The physical limit of a step: it cannot be shorter than its compute (the yardstick's step without any
-  communication) nor than its measured bytes at the link rate (the first point): the larger of the two. Measured
-  step / limit below 1 means time went elsewhere (waiting, data, the exchange not overlapping compute); above 1 is
-  impossible, so a measurement problem.
+  communication) nor than its measured bytes at the link rate (the first point): the larger of the two. Limit /
+  measured step below 1 means time went elsewhere (waiting, data, the exchange not overlapping compute); above 1
+  is impossible, so a measurement problem.
 """
 import dataclasses
 

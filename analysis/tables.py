@@ -185,7 +185,8 @@ RANKS_NOTE = (
     "straggler is named by the training side's rule (measure.py: the slowest rank, when its compute exceeds the "
     "others' median beyond a floor and beyond their step-to-step noise), its ratio = its compute / the others' "
     "median, over the epochs it was named in; others waited = its compute minus the others' median, per step, "
-    "what every synchronous method waits for it. A run without epochs[].rank_compute (older kit files, the guide's) is not listed: not measured.")
+    "what every synchronous method waits for it. A run without epochs[].rank_compute (older kit files, the "
+    "guide's) is not listed: not measured.")
 
 
 def ranks_table(xs):
@@ -209,9 +210,9 @@ DDP_TIMERS_NOTE = (
     "DDP's own timers (its logging data, _get_ddp_logging_data(): averages over the iterations it samples since "
     "the run began, as the last epoch recorded them): backward comm = from the launch of the first bucket's "
     "all-reduce to the end of the last; overlapped = the part of it before backward's compute ended; exposed = "
-    "backward comm - overlapped. The yardstick is another "
-    "definition: what the whole step costs more than the same step without communication (on a fixed batch before "
-    "epoch 1), so an exchange fully hidden behind backward costs DDP time but no yardstick time.")
+    "backward comm - overlapped. The yardstick is another definition: what the whole step costs more than the same "
+    "step without communication (on a fixed batch before epoch 1), so an exchange fully hidden behind backward "
+    "costs DDP time but no yardstick time.")
 
 
 def ddp_timers_table(xs):
