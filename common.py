@@ -239,12 +239,16 @@ def setup_distributed(args):
     world_size, local_world_size = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = ("nccl" if gpus >= local_world_size else "gloo") if args.backend == "auto" else args.backend
-    if backend == "nccl" and gpus < local_world_size:
+    shared = backend == "nccl" and 0 < gpus < local_world_size and os.environ.get("KIT_SHARE_GPU") == "1"
+    if backend == "nccl" and gpus < local_world_size and not shared:
         raise UserError(f"--backend nccl needs one GPU per process: {local_world_size} processes on this node "
-                        f"but {gpus} GPU(s) found (lower --nproc_per_node to {gpus}, or --backend auto or gloo)"
+                        f"but {gpus} GPU(s) found (lower --nproc_per_node to {gpus}, set KIT_SHARE_GPU=1 to let "
+                        f"processes share a GPU, or use --backend auto or gloo)"
                         if gpus else "--backend nccl needs GPUs but CUDA found none (use --backend auto or gloo: "
                                      "the kit then runs on the CPU)")
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if shared:
+        _nccl_host_of_its_own(local_rank)
+    device = torch.device("cuda", local_rank % gpus) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
         torch.backends.cudnn.benchmark = True
@@ -255,7 +259,28 @@ def setup_distributed(args):
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=args.timeout),
                             device_id=device if device.type == "cuda" else None)
-    return DistContext(rank, local_rank, world_size, local_world_size, device, backend, rank == 0)
+    ctx = DistContext(rank, local_rank, world_size, local_world_size, device, backend, rank == 0)
+    if shared and local_rank == 0:
+        print(f"notice: {local_world_size} processes share {gpus} GPU(s) on this node (KIT_SHARE_GPU=1): NCCL "
+              f"connects them through its socket transport, as it would separate machines", flush=True)
+    return ctx
+
+
+def _nccl_host_of_its_own(local_rank):
+    """Makes this process a host of its own to NCCL, so that processes may share a GPU (KIT_SHARE_GPU=1).
+
+    NCCL refuses two ranks of one host on one GPU ("Duplicate GPU detected"; from 2.30 "Multiple Ranks are using the
+    same GPU"), and it tells hosts apart by NCCL_HOSTID (default: the host name and boot id), which a process reads
+    at its first communicator: so here, before init_process_group. Ranks of different hosts never use NCCL's shared
+    memory or peer-to-peer (PCIe, NVLink) transports between them, only its network transport: sockets here."""
+    host = os.environ.get("NCCL_HOSTID")  # set per node by emulate_cluster.sh; else this machine's identity
+    if not host:
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot = ""
+        host = f"{socket.gethostname()}-{boot}"
+    os.environ["NCCL_HOSTID"] = f"{host}-rank{local_rank}"
 
 
 def cleanup_distributed(barrier=False):
