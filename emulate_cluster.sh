@@ -7,8 +7,9 @@
 usage() {
   cat <<'EOF'
 usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
-       emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--logs DIR] -- SCRIPT ARGS...
-       emulate_cluster.sh run [up options] [--nproc-per-node P] [--logs DIR] -- SCRIPT ARGS...
+       emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--max-restarts R] [--logs DIR]
+                                   -- SCRIPT ARGS...
+       emulate_cluster.sh run [up options] [--nproc-per-node P] [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
        emulate_cluster.sh status [--name NAME]
        emulate_cluster.sh down [--name NAME]
 
@@ -16,16 +17,24 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
             each on its own link of RATE (default 1gbit; tc's bit units: kbit, mbit, gbit, ...) both ways.
             --delay D (e.g. 2ms): one-way latency between two nodes; needs the kernel's netem qdisc.
   torchrun  one torchrun per node (the first K nodes; default all), P processes each (default 1), torchrun's
-            c10d rendezvous on node 0. Node 0's output goes to the terminal and DIR/node0.log, node i's to
-            DIR/node<i>.log (default DIR: ./cluster_logs). Waits for all; if a node fails, the others get 10 s
-            (KIT_GRACE_S) and are then killed; their scripts' "error:" lines are repeated here. Exit status:
-            node 0's if it failed, else the first failure's.
+            c10d rendezvous on node 0. Every node's output goes to the terminal, node i's lines prefixed
+            "[node i] ", and to DIR/node<i>.log (default DIR: ./cluster_logs). --max-restarts R (default 0): a
+            node's torchrun restarts its workers up to R times when one of them fails, the other nodes' torchruns
+            restart theirs through the rendezvous, and a restart is not a failure (a line at the end counts them).
+            Waits for all; once a node's torchrun exits with an error, the others get 10 s (KIT_GRACE_S) and are
+            then killed; the scripts' "error:" lines are repeated above the summary. Exit status: node 0's if it
+            failed, else the first failure's.
   run       up + torchrun + down in one command; the cluster is removed however it ends (also on Ctrl-C).
   status    nodes, addresses and each link's shaping.    down: kill whatever runs in the nodes, remove them.
 
-Each node's environment: GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (its interface), NCCL_HOSTID (one per node, so
-NCCL goes through the network), OMP_NUM_THREADS (default 1), and for the results: KIT_NET_IFNAME, KIT_NET_NODES,
-KIT_NET_PROCS_PER_NODE, KIT_NET_RATE, KIT_NET_RATE_BITS (bits/s), KIT_NET_DELAY, KIT_NET_TOPOLOGY.
+Each node's environment: GLOO_SOCKET_IFNAME (its interface); for NCCL each node is a host of its own, reached
+only through its link: NCCL_HOSTID (one per node), NCCL_SOCKET_IFNAME, NCCL_NET=Socket, NCCL_IB_DISABLE=1,
+NCCL_SHM_DISABLE=1, NCCL_P2P_DISABLE=1, NCCL_MNNVL_ENABLE=0, and NCCL_DEBUG=INFO, NCCL_DEBUG_SUBSYS=INIT,NET
+(unless set: into the node's log, not the terminal; a line per node at the end says which transport NCCL chose);
+with GPUs (nvidia-smi), CUDA_VISIBLE_DEVICES (the GPUs dealt round robin over the processes: nodes share a GPU
+only when there are fewer GPUs than processes) and KIT_SHARE_GPU=1 (ranks may share a GPU under --backend nccl);
+OMP_NUM_THREADS (default 1); for the results: KIT_NET_IFNAME, KIT_NET_NODES, KIT_NET_PROCS_PER_NODE,
+KIT_NET_RATE, KIT_NET_RATE_BITS (bits/s), KIT_NET_DELAY, KIT_NET_TOPOLOGY.
 Needs root (ip netns, tc). PYTHON: default the repo's .venv/bin/python, else python3. Example:
   sudo bash emulate_cluster.sh run --nodes 4 --rate 1gbit -- baseline_multi_card.py --epochs 1
 EOF
@@ -140,7 +149,21 @@ cluster_status() {
   done
 }
 
-USED=()
+USED=() SHOWN=()
+show() {  # PREFIX LOG: one output stream of a node into its log, all of it, and to the terminal with PREFIX on
+          # each line, less what only the log needs: torchrun's INFO log, NCCL's INFO lines, and c10d's warning
+          # that the nodes' addresses have no host name
+  trap '' INT TERM  # on Ctrl-C the nodes' last words still get through
+  tee -a "$2" | sed -u -e '/^I[0-9]\{4\} [0-9:.]* *[0-9]* torch\/distributed\//d' -e '/ NCCL INFO /d' \
+    -e '/\[c10d\] The hostname of the client socket cannot be retrieved/d' -e "s/^/$1/"
+}
+drain() {  # up to 5 s for what the nodes printed to reach the terminal and the logs
+  local pid t=0
+  for pid in ${SHOWN[@]+"${SHOWN[@]}"}; do
+    while kill -0 "$pid" 2>/dev/null && [ "$t" -lt 50 ]; do sleep 0.1; t=$((t + 1)); done
+  done
+}
+
 on_signal() {  # Ctrl-C / TERM: pass it to everything in the nodes, give them 10 s, then kill what is left
   trap '' INT TERM
   if [ ${#USED[@]} -gt 0 ]; then
@@ -148,37 +171,112 @@ on_signal() {  # Ctrl-C / TERM: pass it to everything in the nodes, give them 10
     for _ in $(seq 100); do [ -z "$(ns_pids "${USED[@]}")" ] && break; sleep 0.1; done
     kill_ns "${USED[@]}"
   fi
+  drain
   echo "$PROG: interrupted (SIG$1); every process in the nodes was stopped" >&2
   exit "$2"
 }
 
+GPUS=()
+find_gpus() {  # GPUS: the GPUs to deal out to the nodes: CUDA_VISIBLE_DEVICES' entries when it is set, else nvidia-smi's
+  local g
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -r -a GPUS <<< "$CUDA_VISIBLE_DEVICES"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    g=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [ "$g" -gt 0 ] && read -r -a GPUS <<< "$(seq -s ' ' 0 $((g - 1)))"
+  fi
+  return 0
+}
+node_gpus() {  # I: node I's CUDA_VISIBLE_DEVICES: the GPUs of its processes when every process of the cluster is
+               # dealt the next GPU round robin (node I's first is process I*P's); no GPU twice within a node
+  local n=${#GPUS[@]} j list=()
+  for j in $(seq 0 $(( (NPROC < n ? NPROC : n) - 1 ))); do list+=("${GPUS[($1 * NPROC + j) % n]}"); done
+  (IFS=,; echo "${list[*]}")
+}
+
+nccl_summary() {  # I: one line on what NCCL did on node I, from the NCCL INFO lines of its log; nothing without them
+  local log="$LOGS/node$1.log"
+  grep -q ' NCCL INFO ' "$log" 2>/dev/null || return 0
+  awk -v prog="$PROG" -v node="$1" '
+    !/ NCCL INFO / { next }
+    match($0, /nNodes [0-9]+/) { n = substr($0, RSTART + 7, RLENGTH - 7) + 0; if (n > hosts) hosts = n }
+    match($0, /NET\/Socket : Using \[[0-9]+\][^:]+/) { s = substr($0, RSTART, RLENGTH); sub(/.*\]/, "", s); ifname[s] = 1 }
+    match($0, / via [^ ]+/) {
+      split(substr($0, RSTART + 5, RLENGTH - 5), part, "/"); t = part[1] "/" part[2]; sub(/\(.*/, "", t)
+      if (!(t in via)) order[++kinds] = t
+      via[t]++; total++
+    }
+    END {
+      for (s in ifname) ifs = ifs (ifs ? "," : "") s
+      line = sprintf("%s: node %s, NCCL: %d host(s) in its largest communicator, %d connection(s)", prog, node, hosts, total)
+      for (k = 1; k <= kinds; k++) {
+        line = line sprintf("%s %d via %s", k == 1 ? ":" : ",", via[order[k]], order[k])
+        if (order[k] == "NET/Socket" && ifs) line = line " on " ifs
+        else if (order[k] != "NET/Socket") bypass = bypass (bypass ? ", " : "") order[k]
+      }
+      if (bypass) line = line "; WARNING: " bypass " bypass the node\047s link, which then measures nothing"
+      print line
+    }' "$log"
+}
+
+restart_summary() {  # K: one line on how often each node's torchrun restarted its workers, from torchrun's INFO log
+  local i failed joined line=""
+  for i in $(seq 0 $(($1 - 1))); do
+    failed=$(grep -c 'Worker group [A-Z]*\. .*will restart worker group' "$LOGS/node$i.log" || true)
+    joined=$(grep -c 'new nodes from group_rank=.*will restart worker group' "$LOGS/node$i.log" || true)
+    line+="${line:+; }node $i: $((failed + joined))"
+    [ $((failed + joined)) = 0 ] || line+=" ($failed when its own workers failed, $joined when another node re-joined)"
+  done
+  echo "$PROG: workers restarted (--max-restarts $MAX_RESTARTS, counted per node): $line" >&2
+}
+
 cluster_torchrun() {
-  local k=${USE_NODES:-$NODES} port=$((29500 + RANDOM % 1000)) py=${PYTHON:-} i pids=() rcs=() failed=()
+  local k=${USE_NODES:-$NODES} port=$((29500 + RANDOM % 1000)) py=${PYTHON:-} i pids=() rcs=() failed=() out err
   [ "$k" -le "$NODES" ] || die "--nodes $k is more than the $NODES nodes of cluster '$NAME'" "bring it up with more nodes"
   [ -n "$py" ] || { [ -x "$HERE/.venv/bin/python" ] && py="$HERE/.venv/bin/python" || py=python3; }
-  mkdir -p "$LOGS"; : > "$LOGS/node0.log"
+  mkdir -p "$LOGS"
+  find_gpus
   trap 'on_signal INT 130' INT; trap 'on_signal TERM 143' TERM
-  echo "$PROG: torchrun on $k nodes x $NPROC process(es) of cluster '$NAME', rendezvous $SUBNET.100:$port;" \
-       "node 0's output below, node i's in $LOGS/node<i>.log" >&2
+  echo "$PROG: torchrun on $k nodes x $NPROC process(es) of cluster '$NAME', rendezvous $SUBNET.100:$port," \
+       "--max-restarts $MAX_RESTARTS; every node's output below (node i's lines prefixed [node i]), and in" \
+       "$LOGS/node<i>.log" >&2
+  if [ ${#GPUS[@]} -gt 0 ]; then
+    local dealt="" shared="every process its own GPU"
+    for i in $(seq 0 $((k - 1))); do dealt+="${dealt:+, }node $i: $(node_gpus "$i")"; done
+    [ $((k * NPROC)) -le ${#GPUS[@]} ] || shared="shared; NCCL still goes through the links: one host per node"
+    echo "$PROG: ${#GPUS[@]} GPU(s) for $((k * NPROC)) process(es), CUDA_VISIBLE_DEVICES $dealt ($shared)" >&2
+  fi
   for i in $(seq 0 $((k - 1))); do
     USED+=("$NAME-node$i")
+    local log="$LOGS/node$i.log" prefix="" extra=()
+    [ "$i" = 0 ] || prefix="[node $i] "
+    : > "$log"
+    exec {out}> >(show "$prefix" "$log"); SHOWN+=($!)
+    exec {err}> >(show "$prefix" "$log" >&2); SHOWN+=($!)
+    # Restarts: torchrun says why it restarts workers only in its INFO log (kept out of the terminal); and the
+    # workers' store is then a new one per rendezvous round, hosted by rank 0, not torchrun's own store shared
+    # by every round: in that one the restarted workers can read the addresses their predecessors left (a
+    # restarted gloo or NCCL group then fails to connect: pytorch/pytorch#135712, seen here with torch 2.14)
+    [ "$MAX_RESTARTS" = 0 ] || extra+=(LOGLEVEL="${LOGLEVEL:-INFO}"
+      TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}")
+    [ ${#GPUS[@]} = 0 ] || extra+=(CUDA_VISIBLE_DEVICES="$(node_gpus "$i")")
     # its own session: signals reach it once, through us, not also from the terminal;
     # no --node_rank: c10d ignores it (with a warning) and ranks the nodes by --local_addr
     local cmd=(setsid ip netns exec "$NAME-node$i" env GLOO_SOCKET_IFNAME="eth-n$i" NCCL_SOCKET_IFNAME="eth-n$i"
-      NCCL_HOSTID="$NAME-node$i" NCCL_IB_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" KIT_NET_IFNAME="eth-n$i"
+      NCCL_HOSTID="$NAME-node$i" NCCL_NET=Socket NCCL_IB_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_P2P_DISABLE=1
+      NCCL_MNNVL_ENABLE=0 NCCL_DEBUG="${NCCL_DEBUG:-INFO}" NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
+      KIT_SHARE_GPU="${KIT_SHARE_GPU:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" KIT_NET_IFNAME="eth-n$i"
       KIT_NET_NODES="$k" KIT_NET_PROCS_PER_NODE="$NPROC" KIT_NET_RATE="$RATE" KIT_NET_RATE_BITS="$RATE_BITS"
       KIT_NET_DELAY="$DELAY" KIT_NET_TOPOLOGY="star: $k nodes, each on its own $RATE link into one switch${DELAY:+, $DELAY one-way delay}"
-      "$py" -m torch.distributed.run --nnodes="$k" --nproc_per_node="$NPROC" --max_restarts=0 --rdzv_backend=c10d
-      --rdzv_endpoint="$SUBNET.100:$port" --rdzv_conf=is_host=$([ "$i" = 0 ] && echo 1 || echo 0)
+      ${extra[@]+"${extra[@]}"}
+      "$py" -m torch.distributed.run --nnodes="$k" --nproc_per_node="$NPROC" --max_restarts="$MAX_RESTARTS"
+      --rdzv_backend=c10d --rdzv_endpoint="$SUBNET.100:$port" --rdzv_conf=is_host=$([ "$i" = 0 ] && echo 1 || echo 0)
       --local_addr="$SUBNET.$((100 + i))" --rdzv_id="$NAME-$$-$port" "$SCRIPT" ${ARGS[@]+"${ARGS[@]}"})
-    if [ "$i" = 0 ]; then
-      # tee ignores Ctrl-C so that node 0's last words (after the signal is passed on) still show
-      "${cmd[@]}" > >(trap '' INT TERM; exec tee -a "$LOGS/node0.log") 2> >(trap '' INT TERM; exec tee -a "$LOGS/node0.log" >&2) &
-    else
-      "${cmd[@]}" > "$LOGS/node$i.log" 2>&1 &
-    fi
+    "${cmd[@]}" >&"$out" 2>&"$err" {out}>&- {err}>&- &
     pids[i]=$!
+    exec {out}>&- {err}>&-  # the node holds the streams' only write ends: they end with it
   done
+  # A restart happens inside a node's torchrun: only a torchrun that exits with an error is a failure.
   local running=$k since=-1 stopped=()
   while [ "$running" -gt 0 ]; do
     running=0
@@ -195,10 +293,13 @@ cluster_torchrun() {
     [ "$running" = 0 ] || sleep 0.25
   done
   kill_ns "${USED[@]}"  # nothing outlives the command (e.g. a worker's own children)
+  drain
   trap - INT TERM
+  for i in $(seq 0 $((k - 1))); do nccl_summary "$i" >&2; done
+  [ "$MAX_RESTARTS" = 0 ] || restart_summary "$k"
   [ ${#failed[@]} -gt 0 ] || return 0
   for i in "${failed[@]}"; do  # the scripts' own one-line errors, from whichever node printed them
-    [ "$i" = 0 ] || grep -m 3 '^error: ' "$LOGS/node$i.log" | sed "s/^/[node $i] /" >&2 || true
+    grep -m 3 '^error: ' "$LOGS/node$i.log" | sed "s/^/[node $i] /" >&2 || true
   done
   local first=${failed[0]}  # the exit status: node 0's if it failed by itself, else the first failure's
   echo "$PROG: node $first failed first (exit code ${rcs[first]}; its log: $LOGS/node$first.log); failed: node(s)" \
@@ -214,17 +315,17 @@ case "$CMD" in
   '') usage >&2; exit 2 ;;
   *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down; see --help" ;;
 esac
-NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' ARGS=()
+NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 ARGS=()
 while [ $# -gt 0 ]; do
   case "$CMD:$1" in
     *:-h|*:--help) usage; exit 0 ;;
     torchrun:--|run:--) shift; break ;;
     *:--name|up:--nodes|up:--rate|up:--delay|run:--nodes|run:--rate|run:--delay|run:--nproc-per-node|run:--logs|\
-    torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs)
+    torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs|torchrun:--max-restarts|run:--max-restarts)
       [ $# -ge 2 ] || die "$1 needs a value" "see $PROG --help"
       case "$CMD:$1" in
         *:--name) NAME=$2 ;; torchrun:--nodes) USE_NODES=$2 ;; *:--nodes) NODES=$2 ;; *:--rate) RATE=$2 ;;
-        *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;;
+        *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
       esac
       shift ;;
     torchrun:-*|run:-*|up:*|down:*|status:*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;
@@ -240,6 +341,9 @@ for v in NODES=--nodes NPROC=--nproc-per-node USE_NODES=--nodes; do
   [[ $val =~ ^[1-9][0-9]{0,2}$ ]] && [ "$val" -le 100 ] || die "${v#*=} '$val' is not a whole number from 1 to 100" "e.g. ${v#*=} 4"
 done
 case "$CMD" in up|run) parse_rate ;; esac
+[[ $MAX_RESTARTS =~ ^[0-9]{1,3}$ ]] && [ "$MAX_RESTARTS" -le 100 ] ||
+  die "--max-restarts '$MAX_RESTARTS' is not a whole number from 0 to 100" "e.g. --max-restarts 1"
+MAX_RESTARTS=$((10#$MAX_RESTARTS))
 [[ $GRACE =~ ^[0-9]+$ ]] || die "KIT_GRACE_S '$GRACE' is not a whole number of seconds" "e.g. KIT_GRACE_S=10"
 [ -z "$DELAY" ] || [[ $DELAY =~ ^[0-9]+(\.[0-9]+)?(s|ms|us)$ ]] || die "--delay '$DELAY' is not a time" "e.g. --delay 2ms"
 if [ "$CMD" = torchrun ] || [ "$CMD" = run ]; then

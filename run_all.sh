@@ -17,6 +17,8 @@
 #                                     every experiment on an emulated cluster (emulate_cluster.sh, needs root):
 #                                     4 nodes x 1 process (NPROC = 4), each node on its own 1gbit link (default)
 #                                     into one switch; a --sweep count n runs on n / (processes per node) nodes
+#   bash run_all.sh --max-restarts 2  torchrun restarts a run's processes up to 2 times when one fails (default 0);
+#                                     restarted processes continue from the run's latest checkpoint
 #   bash run_all.sh --check           runs nothing: checks what these settings would use and what would fail
 #                                     (GPUs and backend, packages, flags, data, weights, disk, rendezvous)
 #
@@ -36,6 +38,7 @@ VARIANTS=0 COMPRESSION=0 CHECK=0
 SWEEP="" BUCKETS="" SEEDS=""
 CLUSTER=""
 LINK_RATE=""
+MAX_RESTARTS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=1 ;;
@@ -51,8 +54,10 @@ while [ $# -gt 0 ]; do
     --cluster=*) CLUSTER="${1#--cluster=}" ;;
     --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
     --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
+    --max-restarts) [ $# -ge 2 ] || die "--max-restarts needs a count, e.g. --max-restarts 1"; MAX_RESTARTS="$2"; shift ;;
+    --max-restarts=*) MAX_RESTARTS="${1#--max-restarts=}" ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --check; settings go in the environment, see --help)" ;;
+    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --max-restarts 1, --check; settings go in the environment, see --help)" ;;
   esac
   shift
 done
@@ -96,6 +101,13 @@ done
 for s in $SEEDS; do
   [[ "$s" =~ ^[0-9]+$ ]] || die "seed '$s' is not a non-negative integer (--seeds)"
 done
+RESTARTS=()
+if [ -n "$MAX_RESTARTS" ]; then
+  [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts '$MAX_RESTARTS' is not a whole number (e.g. --max-restarts 1)"
+  RESTARTS=(--max_restarts="$MAX_RESTARTS")
+  # a restarted group's store must be a new one, not torchrun's shared one (pytorch/pytorch#135712)
+  [ "$MAX_RESTARTS" = 0 ] || export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 
 ARGS=(--backend "$BACKEND")
 if [ -n "${DATA_DIR:-}" ]; then DATASET="$DATA_DIR"
@@ -214,9 +226,10 @@ for entry in "${PLAN[@]}"; do
   read -r -a script_and_flags <<< "$script_and_flags"
   i=$((i + 1))
   script_args=("$HERE/${script_and_flags[0]}" "${ARGS[@]}" "${script_and_flags[@]:1}" --output "$RESULTS_DIR/$output")
-  cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" "${script_args[@]}")
+  cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" ${RESTARTS[@]+"${RESTARTS[@]}"} "${script_args[@]}")
   if [ -n "$CLUSTER" ]; then  # the same script and flags, one torchrun per emulated node
     cmd=(bash "$HERE/emulate_cluster.sh" torchrun --name "$CL_NAME" --nodes $((n / CL_PROCS)) --nproc-per-node "$CL_PROCS"
+         ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
          --logs "$RESULTS_DIR/cluster_logs/${output%.json}" -- "${script_args[@]}")
   fi
   echo

@@ -5,6 +5,7 @@ and every test checks that nothing of it (namespace, interface, state file, proc
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -209,8 +210,9 @@ def test_blocking_all_reduce_overhead_tracks_the_link_rate_bound(tmp_path, data)
 
 ENV_PROBE = """
 import json, os, socket
-keys = ["RANK", "LOCAL_RANK", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS"] + [k for k in os.environ if k.startswith("KIT_NET_")]
-env = {k: os.environ[k] for k in keys}
+keys = ["RANK", "LOCAL_RANK", "GLOO_SOCKET_IFNAME", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "KIT_SHARE_GPU", "LOGLEVEL",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] + [k for k in os.environ if k.startswith(("KIT_NET_", "NCCL_"))]
+env = {k: os.environ.get(k) for k in keys}
 ifname = os.environ["KIT_NET_IFNAME"]
 env["own_interfaces"] = sorted(os.listdir("/sys/class/net"))  # the node's own, not the host's
 env["tx_bytes"] = int(open(f"/sys/class/net/{ifname}/statistics/tx_bytes").read())
@@ -357,6 +359,236 @@ def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
     assert "--standalone" not in proc.stdout
     cluster = ups[0].split("--name ")[1].split()[0]
     assert namespaces(cluster) == [] and not list(tmp_path.iterdir())  # a dry run creates nothing
+
+
+# ------------------------------------------------------------------------------- every node on the terminal (#27)
+def test_every_node_s_output_reaches_the_terminal_and_its_own_log(tmp_path, data):
+    """The single-server PS on 2 nodes: rank 1 (node 1) is the trainer that prints the epochs and writes the results;
+    its lines reach the terminal, prefixed with its node, and its log keeps them as printed."""
+    name, out = f"{PREFIX}o", tmp_path / "ps.json"
+    proc = emu("run", "--name", name, "--nodes", 2, "--logs", tmp_path / "logs", "--", REPO / "ps_train.py", *TINY,
+               "--overhead-pairs", 0, "--data-dir", data, "--output", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    terminal = proc.stdout.splitlines()
+    assert f"[node 1] wrote {out}" in terminal
+    assert any(line.startswith("[node 1] epoch 1: train loss ") for line in terminal), proc.stdout
+    assert any(line.startswith("notice: ") for line in terminal)  # node 0's (rank 0's) lines are not prefixed
+    node0, node1 = ((tmp_path / "logs" / f"node{i}.log").read_text() for i in (0, 1))
+    assert f"\nwrote {out}\n" in "\n" + node1 and "[node 1]" not in node1
+    assert "wrote" not in node0 and "notice: " in node0
+    assert "The hostname of the client socket cannot be retrieved" not in proc.stdout + proc.stderr  # log only
+    assert "emulate_cluster.sh: node" not in proc.stderr  # no NCCL on the CPU: no transport line
+    assert_nothing_left(name)
+
+
+# ------------------------------------------------------------------------------------------ restarts (#24)
+RESTARTS = """
+import os, sys, time
+import torch.distributed as dist
+out, node = os.environ["OUT"], os.environ["GROUP_RANK"]
+attempt = len([f for f in os.listdir(out) if f.startswith(f"node{node}-attempt")])
+tag = f"node{node}-attempt{attempt}-count{os.environ['TORCHELASTIC_RESTART_COUNT']}-pid{os.getpid()}"
+dist.init_process_group("gloo")
+open(os.path.join(out, tag), "w").close()
+for step in range(10**6 if attempt == 0 else 5):  # the first attempt runs until a process dies
+    dist.barrier()
+    time.sleep(0.1)
+print(f"done {tag}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _markers(folder, node):
+    return sorted(f.name for f in folder.iterdir() if f.name.startswith(f"node{node}-attempt"))
+
+
+def test_a_killed_worker_is_restarted_on_every_node_and_the_run_succeeds(tmp_path):
+    """--max-restarts 1: node 1's worker is SIGKILLed; node 1's torchrun restarts it, node 0's restarts its own
+    through the rendezvous, the group forms again and finishes: exit status 0, no failure reported."""
+    (tmp_path / "restarts.py").write_text(RESTARTS)
+    (tmp_path / "out").mkdir()
+    name, start = f"{PREFIX}k", time.time()
+    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--max-restarts", "1", "--logs",
+           str(tmp_path / "logs"), "--", str(tmp_path / "restarts.py")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OUT": str(tmp_path / "out")}, start_new_session=True)
+    try:
+        while not (_markers(tmp_path / "out", 0) and _markers(tmp_path / "out", 1)):  # the group has formed
+            assert proc.poll() is None and time.time() - start < 60, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)
+        [first] = _markers(tmp_path / "out", 1)
+        os.kill(int(first.split("-pid")[1]), signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    for node in (0, 1):  # a second attempt on both nodes, and it finished
+        attempts = _markers(tmp_path / "out", node)
+        assert [a.split("-")[1] for a in attempts] == ["attempt0", "attempt1"], attempts
+        assert f"done {attempts[1]}" in (tmp_path / "logs" / f"node{node}.log").read_text()
+    # node 1's torchrun counts its restart; node 0's restarted for the re-joining node 1, or for its own worker's
+    # failure when that came first (torchrun counts only the latter in TORCHELASTIC_RESTART_COUNT)
+    assert _markers(tmp_path / "out", 1)[1].startswith("node1-attempt1-count1-")
+    summary = [line for line in stderr.splitlines() if "workers restarted" in line]
+    assert len(summary) == 1 and "node 0: 1 (" in summary[0] and "node 1: 1 (1 when its own workers failed" in summary[0]
+    assert "failed first" not in stderr
+    info = [line for line in (stdout + stderr).splitlines() if re.match(r"(\[node \d\] )?I\d{4} ", line)]
+    assert info == [] and "will restart worker group" in (tmp_path / "logs" / "node1.log").read_text()  # log only
+    assert time.time() - start < 60
+    assert_nothing_left(name)
+
+
+FAILS = """
+import os, sys, time
+if os.environ["GROUP_RANK"] == "1":
+    sys.exit("node 1 gives up, attempt " + os.environ["TORCHELASTIC_RESTART_COUNT"])
+time.sleep(600)
+"""
+
+
+def test_a_node_that_keeps_failing_fails_the_run_once_its_restarts_are_spent(tmp_path):
+    (tmp_path / "fails.py").write_text(FAILS)
+    name, start = f"{PREFIX}s", time.time()
+    proc = emu("run", "--name", name, "--nodes", 2, "--max-restarts", 1, "--logs", tmp_path / "logs", "--",
+               tmp_path / "fails.py", cwd=tmp_path, env={"KIT_GRACE_S": "2"}, timeout=120)
+    assert proc.returncode != 0 and time.time() - start < 60
+    log = (tmp_path / "logs" / "node1.log").read_text()
+    assert "node 1 gives up, attempt 0" in log and "node 1 gives up, attempt 1" in log
+    assert "[node 1] node 1 gives up, attempt 1" in proc.stderr  # on the terminal too
+    assert proc.stderr.strip().splitlines()[-1].startswith("emulate_cluster.sh: node 1 failed first")
+    assert "node 1: 1 (1 when its own workers failed" in proc.stderr
+    assert_nothing_left(name)
+
+
+def test_max_restarts_mistakes_are_one_line_errors(tmp_path):
+    name = f"{PREFIX}m"
+    for value in ("-1", "one", "101"):
+        err = one_line_error(emu("run", "--name", name, "--max-restarts", value, "--", REPO / "ps_train.py",
+                                 cwd=tmp_path))
+        assert f"--max-restarts '{value}'" in err
+    assert "'--max-restarts' is not an option of 'up'" in one_line_error(emu("up", "--name", name, "--max-restarts", 1))
+    assert_nothing_left(name)
+
+
+def test_run_all_passes_max_restarts_to_torchrun_and_the_cluster(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "EXTRA_ARGS": "--arch resnet18"}
+    for extra, expected in (([], "--standalone --nproc_per_node=4 --max_restarts=2 "),
+                            (["--cluster", "2x1"], "--nproc-per-node 1 --max-restarts 2 --logs ")):
+        proc = subprocess.run(["bash", str(REPO / "run_all.sh"), *extra, "--max-restarts", "2"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env={**env, "NPROC": "" if extra else "4"})
+        assert proc.returncode == 0, proc.stderr
+        commands = [line for line in proc.stdout.splitlines() if " -- " in line or "torch.distributed.run" in line]
+        commands = [c for c in commands if "analyze_results" not in c]
+        assert len(commands) == 3 and all(expected in c for c in commands), commands
+    plain = subprocess.run(["bash", str(REPO / "run_all.sh")], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60, env={**env, "NPROC": "4"})
+    assert plain.returncode == 0 and "max_restarts" not in plain.stdout  # default: torchrun's own (0)
+    bad = subprocess.run(["bash", str(REPO / "run_all.sh"), "--max-restarts", "x"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--max-restarts 'x' is not a whole number" in bad.stderr
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------- NCCL and GPUs (#23)
+FAKE_NVIDIA_SMI = """#!/bin/sh
+[ "$1" = -L ] || exit 1
+for i in 0 1 2; do echo "GPU $i: NVIDIA H200 (UUID: GPU-000$i)"; done
+"""
+FAKE_NCCL = """
+import os
+node, rank = os.environ["GROUP_RANK"], os.environ["RANK"]
+say = lambda text: print(f"localhost:{os.getpid()}:{os.getpid() + 1} [0] NCCL INFO {text}", flush=True)
+say(f"NET/Socket : Using [0]eth-n{node}:10.213.0.{100 + int(node)}<0>")
+say(f"comm 0x5581 rank {rank} nRanks 4 nNodes 2 localRanks 2 localRank {os.environ['LOCAL_RANK']} MNNVL 0")
+say(f"Channel 00/0 : {rank}[0] -> {(int(rank) + 1) % 4}[0] [send] via NET/Socket/0")
+if rank == "3":  # as NCCL would log a path around the link
+    say("Channel 01/0 : 3[0] -> 2[0] via P2P/CUMEM/read")
+print(f"rank {rank} done", flush=True)
+"""
+
+
+def test_each_node_is_a_host_to_nccl_and_gpus_are_dealt_round_robin(tmp_path):
+    """What each node's processes get for NCCL and GPUs (a fake nvidia-smi lists 3 GPUs for 2 nodes x 2
+    processes), and the per-node line that reads NCCL's own INFO lines (printed here by a fake)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    (tmp_path / "probe.py").write_text(ENV_PROBE + FAKE_NCCL)
+    name = f"{PREFIX}g"
+    env = {k: v for k, v in os.environ.items()  # none of the caller's settings: emulate_cluster.sh's own
+           if not k.startswith(("NCCL_", "TORCH_DISABLE_SHARE")) and k not in ("CUDA_VISIBLE_DEVICES", "LOGLEVEL")}
+    proc = subprocess.run(["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--nproc-per-node", "2",
+                           "--max-restarts", "1", "--logs", str(tmp_path / "logs"), "--", str(tmp_path / "probe.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**env, "OUT": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):
+        env = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        node = rank // 2
+        assert env["NCCL_HOSTID"] == f"{name}-node{node}" and env["NCCL_SOCKET_IFNAME"] == f"eth-n{node}"
+        assert (env["NCCL_NET"], env["NCCL_IB_DISABLE"], env["NCCL_SHM_DISABLE"], env["NCCL_P2P_DISABLE"],
+                env["NCCL_MNNVL_ENABLE"]) == ("Socket", "1", "1", "1", "0")
+        assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_DEBUG_SUBSYS"] == "INIT,NET" and env["KIT_SHARE_GPU"] == "1"
+        # 3 GPUs dealt to 4 processes: node 0's are 0 and 1, node 1's 2 and (again) 0
+        assert env["CUDA_VISIBLE_DEVICES"] == ["0,1", "2,0"][node]
+        assert env["LOGLEVEL"] == "INFO" and env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # --max-restarts
+    assert "NCCL INFO" not in proc.stdout and "NCCL INFO" in (tmp_path / "logs" / "node1.log").read_text()
+    assert "rank 0 done" in proc.stdout.splitlines() and "[node 1] rank 3 done" in proc.stdout.splitlines()
+    lines = proc.stderr.splitlines()
+    assert "emulate_cluster.sh: 3 GPU(s) for 4 process(es), CUDA_VISIBLE_DEVICES node 0: 0,1, node 1: 2,0 (shared" in \
+        proc.stderr
+    assert ("emulate_cluster.sh: node 0, NCCL: 2 host(s) in its largest communicator, 2 connection(s): 2 via "
+            "NET/Socket on eth-n0") in lines
+    [node1] = [line for line in lines if line.startswith("emulate_cluster.sh: node 1, NCCL: ")]
+    assert node1.startswith("emulate_cluster.sh: node 1, NCCL: 2 host(s) in its largest communicator, 3 "
+                            "connection(s): 2 via NET/Socket on eth-n1, 1 via P2P/CUMEM; WARNING: P2P/CUMEM")
+    assert_nothing_left(name)
+
+
+def test_gpu_sharing_is_asked_for_and_makes_each_rank_a_host_of_its_own(monkeypatch):
+    """common.setup_distributed with 1 GPU for 4 processes on a node (no GPU here: CUDA and the group are faked):
+    --backend nccl is an error unless KIT_SHARE_GPU=1, which puts every rank on cuda:(local rank % GPUs) with an
+    NCCL_HOSTID of its own, set before the group is joined; with a GPU per process nothing changes."""
+    import torch
+    import torch.distributed as dist
+    import common
+    from dist_helpers import cli_args
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.update(set_device=device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.update(
+        backend=backend, hostid=os.environ.get("NCCL_HOSTID"), **kw))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    for key in ("KIT_SHARE_GPU", "NCCL_HOSTID"):
+        monkeypatch.delenv(key, raising=False)
+
+    def setup(gpus, local_rank, backend="nccl", **env):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        for key, value in {"RANK": local_rank + 4, "LOCAL_RANK": local_rank, "WORLD_SIZE": 8, "LOCAL_WORLD_SIZE": 4,
+                           "NCCL_HOSTID": "kit-node1", **env}.items():
+            monkeypatch.setenv(key, str(value))
+        joined.clear()
+        return common.setup_distributed(cli_args(backend=backend))
+
+    with pytest.raises(common.UserError, match="KIT_SHARE_GPU=1 to let processes share a GPU"):
+        setup(1, 3)
+    ctx = setup(1, 3, KIT_SHARE_GPU=1)
+    assert ctx.device == torch.device("cuda", 0) and ctx.backend == "nccl"
+    assert joined["set_device"] == torch.device("cuda", 0) and joined["device_id"] == torch.device("cuda", 0)
+    assert joined["hostid"] == "kit-node1-rank3"  # in place when the group is joined
+    ctx = setup(2, 3, KIT_SHARE_GPU=1)
+    assert ctx.device == torch.device("cuda", 1) and joined["hostid"] == "kit-node1-rank3"
+    monkeypatch.setattr(common.socket, "gethostname", lambda: "gpuhost")
+    ctx = setup(1, 2, KIT_SHARE_GPU=1, NCCL_HOSTID="")
+    assert joined["hostid"].startswith("gpuhost-") and joined["hostid"].endswith("-rank2")  # host name + boot id
+    ctx = setup(4, 3, KIT_SHARE_GPU=1)  # a GPU per process: no sharing, NCCL's own host detection
+    assert ctx.device == torch.device("cuda", 3) and joined["hostid"] == "kit-node1"
+    assert setup(1, 3, backend="auto", KIT_SHARE_GPU=1).backend == "gloo"  # auto: as before, NCCL only with enough
 
 
 # ------------------------------------------------------------------------------- the two-level all-reduce on 2 x 2
