@@ -10,6 +10,8 @@ of the machine hits every method alike):
   buckets      DDP and --sync overlap at --buckets MiB
   async        PS sync against PS async (on the sample data: accuracy counts)
   seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
+  scaling      DDP, --sync overlap, the PS collective (one server) and the sharded PS on --nodes 2 4 8 emulated
+               nodes x 1 process (SCALING: MobileNetV3-small at 32 px, --rate default 100mbit): the cost against N
 Every number comes from the runs' results JSON, read with the analysis package's own functions: throughput,
 the communication overhead (the yardstick: median over its pairs; here also the median and the spread over the
 repeats), scaling efficiency, the bytes through the busiest link and the time they take at the link rate.
@@ -31,6 +33,12 @@ from modes import COMM_HOOKS, PS_COMMS as COMMS, SYNC_MODES, sample_args  # noqa
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
+# The scaling suite's runs: 8 processes share our 2 cores, so a model whose step is short next to its exchange:
+# MobileNetV3-small (1.5 M parameters: 6 MB of fp32 gradients) at 32 px, batch 8, on 100 Mbit/s links (see
+# bench/RESULTS_scaling.md)
+SCALING = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "32", "--batch-size", "8", "--epochs", "1",
+           "--max-steps", "6", "--warmup-steps", "2", "--workers", "0"]
+SCALING_RATE = "100mbit"
 SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
 
 
@@ -52,11 +60,17 @@ def suite(name, args):
         return [("DDP", ddp, []), ("PS sync", ps, []), ("PS async", ps, ["--mode", "async"])]
     if name == "seeds":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS collective", ps, [])]
+    if name == "scaling":  # node count per label, for run() and scaling_table()
+        methods = [("DDP", ddp, []), ("all-reduce overlap", ar, ["--sync", "overlap"]),
+                   ("PS collective", ps, ["--comm", "collective"]),
+                   ("PS sharded collective", ps, ["--servers", "all", "--comm", "collective"])]
+        args.nodes_of = {f"{label}, N={n}": n for n in args.nodes for label, _, _ in methods}
+        return [(f"{label}, N={n}", script, flags) for n in args.nodes for label, script, flags in methods]
     raise SystemExit(f"unknown suite {name}")
 
 
 def run(label, script, flags, args, out, repeat):
-    base = SAMPLE if args.suite in ("seeds", "async") else SYNTHETIC
+    base = SAMPLE if args.suite in ("seeds", "async") else SCALING if args.suite == "scaling" else SYNTHETIC
     seed = ["--seed", str(repeat)] if args.suite == "seeds" else []
     script_args = [str(REPO / script), *base, "--overhead-pairs", str(args.pairs), *seed, *flags,
                    *args.extra.split(), "--output", str(out)]
@@ -64,6 +78,8 @@ def run(label, script, flags, args, out, repeat):
         nodes, per_node = map(int, args.cluster.split("x"))
         cmd = ["bash", str(REPO / "emulate_cluster.sh"), "torchrun", "--name", "bench", "--nproc-per-node",
                str(per_node), "--logs", str(out.parent / "logs" / out.stem), "--", *script_args]
+        if getattr(args, "nodes_of", None):  # the scaling suite: the first N nodes of the cluster
+            cmd[3:3] = ["--nodes", str(args.nodes_of[label])]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                *script_args]
@@ -123,21 +139,60 @@ def table(rows):
     return "\n".join(lines)
 
 
+def scaling_table(experiments, args, out):
+    """Markdown: per method and node count, the communication (the yardstick's overhead) against the time its own
+    pattern's bytes take at the link rate, medians over the repeats. The patterns, per direction through the
+    busiest node link: the ring (DDP, --sync overlap) 2(N-1)/N x gradients; the sharded PS 2(N-1)/N x state, both
+    directions at once; the single server a star, (N-1) x state in (push) and then (N-1) x state out (pull), one
+    after the other, so twice their time."""
+    rate = None
+    lines = ["| method | N | img/s | comm overhead (ms) | busiest link (MB/step) | pattern's bytes (MB/dir) "
+             "| busiest / pattern | pattern at link rate (ms) | overhead / pattern time "
+             "| measured bytes' link time (ms) |",
+             "|---|" + "---:|" * 9]
+    for i, (label, _, _) in enumerate(experiments):
+        n, cells = args.nodes_of[label], {}
+        for repeat in range(args.repeats):
+            r = analysis.load_run(out / f"results_{i}_{repeat}.json")
+            x, rate = analysis.Experiment([r]), r.network["link_rate_bits"]
+            f, y = link_figures(x), r.yardstick
+            if x.kind == "ps" and x.single_server:
+                pattern, directions = (n - 1) * x.state_bytes, 2
+            elif x.kind == "ps":
+                pattern, directions = 2 * (n - 1) / n * x.state_bytes, 1
+            else:
+                pattern, directions = 2 * (n - 1) / n * x.wire_bytes, 1
+            for key, value in (("thr", r.throughput), ("ov", y and y.overhead), ("busiest", f.busiest),
+                               ("pattern", pattern), ("time", directions * pattern * 8 / rate),
+                               ("measured", f.link_time)):
+                cells.setdefault(key, []).append(value)
+        m = {k: statistics.median(v) for k, v in cells.items() if None not in v}
+        lines.append(f"| {label.rsplit(', N=', 1)[0]} | {n} | {m['thr']:.1f} | {1e3 * m['ov']:.0f} | "
+                     f"{m['busiest'] / 1e6:.1f} | {m['pattern'] / 1e6:.1f} | {m['busiest'] / m['pattern']:.2f}x | "
+                     f"{1e3 * m['time']:.0f} | {m['ov'] / m['time']:.2f}x | {1e3 * m['measured']:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds"))
+    p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds",
+                                                          "scaling"))
     p.add_argument("--cluster", default=None, help="NODESxPROCS on an emulated cluster (needs root), e.g. 4x1")
     p.add_argument("--rate", default="1gbit", help="the emulated links' rate")
     p.add_argument("--nproc", type=int, default=4, help="processes on loopback")
     p.add_argument("--repeats", type=int, default=1, help="runs of each experiment, interleaved (seeds: seeds)")
     p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
     p.add_argument("--buckets", type=float, nargs="+", default=[1, 5, 25, 100], help="bucket sizes (MiB)")
+    p.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8], help="scaling: node counts (1 process each)")
     p.add_argument("--only", default=None, help="comma-separated labels to keep from the suite")
     p.add_argument("--extra", default="", help="more flags for every run")
     p.add_argument("--out-dir", default="/tmp/bench", help="where the runs' results JSON go")
     p.add_argument("--write", default=None, help="also write the table (markdown) to this file")
     args = p.parse_args()
+    if args.suite == "scaling":  # one cluster of the most nodes; each run takes its first N
+        args.cluster = args.cluster or f"{max(args.nodes)}x1"
+        args.rate = args.rate if "--rate" in sys.argv else SCALING_RATE
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     experiments = suite(args.suite, args)
@@ -157,10 +212,14 @@ def main():
         if args.cluster:
             subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "down", "--name", "bench"])
     header = (f"`python bench/bench.py --suite {args.suite}{f' --cluster {args.cluster} --rate {args.rate}' if args.cluster else ''}"
-              f" --repeats {args.repeats}` ({where}; {' '.join(SAMPLE if args.suite in ('seeds', 'async') else SYNTHETIC)}"
+              f" --repeats {args.repeats}` ({where}; {' '.join(SAMPLE if args.suite in ('seeds', 'async') else SCALING if args.suite == 'scaling' else SYNTHETIC)}"
               f" {args.extra}; yardstick {args.pairs} pairs; medians over {args.repeats} repeat(s); took "
               f"{time.time() - start:.0f} s)")
     text = f"{header}\n\n{table(rows)}\n"
+    if args.suite == "scaling":  # a table per node count (ratios to DDP at that N), then the cost against N
+        text = f"{header}\n\n" + "\n".join(
+            f"N = {n}:\n\n{table({k: v for k, v in rows.items() if args.nodes_of[k] == n})}\n" for n in args.nodes)
+        text += f"\nThe cost against N:\n\n{scaling_table(experiments, args, out)}\n"
     print(text)
     (out / "figures.json").write_text(json.dumps(rows, indent=1))
     if args.write:
