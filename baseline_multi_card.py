@@ -93,17 +93,31 @@ def register_hook(model, args):
 
 def make_train_step(model, optimizer, scaler, args, ctx):
     """One DDP training step; kind "local": the same step on the bare module, so no all-reduce and no buffer
-    broadcast (the yardstick's no-communication step)."""
+    broadcast (the yardstick's no-communication step). Phases: "compute" ends with this rank's last gradient (a
+    hook), "sync" is backward's wait for DDP's all-reduce after it (where a rank waits for a slower one)."""
     criterion = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    pending = {"clock": None, "left": 0}
+
+    def own_compute_done(_):
+        pending["left"] -= 1
+        if pending["left"] == 0:
+            pending["clock"].mark("compute")
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(own_compute_done)
 
     def train_step(images, targets, clock, lr, kind="comm"):
         net = model if kind == "comm" else model.module
+        pending.update(clock=clock, left=len(params))
         with common.autocast(args, ctx):
             logits = net(images)
             loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # DDP's bucketed all-reduce runs inside, overlapped
-        clock.mark("compute")
+        if pending["left"]:  # a parameter without a gradient: no hook said when compute ended
+            clock.mark("compute")
+        clock.mark("sync")
         common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
@@ -131,8 +145,25 @@ def make_method(args, ctx, info, model, weights=None):
     # After a restore, one step that leaves no trace: DDP then rebuilds its buckets in the order gradients arrive,
     # as it did early in the interrupted run (the same bucket layout, so the same rounding).
     method.after_resume = lambda: driver.step_without_trace(args, ctx, info, method)
+    method.figures = lambda record, _: {"ddp_logging": ddp_logging(ddp)}
     method.ddp = ddp
     return method
+
+
+def ddp_logging(ddp):
+    """DDP's own timers (its logging data, seconds): averages over the iterations it samples (the first ten and
+    every hundredth) since the run began: backward's communication time (from a bucket's all-reduce launch to
+    its end, summed), how much of it overlapped backward compute, backward and forward compute. None when DDP
+    exposes none."""
+    try:
+        logged = ddp._get_ddp_logging_data()
+    except (AttributeError, RuntimeError):
+        return None
+    keys = ("avg_backward_comm_time", "avg_backward_compute_comm_overlap_time", "avg_backward_compute_time",
+            "avg_forward_compute_time")
+    if not all(isinstance(logged.get(k), int) for k in keys):
+        return None
+    return {**{k: logged[k] / 1e9 for k in keys}, "sampled_iterations_up_to": logged.get("iteration")}
 
 
 def main(argv=None):

@@ -9,6 +9,8 @@ that can be used, and read only after checking that it belongs to this run.
                               and on the results' writer the results so far
             rank<R>.sha256    the part's checksum, written after the part
         latest                names the newest complete checkpoint (written after every part is)
+        progress              the global step the run had reached and when (every --log-every steps): after a
+                              restart, how many steps are redone
 
 The checkpoint before the latest is kept until a newer one is complete, so a torn or corrupt latest part falls
 back to it with a one-line notice, never to a silent fresh start.
@@ -77,16 +79,21 @@ def _read(path, device):
 
 class Checkpoints:
     """This run's checkpoints. `owner`: the rank whose training state this rank restores (0 when every rank
-    holds the same model, itself when each owns a shard); `writer`: the rank whose part holds the results."""
+    holds the same model, itself when each owns a shard); `writer`: the rank whose part holds the results.
+    `load`: continue from the latest checkpoint when there is one; `save`: write them."""
 
-    def __init__(self, args, ctx, sign, owner, writer):
+    def __init__(self, args, ctx, sign, owner, writer, load, save):
         self.root, self.ctx, self.sign, self.owner, self.writer = folder(args), ctx, sign, owner, writer
-        self.enabled = args.resume
+        self.loading, self.saving = load, save
 
     def check(self):
-        """Before anything is touched: refuses, in one line naming both values, a checkpoint of another run."""
+        """Before anything is touched: refuses, in one line naming both values, a checkpoint of another run; and
+        a fresh run that would write its checkpoints over an earlier run's."""
         run = self.root / "run.json"
-        if not (self.enabled and run.exists()):
+        if self.saving and not self.loading and (self.root / "latest").exists():
+            raise UserError(f"{self.root} holds the checkpoints of an earlier run (add --resume to continue it, or "
+                            "remove that folder to start over)")
+        if not (self.loading and run.exists()):
             return
         try:
             theirs = json.loads(run.read_text())
@@ -118,11 +125,27 @@ class Checkpoints:
                     shutil.rmtree(old, ignore_errors=True)
         return time.perf_counter() - start
 
+    def mark_progress(self, step):
+        """The writer notes how far the run has got (a tiny file, every --log-every steps)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".progress.tmp"
+        tmp.write_text(f"{step} {time.time()}")
+        os.replace(tmp, self.root / "progress")
+
+    def last_progress(self):
+        """(global step, unix time) of the last progress mark, or None."""
+        try:
+            step, when = (self.root / "progress").read_text().split()
+            return int(step), float(when)
+        except (OSError, ValueError):
+            return None
+
     def load(self):
-        """The newest checkpoint every rank can read: (this rank's part, the owner's training state, the results
-        or None on every rank but the writer), with this rank's RNG restored; None without one. A torn or corrupt
-        latest falls back to the one before, said in one line; none readable is an error, never a fresh start."""
-        if not (self.enabled and (self.root / "latest").exists()):
+        """The newest checkpoint every rank can read: this rank's part (epoch, done, in_epoch, step), with the
+        owner's training state as "state" and the results (on the writer; else None), this rank's RNG restored;
+        None without one. A torn or corrupt latest falls back to the one before, said in one line; none readable
+        is an error, never a fresh start."""
+        if not (self.loading and (self.root / "latest").exists()):
             return None
         latest = (self.root / "latest").read_text().strip()
         candidates = sorted((p for p in self.root.glob("step*") if p.name <= latest), reverse=True)
@@ -136,6 +159,6 @@ class Checkpoints:
                                   f"the one before it, {here}")
                 mine = parts[self.ctx.rank]
                 _set_rng(mine["rng"])
-                return mine, parts[self.owner]["state"], mine.get("results")
+                return {**mine, "state": parts[self.owner]["state"], "results": mine.get("results")}
         raise UserError(f"no readable checkpoint in {self.root} (every one is incomplete or corrupt; remove it, or "
                         "drop --resume, to start over)")

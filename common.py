@@ -133,6 +133,10 @@ def make_parser(doc, default_output=None):
     p.add_argument("--resume", action="store_true",
                    help="write a checkpoint after every epoch (<output stem>.ckpt/, visible to every node) and, "
                         "when one exists, continue from it and its results file instead of starting over")
+    p.add_argument("--checkpoint-every", type=non_negative(int), default=0, metavar="STEPS",
+                   help="also write a checkpoint every STEPS training steps (0: after each epoch only). Checkpoints "
+                        "are written with --resume, with this flag, or under torchrun --max-restarts, whose "
+                        "restarted processes continue from the latest one by themselves")
     return p
 
 
@@ -256,9 +260,9 @@ def setup_distributed(args):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(minutes=args.timeout),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = datetime.timedelta(minutes=args.timeout)
+    dist.init_process_group(backend, store=_attempt_store(timeout), rank=rank, world_size=world_size,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)
     ctx = DistContext(rank, local_rank, world_size, local_world_size, device, backend, rank == 0)
     if shared and local_rank == 0:
         print(f"notice: {local_world_size} processes share {gpus} GPU(s) on this node (KIT_SHARE_GPU=1): NCCL "
@@ -281,6 +285,19 @@ def _nccl_host_of_its_own(local_rank):
             boot = ""
         host = f"{socket.gethostname()}-{boot}"
     os.environ["NCCL_HOSTID"] = f"{host}-rank{local_rank}"
+
+
+def _attempt_store(timeout):
+    """Under a torchrun that restarts failed groups (--max-restarts), the store the agent serves for this attempt,
+    under a prefix of its own: torchrun's c10d rendezvous keeps one store (and MASTER_PORT) across restarts, so
+    a restarted group would otherwise read the dead group's addresses (gloo: "failed to connect ... Connection
+    refused", seen on every restart here). None (torch's env:// as usual) elsewhere."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"kit/attempt{attempt}", agent)
 
 
 def cleanup_distributed(barrier=False):

@@ -230,6 +230,36 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler's shuffled shard, as (epoch, index) keys for SeededSamples, from position `start` on
+    (an epoch continued after a restart starts where its checkpoint was taken)."""
+    start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in super().__iter__()][self.start:])
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Each sample's augmentation drawn from its own seed (the run's seed, the epoch, the index), not from a
+    process's running RNG: the same images whichever DataLoader worker loads them, with any --workers, and after
+    a restart in the middle of an epoch. The caller's RNG is left as it was."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + index) % 2 ** 63)
+            return self.dataset[index]
+
+
 class SyntheticLoader:
     """One random batch made once on the device and yielded `steps` times: no decode, no disk, no copy."""
 
@@ -252,8 +282,8 @@ def train_loader(ds, args, ctx, replicas, replica_rank):
     if args.synthetic:
         return SyntheticLoader(args.batch_size, info.image_size, info.num_classes, info.steps, ctx.device,
                                args.seed + replica_rank)
-    sampler = torch.utils.data.DistributedSampler(ds.train_set, replicas, replica_rank, shuffle=True, seed=args.seed)
-    return _loader(ds.train_set, sampler, args, ctx, drop_last=info.dropped_last_image)
+    sampler = EpochSampler(ds.train_set, replicas, replica_rank, shuffle=True, seed=args.seed)
+    return _loader(SeededSamples(ds.train_set, args.seed), sampler, args, ctx, drop_last=info.dropped_last_image)
 
 
 def val_loader(ds, args, ctx, replicas, replica_rank):

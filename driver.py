@@ -14,6 +14,8 @@ backward, the same exchange blocking after backward. The yardstick times these k
 """
 import contextlib
 import dataclasses
+import os
+import time
 from typing import Callable, Optional
 
 import torch
@@ -69,14 +71,19 @@ def session(args):
 
 
 def train(args, ctx, ds, method):
-    """The whole run of `method` on this rank (every rank calls it, in the same order)."""
+    """The whole run of `method` on this rank (every rank calls it, in the same order). A group that torchrun
+    restarted (--max-restarts) continues from the latest checkpoint by itself, as --resume does."""
     info, trains, writer = ds.info, ctx.rank in method.trainers, method.trainers[0]
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     ckpt = checkpoint.Checkpoints(args, ctx, checkpoint.signature(args, ctx, info, method),
-                                  owner=0 if method.replicated else ctx.rank, writer=writer)
+                                  owner=0 if method.replicated else ctx.rank, writer=writer,
+                                  load=args.resume or attempt > 0,
+                                  save=args.resume or args.checkpoint_every > 0 or restarts_allowed)
     ckpt.check()  # a checkpoint of another run is refused before anything is touched
     resumed = ckpt.load()
     results = Results(args.output, method, ctx, args, info, writer=ctx.rank == writer,
-                      saved=resumed[2] if resumed and ctx.rank == writer else None)
+                      saved=resumed["results"] if resumed and ctx.rank == writer else None)
     if results.moved:
         log(ctx, f"notice: {args.output} held {results.moved[1]}: moved it to {results.moved[0]} (a finished run "
                  "is never replaced)", rank=writer)
@@ -84,16 +91,19 @@ def train(args, ctx, ds, method):
         else None
     val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
     log(ctx, start_line(args, ctx, info, method), rank=writer)
-    first = 1
+    restart = Restart(ckpt, resumed, attempt, results) if attempt > 0 and ctx.rank == writer else None
+    done_epochs, in_epoch = 0, None
     if resumed:
-        part, state, _ = resumed
         for name, obj in method.state.items():
-            obj.load_state_dict(state[name])
+            obj.load_state_dict(resumed["state"][name])
         if method.after_resume:
             method.after_resume()
-        first = part["epoch"] + 1
-        results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), part["epoch"]])
-        log(ctx, f"resumed after epoch {part['epoch']} from {ckpt.root}", rank=writer)
+        done_epochs, in_epoch = resumed["epoch"], resumed.get("in_epoch")
+        if not attempt:
+            results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), done_epochs])
+        log(ctx, f"{'restarted' if attempt else 'resumed'} after epoch {done_epochs}"
+                 + (f", step {resumed['done']} of epoch {done_epochs + 1}" if resumed["done"] else "")
+                 + f" from {ckpt.root}", rank=writer)
     elif args.overhead_pairs:
         overhead = yardstick(args, ctx, info, method)
         if trains:
@@ -101,13 +111,19 @@ def train(args, ctx, ds, method):
             log(ctx, overhead_line(overhead, len(method.trainers)), rank=writer)
     if method.before_epochs:
         method.before_epochs()
+    first = done_epochs + 1
     for epoch in range(first, args.epochs + 1):
+        cost = {"seconds": 0.0, "count": 0}
+        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer)
         link = measure.read_link_bytes(ctx)
+        start = resumed["done"] if resumed and epoch == first else 0
         if trains:
-            record = measure.run_epoch(ctx, args, epoch, loader, info.steps, method.step, group=method.group,
-                                       end_of_epoch=method.end_of_epoch)
-        served = None if trains else method.serve_epoch(epoch, info.steps)
-        link = measure.busiest_link(ctx, link, info.steps)
+            record = measure.run_epoch(
+                ctx, args, epoch, loader, info.steps, method.step, group=method.group, at_step=at_step,
+                end_of_epoch=method.end_of_epoch, cold=epoch == first,
+                state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None)
+        served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
+        link = measure.busiest_link(ctx, link, info.steps - start)
         shared = method.share(served) if method.share else None
         val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args)
         if trains:
@@ -118,17 +134,68 @@ def train(args, ctx, ds, method):
                 record["scaling_efficiency"] = record["train_throughput"] / (
                     len(method.trainers) * args.batch_size / overhead["local_step_time"])
             results.add_epoch(record)
-        if args.resume:
-            seconds = ckpt.save(epoch * info.steps, {"epoch": epoch, "state": _state_dicts(method, ctx),
-                                                     "results": results.data if ctx.rank == writer else None})
+        if ckpt.saving:
+            cost["seconds"] += ckpt.save(epoch * info.steps, _part(method, ctx, epoch, 0, None, results, writer))
+            cost["count"] += 1
             if ctx.rank == writer:
-                results.data["epochs"][-1]["checkpoint_time"] = seconds
+                results.data["epochs"][-1].update(checkpoint_time=cost["seconds"], checkpoints=cost["count"])
                 results.save()
         if trains:
             log(ctx, epoch_line(record), rank=writer)
             warn_if_data_bound(ctx, record, rank=writer)
+            straggler = record["rank_compute"]["straggler"]
+            if straggler:
+                log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
+                         f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
+                    rank=writer)
     results.finish()
     log(ctx, f"wrote {args.output}", rank=writer)
+
+
+def _part(method, ctx, epoch, done, in_epoch, results, writer):
+    """This rank's part of a checkpoint taken after `done` steps of the epoch after `epoch`."""
+    return {"epoch": epoch, "done": done, "in_epoch": in_epoch, "state": _state_dicts(method, ctx),
+            "results": results.data if ctx.rank == writer else None}
+
+
+def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer):
+    """What runs after each training step of `epoch`: the progress mark a restart counts redone steps from,
+    and the --checkpoint-every checkpoints (every rank at the same step; `snapshot()` the epoch so far)."""
+    def at_step(done, snapshot):
+        step = (epoch - 1) * info.steps + done
+        if restart:
+            restart.reached(step)
+        if ckpt.saving and ctx.rank == writer and done % args.log_every == 0:
+            ckpt.mark_progress(step)
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            state = dataclasses.asdict(snapshot()) if snapshot else None
+            cost["seconds"] += ckpt.save(step, _part(method, ctx, epoch - 1, done, state, results, writer))
+            cost["count"] += 1
+            return True
+        return False
+    return at_step
+
+
+class Restart:
+    """The writer's record of a restart by torchrun: when, from which checkpoint step, how far the failed
+    attempt had got (its last progress mark), how many steps are redone, and when training was back there."""
+
+    def __init__(self, ckpt, resumed, attempt, results):
+        self.results, self.before = results, ckpt.last_progress()
+        self.entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "unix_time": time.time(), "attempt": attempt,
+                      "resumed_from_step": resumed["step"] if resumed else 0,
+                      "last_step_before": self.before[0] if self.before else None}
+        if self.before:
+            self.entry["steps_redone"] = max(0, self.before[0] - self.entry["resumed_from_step"])
+        results.data.setdefault("restarts", []).append(self.entry)
+        results.save()
+
+    def reached(self, step):
+        if "first_step_unix_time" not in self.entry:
+            self.entry["first_step_unix_time"] = time.time()
+            self.entry["seconds_to_first_step"] = self.entry["first_step_unix_time"] - self.entry["unix_time"]
+        if self.before and "seconds_lost" not in self.entry and step >= self.before[0]:
+            self.entry["seconds_lost"] = time.time() - self.before[1]  # from the failed attempt's last mark
 
 
 def _state_dicts(method, ctx):

@@ -5,6 +5,7 @@ method's own clock marks; docs/results_schema.md says what each one means.
 import collections
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -60,6 +61,12 @@ class StepClock:
                 sums[name] = sums.get(name, 0.0) + self._seconds(a, b)
         return sums
 
+    def per_step(self, name, skip=0):
+        """Seconds of phase `name` in each step after the first `skip` (a phase marked twice in a step adds up)."""
+        synchronize(self.device)
+        return [sum(self._seconds(a, b) for (_, a), (n, b) in zip(marks, marks[1:]) if n == name)
+                for marks in self.steps[skip:]]
+
     def step_times(self, skip=0):
         """Seconds of each step after the first `skip`, from its begin to its last mark."""
         synchronize(self.device)
@@ -102,29 +109,72 @@ class Progress:
             self.bar.close()
 
 
-def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of_epoch=None):
+@dataclasses.dataclass
+class EpochState:
+    """What this rank's epoch has accumulated after `step` steps: enough to continue it after a restart with the
+    same losses, counts and clocks (plain numbers: it travels in a checkpoint)."""
+    epoch: int
+    step: int = 0
+    sums: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # loss x images, correct
+    seen: int = 0
+    timed_seen: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    lrs: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0  # seconds of the loop so far, and of its timed steps
+    timed: float = 0.0
+    timed_steps: int = 0
+    phases: dict = dataclasses.field(default_factory=dict)  # seconds per phase over the timed steps
+    step_moments: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # sum, sum of squares of steps
+    compute_moments: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # the same of "compute"
+
+
+def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of_epoch=None, state=None, cold=None,
+              at_step=None):
     """`steps` steps of `train_step(images, targets, clock, lr) -> (loss, logits)` by the trainers in `group`
     (None: every rank); returns the epoch's record, reduced over the trainers.
 
     Loss and accuracy accumulate on the device; every --log-every steps every trainer reads the group's sums
-    (the same host sync on every rank, and a NaN anywhere stops them all). The first --warmup-steps steps of
-    epoch 1 are left out of throughput and phase times. Phase times: `data` is the wait for the next batch,
-    the method's marks name the rest; mean and max over the trainers. `end_of_epoch(clock)` runs inside the
-    clock, as part of the last step (e.g. the PS's last pull).
+    (the same host sync on every rank, and a NaN anywhere stops them all). A `cold` process's first
+    --warmup-steps steps (epoch 1, or the first epoch after a restart) are left out of throughput and phase
+    times. Phase times: `data` is the wait for the next batch, the method's marks name the rest; mean and max
+    over the trainers. `end_of_epoch(clock)` runs inside the clock, as part of the last step (e.g. the PS's
+    last pull). `state` (an EpochState from a checkpoint) continues an epoch from its step; `at_step(done,
+    snapshot)` runs after each step, `snapshot()` giving the EpochState so far (a host sync: call it only for a
+    checkpoint), and returns True when it wrote one (its time is then the step's "checkpoint" phase).
     """
+    state = state or EpochState(epoch)
+    first = state.step
     if hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every replica
-    warmup = min(args.warmup_steps, steps - 1) if epoch == 1 else 0
-    clock, sums, losses, lrs = StepClock(ctx.device), torch.zeros(2, dtype=torch.float64, device=ctx.device), [], []
-    seen = timed_seen = 0  # image counts are known on the host: no per-step copy
+        loader.sampler.start = first * args.batch_size
+    cold = epoch == 1 if cold is None else cold
+    warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
+    clock, lrs = StepClock(ctx.device), list(state.lrs)
+    sums, losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
+    seen, timed_seen = state.seen, state.timed_seen  # image counts are known on the host: no per-step copy
     progress = Progress(f"epoch {epoch}", steps, ctx.rank == first_rank(group))
     tracer = Tracer(args, ctx, warmup, steps) if args.profile and ctx.rank == first_rank(group) else None
+    trainers = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def snapshot(done):
+        synchronize(ctx.device)
+        now = time.perf_counter()
+        phases, times = clock.phase_sums(skip=warmup - first), clock.step_times(skip=warmup - first)
+        compute = clock.per_step("compute", skip=warmup - first)
+        return EpochState(
+            epoch, done, sums.tolist(), seen, timed_seen, state.losses + torch.stack(losses).float().tolist(),
+            list(lrs), state.elapsed + now - t_start, state.timed + (now - t_timed if done > warmup else 0.0),
+            state.timed_steps + len(times), {k: state.phases.get(k, 0.0) + phases.get(k, 0.0)
+                                             for k in {*state.phases, *phases}},
+            [a + b for a, b in zip(state.step_moments, (sum(times), sum(t * t for t in times)))],
+            [a + b for a, b in zip(state.compute_moments, (sum(compute), sum(t * t for t in compute)))])
+
     try:
         synchronize(ctx.device)
         t_start = t_timed = time.perf_counter()
         batches = iter(loader)
-        for step in range(steps):
-            if step == warmup and warmup:
+        for step in range(first, steps):
+            if step == warmup and warmup > first:
                 synchronize(ctx.device)
                 t_timed = time.perf_counter()
             if tracer:
@@ -141,38 +191,73 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 loss_sum, correct = all_reduce(sums.clone(), group=group).tolist()
                 check_finite(loss_sum, epoch, step)
-                trainers = dist.get_world_size(group) if dist.is_initialized() else 1
                 progress.update(step + 1, loss=f"{loss_sum / (seen * trainers):.4f}",
                                 acc=f"{100 * correct / (seen * trainers):.2f}%",
-                                img_s=f"{seen * trainers / (time.perf_counter() - t_start):.1f}")
+                                img_s=f"{(seen - state.seen) * trainers / (time.perf_counter() - t_start):.1f}")
+            if at_step and step + 1 < steps and at_step(step + 1, lambda done=step + 1: snapshot(done)):
+                clock.mark("checkpoint")  # a --checkpoint-every checkpoint was written after this step
         if end_of_epoch:
             end_of_epoch(clock)
         if tracer:
             tracer.at(steps)
-        synchronize(ctx.device)
-        t_end = time.perf_counter()
+        done = snapshot(steps)
     finally:
         progress.close()  # before any error line, so that line starts clean
-    phases, step_times = clock.phase_sums(skip=warmup), clock.step_times(skip=warmup)
-    names = sorted(phases)
-    totals = torch.tensor([seen, timed_seen, t_end - t_start, t_end - t_timed, *(phases[k] for k in names)],
+    names = sorted(done.phases)
+    totals = torch.tensor([done.seen, done.timed_seen, done.elapsed, done.timed, *(done.phases[k] for k in names)],
                           dtype=torch.float64, device=ctx.device)
     slowest = all_reduce(totals[2:].clone(), dist.ReduceOp.MAX, group).tolist()
-    seen, timed_seen, _, _, *phase_means = all_reduce(torch.cat([totals[:2], totals[2:]]), group=group).tolist()
-    loss_sum, correct = all_reduce(sums, group=group).tolist()
-    trainers, timed_steps = (dist.get_world_size(group) if dist.is_initialized() else 1), steps - warmup
-    train_time, timed = slowest[0], slowest[1]  # the epoch lasts until its slowest trainer is done
+    seen, timed_seen, _, _, *phase_means = all_reduce(totals, group=group).tolist()
+    loss_sum, correct = all_reduce(torch.tensor(done.sums, dtype=torch.float64, device=ctx.device), group=group).tolist()
+    train_time, timed, n = slowest[0], slowest[1], done.timed_steps  # the epoch lasts until its slowest trainer
     return {
         "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
-        "train_time": train_time, "train_throughput": timed_seen / timed, "avg_batch_time": timed / timed_steps,
-        "avg_data_time": phase_means[names.index("data")] / trainers / timed_steps,
-        "phase_times": {k: v / trainers / timed_steps for k, v in zip(names, phase_means)},
-        "phase_times_max": {k: v / timed_steps for k, v in zip(names, slowest[2:])},
-        "step_time_stdev": statistics.stdev(step_times) if len(step_times) > 1 else None,
-        "steps": steps, "warmup_steps": warmup, "images_trained": int(seen),
-        "all_losses": torch.stack(losses).float().tolist(), "lrs": lrs,
+        "train_time": train_time, "train_throughput": timed_seen / timed, "avg_batch_time": timed / n,
+        "avg_data_time": phase_means[names.index("data")] / trainers / n,
+        "phase_times": {k: v / trainers / n for k, v in zip(names, phase_means)},
+        "phase_times_max": {k: v / n for k, v in zip(names, slowest[2:])},
+        "step_time_stdev": _stdev(*done.step_moments, n),
+        "rank_compute": rank_compute(ctx, group, *done.compute_moments, n),
+        "steps": steps, "warmup_steps": steps - n, "images_trained": int(seen),
+        "all_losses": done.losses, "lrs": done.lrs,
         **({"profile": tracer.summary} if tracer and tracer.summary else {}),
     }
+
+
+def _stdev(total, squares, n):
+    return math.sqrt(max(0.0, (squares - total * total / n) / (n - 1))) if n > 1 else None
+
+
+STRAGGLER_FLOOR = 0.10  # a rank this much slower than the others (and beyond 4 standard errors) is named
+
+
+def rank_compute(ctx, group, total, squares, n):
+    """Each trainer's own compute per step (its "compute" phases: forward and backward, no waiting for others),
+    gathered over the trainers, and the straggler: the slowest rank when its compute exceeds the median of the
+    others' by more than STRAGGLER_FLOOR and by more than 4 standard errors of the difference; the others wait
+    that difference every step."""
+    mine = torch.tensor([total / n if n else 0.0, _stdev(total, squares, n) or 0.0], dtype=torch.float64,
+                        device=ctx.device)
+    ranks = dist.get_process_group_ranks(group) if dist.is_initialized() and group is not None else \
+        list(range(dist.get_world_size() if dist.is_initialized() else 1))
+    gathered = [torch.zeros_like(mine) for _ in ranks]
+    if len(ranks) > 1:
+        dist.all_gather(gathered, mine, group=group)
+    else:
+        gathered = [mine]
+    means, stdevs = zip(*(t.tolist() for t in gathered))
+    out = {"ranks": ranks, "compute": list(means), "stdev": list(stdevs), "steps": n,
+           "median": statistics.median(means), "straggler": None}
+    if len(ranks) > 1 and n > 1:
+        slow = max(range(len(ranks)), key=lambda i: means[i])
+        others = [m for i, m in enumerate(means) if i != slow]
+        typical = statistics.median(others)
+        spread = math.sqrt(stdevs[slow] ** 2 + statistics.median(
+            [s for i, s in enumerate(stdevs) if i != slow]) ** 2) / math.sqrt(n)
+        if means[slow] - typical > max(STRAGGLER_FLOOR * typical, 4 * spread):
+            out["straggler"] = {"rank": ranks[slow], "compute": means[slow], "ratio": means[slow] / typical,
+                                "cost_per_step": means[slow] - typical}
+    return out
 
 
 def check_finite(loss_sum, epoch, step):

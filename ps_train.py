@@ -250,17 +250,20 @@ class Transport:
     def serve_step(self, optimizer, scaler, lr, clock):
         server_step(self, optimizer, scaler, lr, clock)
 
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock):
-        """The single server's epoch: `steps` steps, then the final pull as part of the last. Returns its
-        figures, seconds per step after the first `warmup` steps."""
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+        """The single server's epoch: steps `start` to `steps`, `after_step(done)` after each (the trainers'
+        checkpoints), then the final pull as part of the last. Returns its figures, seconds per step after the
+        first `warmup` of those steps."""
         lrs = [lr_at(step) for step in range(steps)]
-        for lr in lrs:
+        for step in range(start, steps):
             clock.begin()
-            server_step(self, optimizer, scaler, lr, clock)
+            server_step(self, optimizer, scaler, lrs[step], clock)
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
         serve(self, scaler)
         clock.mark("serve")
-        sums = clock.phase_sums(skip=warmup)
-        return ServerStats(*(sums.get(k, 0.0) / (steps - warmup) for k in ("serve", "push_wait", "update")), lrs=lrs)
+        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
+        return ServerStats(*(sums.get(k, 0.0) / timed for k in ("serve", "push_wait", "update")), lrs=lrs)
 
     def _start(self, bucket):
         """A push bucket's first contribution on this rank: its own gradients are there already (views); a
@@ -440,13 +443,20 @@ class Async(Transport):
     def serve_step(self, optimizer, scaler, lr, clock):
         self.serve(self.num_workers, optimizer, lambda i: lr, clock)
 
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock):
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+        """A step's worth of gradients (one per worker) at a time, so that a checkpoint after step k finds every
+        worker's k-th gradient applied: each worker stops there, after its k-th push."""
         clock.begin()
-        stale = self.serve(steps * self.num_workers, optimizer, lambda i: lr_at(i / self.num_workers), clock)
+        stale = []
+        for step in range(start, steps):
+            first = step * self.num_workers
+            stale += self.serve(self.num_workers, optimizer, lambda i: lr_at((first + i) / self.num_workers), clock)
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
         self.final_pull(scaler)  # the epoch's model, to everyone
-        sums = clock.phase_sums()
-        return ServerStats(sums.get("serve", 0.0) / steps, sums.get("wait", 0.0) / steps,
-                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / steps,
+        sums, served = clock.phase_sums(), steps - start
+        return ServerStats(sums.get("serve", 0.0) / served, sums.get("wait", 0.0) / served,
+                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / served,
                            sum(stale) / len(stale), max(stale), [lr_at(s) for s in range(steps)])
 
     @torch.no_grad()
@@ -516,16 +526,19 @@ def server_role(args, ctx, comm, optimizer, scaler, method):
         if kind != "local":  # the workers' no-communication step needs no server
             comm.serve_step(optimizer, scaler, lr, clock)
 
-    def serve_epoch(epoch, steps):
+    def serve_epoch(epoch, steps, start, after_step):
+        cold = not serve_epoch.ran  # the process's first epoch (epoch 1, or the first after a restart)
+        serve_epoch.ran = True
         stats = comm.serve_epoch(optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
-                                 min(args.warmup_steps, steps - 1) if epoch == 1 else 0,
-                                 measure.StepClock(ctx.device))
+                                 min(args.warmup_steps, steps - start - 1) if cold else 0,
+                                 measure.StepClock(ctx.device), start, after_step)
         common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * stats.serve:.1f}ms, wait "
                         f"{1e3 * stats.push_wait:.1f}ms, aggregate+update {1e3 * stats.update:.1f}ms"
                         + (f", staleness {stats.staleness_mean:.2f} (max {stats.staleness_max:.0f})"
                            if args.mode == "async" else ""))
         return stats
 
+    serve_epoch.ran = False
     method.step, method.serve_epoch = step, serve_epoch
     method.before_epochs = lambda: comm.final_pull(scaler)  # the initial state, before any clock
 

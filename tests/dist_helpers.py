@@ -1,8 +1,13 @@
-"""Test helpers: run a function in a real gloo process group, run a script under torchrun, make tiny data."""
+"""Test helpers: run a function in a real gloo process group, run or start a script under torchrun (and watch,
+kill or restart its ranks), make tiny data, read a user error's one line."""
+import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -89,12 +94,81 @@ def run_in_group(fn, world_size, *args, init=True, timeout=300):
     return [results[r] for r in range(world_size)]
 
 
-def run_script(script, *args, nproc=1, cwd=None, timeout=600, env=None):
-    """Runs `torchrun --standalone --nproc_per_node=nproc script args` and returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(REPO / script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+def torchrun_cmd(script, *args, nproc=1, restarts=0, nnodes=1, node_rank=0, port=None):
+    """The torchrun command line for `script args`: --standalone, or node `node_rank` of `nnodes` agents on
+    127.0.0.1 (c10d rendezvous at `port`); torchrun restarts a failed group `restarts` times."""
+    launch = ["--standalone"] if nnodes == 1 else [
+        f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=kit-test"]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
+            f"--max_restarts={restarts}", str(REPO / script), *map(str, args)]
+
+
+def _env(env):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_script(script, *args, nproc=1, cwd=None, timeout=600, env=None, **launch):
+    """Runs `script args` under torchrun (see torchrun_cmd) to its end; returns the CompletedProcess."""
+    return subprocess.run(torchrun_cmd(script, *args, nproc=nproc, **launch), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env(env))
+
+
+def start_script(script, *args, nproc=1, cwd=None, env=None, **launch):
+    """Starts `script args` under torchrun (see torchrun_cmd) in a session of its own; returns the Popen (its
+    .pid is torchrun's: the workers are its children)."""
+    return subprocess.Popen(torchrun_cmd(script, *args, nproc=nproc, **launch), cwd=cwd, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(env))
+
+
+@contextlib.contextmanager
+def killed_at_exit(*procs):
+    """Whatever still runs of `procs` (each a session of its own) is killed when the block ends, however."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def rank_pids(agent):
+    """{RANK: (pid, TORCHELASTIC_RESTART_COUNT)} of a torchrun agent's current worker processes."""
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split():
+        try:
+            environ = open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        env = dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = (int(pid), int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    return ranks
+
+
+def kill_tree(pid):
+    """SIGKILL to `pid` and all its descendants (the machine dies)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, signal.SIGKILL)
+    for child in children:
+        kill_tree(int(child))
+
+
+def wait_until(proc, condition, what, limit=240):
+    """Polls `condition()` until it is true; fails with `proc`'s stderr if it ends first, or after `limit` s."""
+    start = time.time()
+    while not condition():
+        assert proc.poll() is None, f"ended before {what}: " + proc.communicate()[1][-3000:]
+        assert time.time() - start < limit, f"no {what} within {limit}s"
+        time.sleep(0.02)
+
+
+def epochs_written(path):
+    """How many epochs the results file at `path` holds (0 while it is missing or being written)."""
+    try:
+        return len(json.loads(Path(path).read_text())["epochs"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def run_python(script, *args, cwd=None, timeout=600, env=None):
@@ -117,6 +191,15 @@ def make_image_folder(root, classes=3, train_per_class=8, val_per_class=3, size=
                 img = (rng.random((size, size, 3)) * 80 + c * 60).clip(0, 255).astype("uint8")
                 Image.fromarray(img).save(folder / f"{i}.png")
     return Path(root)
+
+
+def one_error_line(proc, prefix="error: ", code=None):
+    """The one line a user mistake prints on stderr (`prefix` ...), after checking it is the only one and the run
+    failed (with exit status `code` when given)."""
+    assert proc.returncode != 0 if code is None else proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(prefix), proc.stderr[-3000:]
+    return lines[0]
 
 
 def error_lines(stderr):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dist_helpers import FAST_ARGS, make_image_folder, run_python, run_script
+from dist_helpers import FAST_ARGS, make_image_folder, one_error_line, run_python, run_script
 
 GUIDE_TOP = ["method", "world_size", "batch_size", "start_time", "end_time", "epochs", "summary", "all_losses"]
 GUIDE_EPOCH = ["epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
@@ -66,14 +66,6 @@ def test_ddp_trains_on_a_given_image_folder(tmp_path):
     assert data["dataset"]["name"] == "imagefolder" and data["dataset"]["root"] == str(root.resolve())
     assert data["dataset"]["train_size"] == 24 and data["dataset"]["num_classes"] == 3
     assert data["epochs"][0]["steps"] == 3  # 24 images / 2 processes / batch 4
-
-
-def _one_error_line(proc):
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 # --------------------------------------------------------------------------- one clear line per user mistake
@@ -172,35 +164,35 @@ def mistakes(tmp_path_factory):
 
 def test_missing_data_dir(mistakes):
     folder, proc = mistakes["missing_data_dir"]
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert str(folder / "nowhere") in line and "does not exist" in line
     assert not (folder / "r.json").exists()  # never a silent fallback to the sample dataset
 
 
 def test_missing_val_folder(mistakes):
     folder, proc = mistakes["missing_val"]
-    assert str(folder / "d" / "val") in _one_error_line(proc)
+    assert str(folder / "d" / "val") in one_error_line(proc)
 
 
 def test_empty_class_folder(mistakes):
-    assert "empty_class" in _one_error_line(mistakes["empty_class"][1])
+    assert "empty_class" in one_error_line(mistakes["empty_class"][1])
 
 
 @pytest.mark.parametrize("workers,damage", CORRUPTED)
 def test_corrupted_image(mistakes, workers, damage):
-    line = _one_error_line(mistakes[f"corrupted-{workers}-{damage}"][1])
+    line = one_error_line(mistakes[f"corrupted-{workers}-{damage}"][1])
     assert "cannot read image" in line and "class0" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPUs")
 def test_nccl_without_gpus(mistakes):
-    line = _one_error_line(mistakes["nccl"][1])
+    line = one_error_line(mistakes["nccl"][1])
     assert "GPU" in line and "--backend auto or gloo" in line and "runs on the CPU" in line
 
 
 @pytest.mark.parametrize("flag,value", NON_POSITIVE)
 def test_non_positive_settings(mistakes, flag, value):
-    line = _one_error_line(mistakes[f"setting{flag}={value}"][1])
+    line = one_error_line(mistakes[f"setting{flag}={value}"][1])
     assert flag in line
 
 
@@ -220,34 +212,34 @@ def test_non_image_files_are_skipped_with_a_warning(mistakes):
 
 
 def test_class_folders_differ_between_train_and_val(mistakes):
-    line = _one_error_line(mistakes["classes_differ"][1])
+    line = one_error_line(mistakes["classes_differ"][1])
     assert "class folders differ" in line and "class1" in line and "other" in line
 
 
 def test_empty_val(mistakes):
     folder, proc = mistakes["empty_val"]
-    assert str(folder / "d" / "val") in _one_error_line(proc)
+    assert str(folder / "d" / "val") in one_error_line(proc)
 
 
 def test_batch_larger_than_a_shard(mistakes):
-    line = _one_error_line(mistakes["batch_larger_than_shard"][1])
+    line = one_error_line(mistakes["batch_larger_than_shard"][1])
     assert "--batch-size 9 is larger than the 8 training images" in line
 
 
 @pytest.mark.parametrize("where", ["missing", "unwritable"])
 def test_output_that_cannot_be_written(mistakes, where):
     folder, proc = mistakes[f"output_{where}"]
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert str(folder / "no" if where == "missing" else "/proc") in line
 
 
 def test_weights_file_that_is_not_a_state_dict(mistakes):
-    assert "is not a resnet18 state dict" in _one_error_line(mistakes["bad_weights"][1])
+    assert "is not a resnet18 state dict" in one_error_line(mistakes["bad_weights"][1])
 
 
 def test_nan_loss_stops_and_keeps_valid_results(mistakes):
     folder, proc = mistakes["nan_loss"]
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert "loss became nan" in line or "loss became inf" in line
     assert json.loads((folder / "r.json").read_text())["status"] == "incomplete"
 

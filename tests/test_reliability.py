@@ -18,52 +18,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import REPO, free_port, make_image_folder
+from dist_helpers import (FAST_ARGS, REPO, epochs_written, free_port, killed_at_exit, make_image_folder,
+                          rank_pids, start_script, wait_until)
 
 # Tiny runs without the communication yardstick.
-TINY = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "2", "--workers", "0", "--overhead-pairs", "0"]
-OWN = {"baseline_multi_card.py": [], "all_reduce_train.py": [], "ps_train.py": []}
+TINY = [*FAST_ARGS, "--batch-size", "2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), classes=2, train_per_class=24, val_per_class=2,
-                             size=16)
-
-
-def _torchrun(script, nproc, args, cwd, *, nnodes=1, node_rank=0, port=None):
-    launch = ["--standalone"] if nnodes == 1 else [
-        f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv_backend=c10d",
-        f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=kit-test"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={nproc}",
-           "--max_restarts=0", str(REPO / script), *OWN[script], *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _torchrun(script, nproc, args, cwd, **launch):
+    return start_script(script, *args, nproc=nproc, cwd=cwd, **launch)
 
 
 def _wait_for_epochs(path, n, proc, limit=240):
-    start = time.time()
-    while time.time() - start < limit:
-        try:
-            if len(json.loads(path.read_text())["epochs"]) >= n:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
-    raise AssertionError(f"no epoch written to {path} within {limit}s")
+    wait_until(proc, lambda: epochs_written(path) >= n, f"epoch {n} written to {path}", limit)
 
 
 def _rank_pids(agent):
     """PIDs of the agent's worker processes, by their RANK."""
-    pids = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in pids:
-        env = dict(item.split("=", 1) for item in
-                   open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace").split("\0") if "=" in item)
-        if "RANK" in env:
-            ranks[int(env["RANK"])] = int(pid)
-    return ranks
+    return {rank: pid for rank, (pid, _) in rank_pids(agent).items()}
 
 
 def _assert_kept(path, min_epochs=1):
@@ -93,15 +65,15 @@ def _busy_loops(n):
 
 
 @pytest.mark.parametrize("script,nproc,victim,sig", FAULTS)
-def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(tmp_path, data, script, nproc, victim, sig):
-    _fail_a_rank(tmp_path, data, script, nproc, victim, sig)
+def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(tmp_path, tiny_data, script, nproc, victim, sig):
+    _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig)
 
 
-def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, data):
+def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, tiny_data):
     """A hung peer (SIGSTOP: only --timeout ends the wait), while two busy loops compete for the 2 cores."""
     load = _busy_loops(2)
     try:
-        err = _fail_a_rank(tmp_path, data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP)
+        err = _fail_a_rank(tmp_path, tiny_data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP)
     finally:
         for p in load:
             p.kill()
@@ -118,14 +90,14 @@ def _alive(pid):
         return False
 
 
-def _fail_a_rank(tmp_path, data, script, nproc, victim, sig):
+def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig):
     """Kills or stops rank `victim` after epoch 1: every other rank must end within --timeout (plus slack),
     the run must fail, and the finished epoch be kept. Returns torchrun's stderr."""
     out = tmp_path / "r.json"
     timeout_min = 0.15
     agent = _torchrun(script, nproc, [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min,
-                                      "--data-dir", data, "--output", out], tmp_path)
-    try:
+                                      "--data-dir", tiny_data, "--output", out], tmp_path)
+    with killed_at_exit(agent):
         _wait_for_epochs(out, 1, agent)
         pids = _rank_pids(agent)
         os.kill(pids[victim], sig)
@@ -138,9 +110,6 @@ def _fail_a_rank(tmp_path, data, script, nproc, victim, sig):
             os.kill(pids[victim], signal.SIGCONT)
         _, err = agent.communicate(timeout=60)
         assert ended < 60 * timeout_min + 45, f"the other ranks took {ended:.0f}s to give up"
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
     assert agent.returncode != 0
     _assert_kept(out)
     if sig == signal.SIGSTOP:  # survivors say in one line what happened instead of a gloo traceback
@@ -149,17 +118,14 @@ def _fail_a_rank(tmp_path, data, script, nproc, victim, sig):
     return err
 
 
-def test_ctrl_c_keeps_finished_epochs(tmp_path, data):
+def test_ctrl_c_keeps_finished_epochs(tmp_path, tiny_data):
     out = tmp_path / "r.json"
-    agent = _torchrun("baseline_multi_card.py", 2, [*TINY, "--epochs", "500", "--max-steps", "3", "--data-dir", data,
-                                                    "--output", out], tmp_path)
-    try:
+    agent = _torchrun("baseline_multi_card.py", 2, [*TINY, "--epochs", "500", "--max-steps", "3", "--data-dir",
+                                                    tiny_data, "--output", out], tmp_path)
+    with killed_at_exit(agent):
         _wait_for_epochs(out, 1, agent)
         os.killpg(agent.pid, signal.SIGINT)
         _, err = agent.communicate(timeout=60)
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
     assert agent.returncode != 0 and "interrupted" in err
     _assert_kept(out)
 
@@ -168,9 +134,9 @@ SCALE_OUT = [("all_reduce_train.py", 1), ("ps_train.py", 2)]  # DDP on two nodes
 
 
 @pytest.mark.parametrize("script,per_node", SCALE_OUT)
-def test_two_nodes_train_exactly_like_one(tmp_path, data, script, per_node):
+def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script, per_node):
     """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = one agent with the same world size and seed."""
-    args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", data]
+    args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", tiny_data]
     jobs = []
 
     def finish(*started):

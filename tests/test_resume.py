@@ -1,71 +1,111 @@
-"""--resume: a run killed after epoch 1 and started again continues from its checkpoint, and ends with exactly
-the parameters of a run that was never interrupted; its results file goes on instead of starting over."""
+"""Runs that survive failures. Under `torchrun --max-restarts`, a killed rank's group is restarted and the scripts
+continue from their latest step checkpoint by themselves: a run killed twice (SIGKILL, mid-epoch, at different
+steps) ends with exactly the parameters and the per-step losses of a run that was never interrupted, for DDP, the
+all-reduce and the PS (one server, and sharded), and records both restarts. And --resume by hand after the whole
+job died (torchrun and every rank at once)."""
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from dist_helpers import REPO, make_image_folder
+from dist_helpers import FAST_ARGS, kill_tree, killed_at_exit, rank_pids, start_script, wait_until
 
-ARGS = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--max-steps", "6",
-        "--overhead-pairs", "0", "--timeout", "1", "--resume"]
-METHODS = [("baseline_multi_card.py", 2), ("all_reduce_train.py", 2), ("ps_train.py", 3)]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("data"), classes=2, train_per_class=24, val_per_class=2,
-                             size=32)
+ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
+METHODS = [("baseline_multi_card.py", 2, []), ("all_reduce_train.py", 2, []), ("ps_train.py", 3, []),
+           ("ps_train.py", 2, ["--servers", "all"])]
+IDS = ["ddp", "all_reduce", "ps", "ps_sharded"]
 
 
-def _start(script, nproc, epochs, out, data):
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={nproc}", str(REPO / script), *ARGS, "--data-dir", str(data),
-                             "--epochs", str(epochs), "--output", str(out)], cwd=out.parent, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _start(script, nproc, out, data, *extra, restarts=0):
+    return start_script(script, *ARGS, "--data-dir", data, *extra, "--output", out, nproc=nproc, cwd=out.parent,
+                        restarts=restarts)
 
 
-def _kill_tree(pid):
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    os.kill(pid, signal.SIGKILL)
-    for child in children:
-        _kill_tree(int(child))
+def _progress(out):
+    try:
+        return int((out.with_name(out.stem + ".ckpt") / "progress").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _final_state(out):
-    """The model the owner (rank 0: DDP, all-reduce, the PS server) saved with the last checkpoint."""
+    """The model of the last checkpoint (rank 0: DDP and the all-reduce replicas, the PS server, a sharded rank
+    after the epoch's final pull)."""
     folder = out.with_name(out.stem + ".ckpt")
-    return torch.load(folder / (folder / "latest").read_text() / "rank0.pt", weights_only=True)["state"]
+    return torch.load(folder / (folder / "latest").read_text() / "rank0.pt", weights_only=True)["state"]["model"]
 
 
-@pytest.mark.parametrize("script,nproc", METHODS)
-def test_a_killed_run_resumes_to_the_same_parameters(tmp_path, data, script, nproc):
-    whole = tmp_path / "whole" / "r.json"
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _folders(tmp_path):
+    whole, cut = tmp_path / "whole" / "r.json", tmp_path / "cut" / "r.json"
     whole.parent.mkdir()
-    assert _start(script, nproc, 2, whole, data).wait(timeout=300) == 0
-    cut = tmp_path / "cut" / "r.json"
     cut.parent.mkdir()
+    return whole, cut
+
+
+@pytest.mark.parametrize("script,nproc,extra", METHODS, ids=IDS)
+def test_a_run_killed_twice_restarts_by_itself_to_the_same_parameters_and_losses(tmp_path, tiny_data, script,
+                                                                                   nproc, extra):
+    """12 steps in 2 epochs, a checkpoint every 4 steps; rank 1 killed after step 5 (epoch 1), then rank 0 of the
+    restarted group after step 10 (epoch 2): each restart redoes the steps since its checkpoint."""
+    flags = [*extra, "--epochs", "2", "--checkpoint-every", "4"]
+    whole, cut = _folders(tmp_path)
+    reference = _start(script, nproc, whole, tiny_data, *flags, restarts=2)
+    agent = _start(script, nproc, cut, tiny_data, *flags, restarts=2)
+    with killed_at_exit(agent, reference):
+        for victim, after, attempt in ((1, 5, 0), (0, 10, 1)):
+            target = []
+
+            def reached():
+                pid, its_attempt = rank_pids(agent).get(victim, (0, -1))
+                target[:] = [pid] if its_attempt == attempt else []
+                return _progress(cut) >= after and target
+
+            wait_until(agent, reached, f"step {after} of attempt {attempt}")
+            os.kill(target[0], signal.SIGKILL)
+        _, err = agent.communicate(timeout=300)
+        assert agent.returncode == 0, err[-3000:]
+        _, err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, err[-3000:]
+    one, two = json.loads(whole.read_text()), json.loads(cut.read_text())
+    assert two["status"] == "complete" and [e["epoch"] for e in two["epochs"]] == [1, 2]
+    assert two["all_losses"] == one["all_losses"] and len(two["all_losses"]) == 12
+    assert _same(_final_state(whole), _final_state(cut))
+    restarts = two["restarts"]
+    assert [r["attempt"] for r in restarts] == [1, 2] and "restarts" not in one
+    # Each from the last checkpoint before its kill (every 4 steps and at each epoch's end: 4, 6, 8).
+    assert restarts[0]["resumed_from_step"] in (4, 6) and restarts[1]["resumed_from_step"] == 8, restarts
+    assert all(0 <= r["steps_redone"] <= 2 and r["seconds_to_first_step"] > 0 for r in restarts), restarts
+    assert [e["checkpoints"] for e in one["epochs"]] == [2, 2]  # after step 4 and at the epoch's end; 8, 12
+    assert all(e["checkpoint_time"] > 0 for e in one["epochs"])
+
+
+def test_resume_by_hand_after_the_whole_job_died(tmp_path, tiny_data):
+    """Everything killed after epoch 1 (torchrun too); the same command with --resume continues from the
+    checkpoint and ends with the parameters of an uninterrupted run. (DDP: the restart tests above load the
+    same checkpoints for every method; this is the other way in, the flag.)"""
+    script, nproc, extra = METHODS[0]
+    whole, cut = _folders(tmp_path)
+    reference = _start(script, nproc, whole, tiny_data, *extra, "--epochs", "2", "--resume")
     # A long run (the schedule is constant, so its length does not change the math), killed after epoch 1.
-    proc, latest = _start(script, nproc, 50, cut, data), cut.with_name("r.ckpt") / "latest"
-    start = time.time()
-    while not (latest.exists() and latest.read_text() == "step00000006"):  # after epoch 1 (6 steps)
-        assert proc.poll() is None and time.time() - start < 240, proc.communicate()[1][-3000:]
-        time.sleep(0.02)
-    _kill_tree(proc.pid)  # the machine dies: torchrun and every rank at once
-    proc.wait()
-    assert latest.read_text() == "step00000006" and json.loads(cut.read_text())["status"] == "incomplete"
-    resumed = _start(script, nproc, 2, cut, data)
-    stdout, stderr = resumed.communicate(timeout=300)
+    proc, latest = _start(script, nproc, cut, tiny_data, *extra, "--epochs", "50", "--resume"), \
+        cut.with_name("r.ckpt") / "latest"
+    with killed_at_exit(proc, reference):
+        wait_until(proc, lambda: latest.exists() and latest.read_text() == "step00000006", "the epoch-1 checkpoint")
+        kill_tree(proc.pid)  # the machine dies: torchrun and every rank at once
+        proc.wait()
+        assert json.loads(cut.read_text())["status"] == "incomplete"
+        assert reference.wait(timeout=300) == 0
+        resumed = _start(script, nproc, cut, tiny_data, *extra, "--epochs", "2", "--resume")
+        stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "resumed after epoch 1" in stdout
-    a, b = _final_state(whole)["model"], _final_state(cut)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same(_final_state(whole), _final_state(cut))
     one, two = json.loads(whole.read_text()), json.loads(cut.read_text())
     assert two["status"] == "complete" and [e["epoch"] for e in two["epochs"]] == [1, 2]
     assert two["resumed_after_epoch"] == [1] and two["all_losses"] == one["all_losses"]

@@ -12,6 +12,7 @@ import all_reduce_train
 import baseline_multi_card
 import modes
 import ps_train
+from dist_helpers import one_error_line
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"NPROC": "2", "EPOCHS": "1", "BATCH_SIZE": "8", "WORKERS": "0",
@@ -129,6 +130,4 @@ def test_the_shell_scripts_plan_every_variant_the_scripts_have():
 @pytest.mark.parametrize("args,env", [(["--bogus"], {}), (["--sweep"], {}), ([], {"NPROC": "two"}),
                                       (["--seeds", "a"], {}), (["--bucket-sweep", "0"], {})])
 def test_bad_options_are_one_line_errors(tmp_path, args, env):
-    proc = run_all(tmp_path, *args, DRY_RUN="1", **env)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("run_all.sh: error: ")
+    one_error_line(run_all(tmp_path, *args, DRY_RUN="1", **env), prefix="run_all.sh: error: ", code=2)
