@@ -385,6 +385,7 @@ class PipelinedSync(GradSync):
         self.optimizer, self.scaler, self.credit = optimizer, scaler, credit
         self.group = dist.new_group(list(range(self.world_size)))
         self.job = self.pending = None  # this step's exchange; the one before, which this forward consumes
+        self.early = None  # the buffers' broadcast started at the end of the last forward
         self.clock, self.error, self.last_order = measure.NoClock(), None, []
         self.changed, self.jobs = threading.Condition(), queue.Queue()
         everything = range(len(self.buckets))
@@ -400,10 +401,10 @@ class PipelinedSync(GradSync):
         return count  # the readiness vector
 
     def begin(self, kind, clock=None, lr=None):
+        self.clock = clock or measure.NoClock()
         if kind != "comm":
             self.flush()  # "local" and "blocking" start with nothing in flight
         super().begin(kind)
-        self.clock = clock or measure.NoClock()
         if kind == "comm":
             self.pending, self.job = self.job, _Job(len(self.buckets), lr)
             self.last_order = self.job.order
@@ -416,7 +417,21 @@ class PipelinedSync(GradSync):
             raise common.UserError(f"--sync pipelined: parameter {left[0]} was used before its update arrived (each "
                                    "parameter must be used in the forward of the module that holds it; use --sync "
                                    "overlap)")
+        if self.kind == "comm":
+            # The forward is over, so rank 0's buffers are already those the next forward starts from (backward and
+            # the update leave them alone): their broadcast starts now, while the link is free, not behind the
+            # exchange at the next step's start.
+            self.early = [dist.broadcast(buffer.pack(), src=0, async_op=True) for buffer in self.buffers]
         super().zero_grad()
+
+    def broadcast_buffers(self):
+        if self.early is None:
+            return super().broadcast_buffers()
+        for work in self.early:
+            work.wait()
+        self.early = None
+        for buffer in self.buffers if dist.get_rank() != 0 else ():
+            buffer.unpack()
 
     def finish(self):
         if self.kind != "comm":
@@ -429,7 +444,9 @@ class PipelinedSync(GradSync):
         for job in (self.pending, self.job):
             if job is not None:
                 self._apply(job, range(len(self.buckets)))
-        self.pending = self.job = None
+        for work in self.early or ():  # the next step broadcasts the buffers as they are then
+            work.wait()
+        self.pending = self.job = self.early = None
 
     def _before_forward(self, needs):
         if self.pending is not None and self.kind == "comm":

@@ -10,6 +10,8 @@ of the machine hits every method alike):
   buckets      DDP and --sync overlap at --buckets MiB
   async        PS sync against PS async (on the sample data: accuracy counts)
   seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
+  pipelined    DDP, --sync overlap and --sync pipelined (--bucket-mb PIPELINED_MB): also each step against its limit
+  hierarchical DDP, --sync overlap and --sync hierarchical: also each node link's bytes against the gradients'
   scaling      DDP, --sync overlap, the PS collective (one server) and the sharded PS on --nodes 2 4 8 emulated
                nodes x 1 process (SCALING: MobileNetV3-small at 32 px, --rate default 100mbit): the cost against N
 Every number comes from the runs' results JSON, read with the analysis package's own functions: throughput,
@@ -40,6 +42,7 @@ SCALING = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "32", 
            "--max-steps", "6", "--warmup-steps", "2", "--workers", "0"]
 SCALING_RATE = "100mbit"
 SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
+PIPELINED_MB = 4  # --sync pipelined's partitions in its suite: small, so the next forward's first layers come first
 
 
 def suite(name, args):
@@ -60,6 +63,12 @@ def suite(name, args):
         return [("DDP", ddp, []), ("PS sync", ps, []), ("PS async", ps, ["--mode", "async"])]
     if name == "seeds":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS collective", ps, [])]
+    if name == "pipelined":
+        return [("DDP", ddp, []), ("all-reduce overlap", ar, []),
+                ("all-reduce pipelined", ar, ["--sync", "pipelined", "--bucket-mb", str(PIPELINED_MB)])]
+    if name == "hierarchical":
+        return [("DDP", ddp, []), ("all-reduce overlap", ar, []),
+                ("all-reduce hierarchical", ar, ["--sync", "hierarchical"])]
     if name == "scaling":  # node count per label, for run() and scaling_table()
         methods = [("DDP", ddp, []), ("all-reduce overlap", ar, ["--sync", "overlap"]),
                    ("PS collective", ps, ["--comm", "collective"]),
@@ -103,7 +112,8 @@ def figures(run):
             "predicted_mb": None if link is None or link.bound_bytes is None else link.bound_bytes / 1e6,
             "accuracy": None if run.synthetic else run.final_val_accuracy,
             "loss": run.final_train_loss, "staleness": statistics.mean(staleness) if staleness else None,
-            "pull": run.comm_pull, "push": run.comm_push}
+            "pull": run.comm_pull, "push": run.comm_push, "step": run.batch_time, "local": y and y.local_step_time,
+            "gradient_mb": run.gradient_bytes and run.gradient_bytes / 1e6}
 
 
 def table(rows):
@@ -136,6 +146,29 @@ def table(rows):
             cell(bound and 1e3 * bound, "{:.0f}"), f"{ov / bound:.2f}x" if bound and ov is not None else "-",
             (f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else cell(
                 acc[0] if acc else None, "{:.1f}")), cell(med(runs, "staleness"), "{:.2f}")]) + " |")
+    return "\n".join(lines)
+
+
+def limit_table(rows):
+    """Markdown: each step against its physical limit, max(the step without communication, its busiest link's
+    measured bytes at the link rate), and the busiest link's bytes against one copy of the gradients; medians over
+    the repeats."""
+    def med(runs, key):
+        values = [f[key] for f in runs if f[key] is not None]
+        return statistics.median(values) if values else None
+
+    base = med(next(iter(rows.values())), "throughput")
+    lines = ["| method | img/s | vs DDP | step (ms) | no-comm step (ms) | link time (ms) | limit (ms) | limit / step "
+             "| busiest link (MB/step) | / gradients |", "|---|" + "---:|" * 9]
+    for label, runs in rows.items():
+        thr, step, local, bound = (med(runs, k) for k in ("throughput", "step", "local", "bound"))
+        limit = max(local, bound or 0) if local is not None else None
+        link, grads = med(runs, "link_mb"), med(runs, "gradient_mb")
+        cells = [f"{thr:.1f}", f"{thr / base:.2f}x", f"{1e3 * step:.0f}",
+                 "-" if local is None else f"{1e3 * local:.0f}", "-" if bound is None else f"{1e3 * bound:.0f}",
+                 "-" if limit is None else f"{1e3 * limit:.0f}", "-" if limit is None else f"{limit / step:.2f}",
+                 "-" if link is None else f"{link:.0f}", "-" if link is None or not grads else f"{link / grads:.2f}x"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -177,6 +210,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds",
+                                                          "pipelined", "hierarchical",
                                                           "scaling"))
     p.add_argument("--cluster", default=None, help="NODESxPROCS on an emulated cluster (needs root), e.g. 4x1")
     p.add_argument("--rate", default="1gbit", help="the emulated links' rate")
@@ -220,6 +254,8 @@ def main():
         text = f"{header}\n\n" + "\n".join(
             f"N = {n}:\n\n{table({k: v for k, v in rows.items() if args.nodes_of[k] == n})}\n" for n in args.nodes)
         text += f"\nThe cost against N:\n\n{scaling_table(experiments, args, out)}\n"
+    if args.suite in ("pipelined", "hierarchical"):
+        text += f"\n{limit_table(rows)}\n"
     print(text)
     (out / "figures.json").write_text(json.dumps(rows, indent=1))
     if args.write:
