@@ -12,8 +12,8 @@ of the machine hits every method alike):
   seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
   pipelined    DDP, --sync overlap and --sync pipelined (--bucket-mb PIPELINED_MB): also each step against its limit
   hierarchical DDP, --sync overlap and --sync hierarchical: also each node link's bytes against the gradients'
-  scaling      DDP, --sync overlap, the PS collective (one server) and the sharded PS on --nodes 2 4 8 emulated
-               nodes x 1 process (SCALING: MobileNetV3-small at 32 px, --rate default 100mbit): the cost against N
+  scaling      DDP, --sync overlap, the single-server PS (collective, and p2p: the star) and the sharded PS on
+               --nodes 2 4 8 emulated nodes x 1 (SCALING: MobileNetV3-small, 100mbit links): the cost against N
 Every number comes from the runs' results JSON, read with the analysis package's own functions: throughput,
 the communication overhead (the yardstick: median over its pairs; here also the median and the spread over the
 repeats), scaling efficiency, the bytes through the busiest link and the time they take at the link rate.
@@ -71,10 +71,10 @@ def suite(name, args):
                 ("all-reduce hierarchical", ar, ["--sync", "hierarchical"])]
     if name == "scaling":  # node count per label, for run() and scaling_table()
         methods = [("DDP", ddp, []), ("all-reduce overlap", ar, ["--sync", "overlap"]),
-                   ("PS collective", ps, ["--comm", "collective"]),
+                   ("PS collective", ps, ["--comm", "collective"]), ("PS p2p", ps, ["--comm", "p2p"]),
                    ("PS sharded collective", ps, ["--servers", "all", "--comm", "collective"])]
-        args.nodes_of = {f"{label}, N={n}": n for n in args.nodes for label, _, _ in methods}
-        return [(f"{label}, N={n}", script, flags) for n in args.nodes for label, script, flags in methods]
+        args.nodes_of = {f"{label} N={n}": n for n in args.nodes for label, _, _ in methods}
+        return [(f"{label} N={n}", script, flags) for n in args.nodes for label, script, flags in methods]
     raise SystemExit(f"unknown suite {name}")
 
 
@@ -177,12 +177,12 @@ def scaling_table(experiments, args, out):
     pattern's bytes take at the link rate, medians over the repeats. The patterns, per direction through the
     busiest node link: the ring (DDP, --sync overlap) 2(N-1)/N x gradients; the sharded PS 2(N-1)/N x state, both
     directions at once; the single server a star, (N-1) x state in (push) and then (N-1) x state out (pull), one
-    after the other, so twice their time."""
+    after the other, so twice their time (with --comm collective, gloo's reduce and broadcast need not be a star:
+    the measured bytes say what they moved)."""
     rate = None
-    lines = ["| method | N | img/s | comm overhead (ms) | busiest link (MB/step) | pattern's bytes (MB/dir) "
-             "| busiest / pattern | pattern at link rate (ms) | overhead / pattern time "
-             "| measured bytes' link time (ms) |",
-             "|---|" + "---:|" * 9]
+    lines = ["| method | N | img/s | comm overhead (ms) | busiest link sent / received (MB/step) "
+             "| pattern (MB each way) | busiest / pattern | pattern at link rate (ms) | overhead / pattern time "
+             "| measured bytes at link rate (ms) |", "|---|" + "---:|" * 9]
     for i, (label, _, _) in enumerate(experiments):
         n, cells = args.nodes_of[label], {}
         for repeat in range(args.repeats):
@@ -196,12 +196,14 @@ def scaling_table(experiments, args, out):
             else:
                 pattern, directions = 2 * (n - 1) / n * x.wire_bytes, 1
             for key, value in (("thr", r.throughput), ("ov", y and y.overhead), ("busiest", f.busiest),
+                               ("sent", f.sent), ("received", f.received),
                                ("pattern", pattern), ("time", directions * pattern * 8 / rate),
                                ("measured", f.link_time)):
                 cells.setdefault(key, []).append(value)
         m = {k: statistics.median(v) for k, v in cells.items() if None not in v}
-        lines.append(f"| {label.rsplit(', N=', 1)[0]} | {n} | {m['thr']:.1f} | {1e3 * m['ov']:.0f} | "
-                     f"{m['busiest'] / 1e6:.1f} | {m['pattern'] / 1e6:.1f} | {m['busiest'] / m['pattern']:.2f}x | "
+        lines.append(f"| {label.rsplit(' N=', 1)[0]} | {n} | {m['thr']:.1f} | {1e3 * m['ov']:.0f} | "
+                     f"{m['sent'] / 1e6:.1f} / {m['received'] / 1e6:.1f} | {m['pattern'] / 1e6:.1f} | "
+                     f"{m['busiest'] / m['pattern']:.2f}x | "
                      f"{1e3 * m['time']:.0f} | {m['ov'] / m['time']:.2f}x | {1e3 * m['measured']:.0f} |")
     return "\n".join(lines)
 
