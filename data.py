@@ -297,7 +297,8 @@ def _loader(dataset, sampler, args, ctx, drop_last=False):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(args.seed))  # its workers' seeds: not drawn from the training RNG
 
 
 def to_device(images, targets, ctx, args):

@@ -435,15 +435,38 @@ class Tracer:
             activities = [torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if self.cuda else [])
             self.profiler = torch.profiler.profile(activities=activities)
-            self.profiler.start()
+            with self._quiet():
+                self.profiler.start()
         elif step == self.last and self.profiler is not None and self.summary is None:
-            self.profiler.stop()
+            with self._quiet():
+                self.profiler.stop()
             self.profiler.export_chrome_trace(str(self.path))
             self.summary = {"trace": str(self.path), "steps": self.last - self.first, **trace_overlap(self.path)}
             print(f"profile: {self.summary['steps']} steps traced to {self.path}: "
                   f"{1e3 * self.summary['comm_time']:.1f} ms of communication "
                   f"({self.summary['comm_source']}), {100 * self.summary['overlap_share']:.0f}% of it overlapping "
                   f"compute", flush=True)
+
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        """On a CPU, the profiler's native library (a CUDA build's) prints its start and stop markers and
+        "ERROR: ... gpuGetDeviceCount failed", which is not an error there: its output is dropped around them."""
+        if self.cuda:
+            yield
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(fd) for fd in (1, 2)]
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                os.dup2(null.fileno(), fd)
+            try:
+                yield
+            finally:
+                for fd, copy in zip((1, 2), saved):
+                    os.dup2(copy, fd)
+                    os.close(copy)
 
 
 def trace_overlap(path):

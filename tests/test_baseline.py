@@ -50,7 +50,12 @@ def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
     assert "communication overhead:" in proc.stdout
     for e in data["epochs"]:
         assert e["scaling_efficiency"] == pytest.approx(e["train_throughput"] / (2 * 64 / overhead["local_step_time"]))
-        assert set(e["phase_times"]) == {"data", "compute", "update"} and e["lrs"] == [0.01] * 2
+        # compute ends with this rank's last gradient; sync is backward's wait for DDP's all-reduce after it
+        assert set(e["phase_times"]) == {"data", "compute", "sync", "update"} and e["lrs"] == [0.01] * 2
+        assert e["rank_compute"]["ranks"] == [0, 1] and len(e["rank_compute"]["compute"]) == 2
+        assert e["rank_compute"]["median"] == pytest.approx(e["phase_times"]["compute"])  # mean of 2 = median
+        assert set(e["ddp_logging"]) >= {"avg_backward_comm_time", "avg_backward_compute_comm_overlap_time"}
+        assert e["step_time_stdev"] >= 0
     assert data["summary"]["scaling_efficiency"] == pytest.approx(
         sum(e["scaling_efficiency"] for e in data["epochs"]) / 2)
     assert data["summary"]["best_val_accuracy"] == max(e["val_accuracy"] for e in data["epochs"])
@@ -267,3 +272,32 @@ def test_one_bucket_at_a_time_starts_a_bucket_only_after_the_previous_one_finish
     second.join(timeout=5)
     assert started == [0, 1] and not second.is_alive()
 
+
+
+# --------------------------------------------------------------------------- what a new user meets
+def test_a_resume_of_another_run_leaves_the_results_as_they_were_and_a_new_run_keeps_the_old_one(tmp_path,
+                                                                                                   tiny_data):
+    out = tmp_path / "r.json"
+    args = [*FAST_ARGS, "--data-dir", tiny_data, "--max-steps", "2", "--output", out]
+    first = run_python("baseline_multi_card.py", *args, "--resume", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "notice: no --weights for --arch resnet18: starting from random init" in first.stdout
+    before = out.read_bytes()
+    wrong = run_python("baseline_multi_card.py", *args, "--resume", "--arch", "resnet34", cwd=tmp_path)
+    line = one_error_line(wrong, code=2)
+    assert "--arch resnet18 there, resnet34 here" in line and "results file was left as it was" in line
+    assert out.read_bytes() == before  # not even marked incomplete
+    again = run_python("baseline_multi_card.py", *args, cwd=tmp_path)  # a new run into the same file
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept, = (tmp_path / "previous").iterdir()
+    assert kept.read_bytes() == before and f"moved it to {kept}" in again.stdout
+    assert json.loads(out.read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("script,modes", [("all_reduce_train.py", ["one all-reduce per gradient tensor after backward"]),
+                                          ("ps_train.py", ["the guide's original: one dist.send"])])
+def test_help_shows_the_docstring_and_no_empty_defaults(script, modes):
+    out = run_python(script, "--help").stdout
+    assert all(m in out for m in modes) and "torchrun --nproc_per_node=4" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "--checkpoint-every STEPS" in out and "results_<method>[_<variant>].json" in out

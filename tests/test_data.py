@@ -176,3 +176,38 @@ def test_distributed_eval_is_exact_when_the_sampler_would_pad(sharded_eval, worl
 def test_shard_sampler_covers_each_index_once():
     shards = [list(data.ShardSampler(10, 4, r)) for r in range(4)]
     assert sorted(i for s in shards for i in s) == list(range(10)) and [len(s) for s in shards] == [3, 3, 2, 2]
+
+
+def _batches(root, workers, start=0, epoch=3):
+    ds = data.open_data(_args(data_dir=str(root), batch_size=4, workers=workers), _ctx(), 1)
+    loader = data.train_loader(ds, _args(batch_size=4, workers=workers, seed=7), _ctx(), 2, 1)
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = start * 4
+    return [images for images, _ in loader]
+
+
+def test_an_epoch_sees_the_same_images_with_any_workers_and_from_any_step(twenty):
+    """Each sample's augmentation has its own seed (run, epoch, index): the images do not depend on which
+    DataLoader worker loads them, nor on where the epoch starts (a restart mid-epoch), nor on the caller's RNG."""
+    torch.manual_seed(1)
+    plain = _batches(twenty, workers=0)
+    before = torch.get_rng_state()
+    assert all(torch.equal(a, b) for a, b in zip(plain, _batches(twenty, workers=2)))
+    assert torch.equal(before, torch.get_rng_state())  # the caller's RNG is left as it was
+    tail = _batches(twenty, workers=0, start=1)
+    assert len(tail) == len(plain) - 1 and all(torch.equal(a, b) for a, b in zip(plain[1:], tail))
+    assert not torch.equal(plain[0], _batches(twenty, workers=0, epoch=4)[0])  # another epoch, other images
+
+
+def _synthetic_notice(rank, world_size):
+    import contextlib
+    import io
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        data.open_data(_args(synthetic=True), _ctx(), 1)
+    return text.getvalue()
+
+
+def test_a_synthetic_run_says_it_trains_on_random_batches():
+    text, = run_in_group(_synthetic_notice, 1)
+    assert "--synthetic: random batches" in text and "using the built-in sample dataset" not in text

@@ -108,7 +108,7 @@ def _checkpoints(rank, world_size, root, plans):
         ctx = _ctx(rank, world_size)
         args = _args(resume=True, output=str(folder / "r.json"))
         sign = checkpoint.signature(args, ctx, INFO, _method(world_size, comm="p2p"))
-        ckpts = checkpoint.Checkpoints(args, ctx, sign, owner=rank, writer=0)
+        ckpts = checkpoint.Checkpoints(args, ctx, sign, owner=rank, writer=0, load=True, save=True)
         for step in (5, 10, 20):
             counter = Counter()
             counter.n = step + rank
@@ -124,13 +124,13 @@ def _checkpoints(rank, world_size, root, plans):
                 part.write_bytes(part.read_bytes()[:-1] + b"x")
         torch.distributed.barrier()
         try:
-            part, state, saved = ckpts.load()
+            part = ckpts.load()
         except Exception as e:  # noqa: BLE001 - the test looks at what was raised
             out[plan] = type(e).__name__, str(e)
             continue
         restored = Counter()
-        restored.load_state_dict(state["c"])
-        out[plan] = part["epoch"], restored.n, saved
+        restored.load_state_dict(part["state"]["c"])
+        out[plan] = part["epoch"], restored.n, part["results"]
     return out
 
 
@@ -153,10 +153,11 @@ def test_a_checkpoint_of_another_run_is_refused_naming_both_values(tmp_path):
     args = _args(resume=True, output=str(tmp_path / "r.json"), arch="resnet34")
     (folder / "run.json").write_text(json.dumps(checkpoint.signature(_args(arch="resnet18"), _ctx(), INFO,
                                                                       _method(1))))
-    ckpts = checkpoint.Checkpoints(args, _ctx(), checkpoint.signature(args, _ctx(), INFO, _method(1)), 0, 0)
+    ckpts = checkpoint.Checkpoints(args, _ctx(), checkpoint.signature(args, _ctx(), INFO, _method(1)), 0, 0, True, True)
     with pytest.raises(Exception, match="--arch resnet18 there, resnet34 here"):
         ckpts.check()
-    other = checkpoint.Checkpoints(args, _ctx(), checkpoint.signature(args, _ctx(), INFO, _method(1, comm="x")), 0, 0)
+    other = checkpoint.Checkpoints(args, _ctx(), checkpoint.signature(args, _ctx(), INFO, _method(1, comm="x")), 0, 0,
+                                   True, True)
     with pytest.raises(Exception, match="--comm p2p there, x here"):
         other.check()
 
@@ -185,3 +186,33 @@ def test_overhead_line_says_what_one_process_measures_and_when_the_hidden_share_
     clear = {**noisy, "blocking_overhead": 0.2, "blocking_overhead_min": 0.19, "blocking_overhead_max": 0.21,
              "hidden_share": 0.9}
     assert "90% is hidden behind backward" in driver.overhead_line(clear, 2)
+
+
+@pytest.mark.parametrize("change,named", [(dict(arch="resnet34"), "--arch resnet18 there, resnet34 here"),
+                                          (dict(batch_size=8), "--batch-size 4 there, 8 here"),
+                                          (dict(seed=1), "--seed 0 there, 1 here")])
+def test_every_setting_of_the_signature_is_checked(tmp_path, change, named):
+    base = dict(resume=True, output=str(tmp_path / "r.json"), arch="resnet18", batch_size=4, seed=0)
+    folder = tmp_path / "r.ckpt"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps(checkpoint.signature(_args(**base), _ctx(), INFO, _method(1))))
+    args = _args(**{**base, **change})
+    with pytest.raises(Exception, match=named):
+        checkpoint.Checkpoints(args, _ctx(), checkpoint.signature(args, _ctx(), INFO, _method(1)), 0, 0, True,
+                               True).check()
+
+
+def test_the_data_and_the_processes_are_part_of_the_signature():
+    import dataclasses
+    sign = checkpoint.signature(_args(), _ctx(0, 2), INFO, _method(2))
+    other = checkpoint.signature(_args(), _ctx(0, 4), dataclasses.replace(INFO, num_classes=1000, root="/imagenet"),
+                                 _method(4))
+    assert {k for k in sign if sign[k] != other[k]} == {"processes", "dataset", "classes"}
+
+
+def test_a_fresh_run_does_not_write_over_an_earlier_runs_checkpoints(tmp_path):
+    (tmp_path / "r.ckpt").mkdir()
+    (tmp_path / "r.ckpt" / "latest").write_text("step00000010")
+    args = _args(output=str(tmp_path / "r.json"), checkpoint_every=5)
+    with pytest.raises(Exception, match="holds the checkpoints of an earlier run .add --resume"):
+        checkpoint.Checkpoints(args, _ctx(), {}, 0, 0, load=False, save=True).check()

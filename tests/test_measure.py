@@ -2,6 +2,7 @@
 what it claims: a known delay injected into every communication call raises each method's overhead by that
 much, one process has about none, and the measurement leaves the training state exactly as it was."""
 import copy
+import statistics
 import sys
 import time
 
@@ -241,3 +242,45 @@ def test_profile_writes_a_trace_and_its_summary(tmp_path, script, nproc):
     assert any(e.get("name", "").startswith("gloo:") for e in trace["traceEvents"])
     assert profile["comm_time"] > 0 and 0.0 <= profile["overlap_share"] <= 1.0
     assert "% of it overlapping compute" in proc.stdout
+    assert "gpuGetDeviceCount" not in proc.stdout + proc.stderr and "USDT" not in proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- the slow rank named
+def _run_ddp(tmp_path, name, slow_rank=None):
+    """DDP on 3 processes, 30 steps of --synthetic batches; `slow_rank` is slowed from outside as a busy neighbour
+    would slow it: stopped (SIGSTOP) for 60 ms of every 90 ms while it runs, so it gets a third of the time."""
+    import json
+    import os
+    import signal
+    import threading
+    from dist_helpers import FAST_ARGS, killed_at_exit, rank_pids, start_script, wait_until
+    out = tmp_path / f"{name}.json"
+    agent = start_script("baseline_multi_card.py", *FAST_ARGS, "--batch-size", "2", "--max-steps", "30",
+                         "--synthetic", "--output", out, nproc=3, cwd=tmp_path)
+    with killed_at_exit(agent):
+        if slow_rank is not None:
+            wait_until(agent, lambda: slow_rank in rank_pids(agent), "the ranks")
+            pid = rank_pids(agent)[slow_rank][0]
+
+            def throttle():
+                while agent.poll() is None:
+                    for sig, pause in ((signal.SIGSTOP, 0.06), (signal.SIGCONT, 0.03)):
+                        try:
+                            os.kill(pid, sig)
+                        except ProcessLookupError:
+                            return
+                        time.sleep(pause)
+            threading.Thread(target=throttle, daemon=True).start()
+        _, err = agent.communicate(timeout=300)
+    assert agent.returncode == 0, err[-3000:]
+    return json.loads(out.read_text())["epochs"][0]["rank_compute"], err
+
+
+def test_a_rank_slowed_on_purpose_is_named_and_none_is_without(tmp_path):
+    plain, _ = _run_ddp(tmp_path, "plain")
+    assert plain["ranks"] == [0, 1, 2] and plain["straggler"] is None, plain
+    slowed, _ = _run_ddp(tmp_path, "slowed", slow_rank=2)
+    straggler = slowed["straggler"]
+    assert straggler is not None and straggler["rank"] == 2 and straggler["ratio"] > 1.3, slowed
+    others = [c for r, c in zip(slowed["ranks"], slowed["compute"]) if r != 2]
+    assert straggler["cost_per_step"] == pytest.approx(straggler["compute"] - statistics.median(others))
