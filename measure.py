@@ -289,8 +289,8 @@ def evaluate(model, loader, ctx, args, group=None):
 OVERHEAD_DEFINITION = (
     "overhead: the method's training step minus the same step with no communication at all (forward, backward "
     "and optimizer update on every trainer at once), on one fixed batch before epoch 1, in --overhead-pairs "
-    "pairs after an untimed warm-up of each kind, the order alternating (ABBA), a barrier before each step; "
-    "per trainer the median over pairs (min and max beside it), then the mean over trainers (and the max). "
+    "pairs after an untimed warm-up of each kind, the order alternating (ABBA), a barrier before each run of one "
+    "kind, whose steps follow each other as in training; per trainer the median over pairs (min and max beside it), then the mean over trainers (and the max). "
     "share = overhead / step; scaling efficiency = throughput / (trainers x batch / local step). blocking: the "
     "same buckets synchronized after backward, so hidden_share = 1 - overhead / blocking overhead. Seconds.")
 
