@@ -134,9 +134,9 @@ def make_parser(doc, default_output=None):
                    help="write a checkpoint after every epoch (<output stem>.ckpt/, visible to every node) and, "
                         "when one exists, continue from it and its results file instead of starting over")
     p.add_argument("--checkpoint-every", type=non_negative(int), default=0, metavar="STEPS",
-                   help="also write a checkpoint every STEPS training steps (0: after each epoch only). Checkpoints "
-                        "are written with --resume, with this flag, or under torchrun --max-restarts, whose "
-                        "restarted processes continue from the latest one by themselves")
+                   help="write a checkpoint every STEPS training steps (counted over the whole run) instead of "
+                        "after each epoch. Checkpoints are written with --resume, with this flag, or under torchrun "
+                        "--max-restarts, whose restarted processes continue from the latest one by themselves")
     return p
 
 

@@ -134,12 +134,12 @@ def train(args, ctx, ds, method):
                 record["scaling_efficiency"] = record["train_throughput"] / (
                     len(method.trainers) * args.batch_size / overhead["local_step_time"])
             results.add_epoch(record)
-        if ckpt.saving:
+        if ckpt.saving and (not args.checkpoint_every or epoch * info.steps % args.checkpoint_every == 0):
             cost["seconds"] += ckpt.save(epoch * info.steps, _part(method, ctx, epoch, 0, None, results, writer))
             cost["count"] += 1
-            if ctx.rank == writer:
-                results.data["epochs"][-1].update(checkpoint_time=cost["seconds"], checkpoints=cost["count"])
-                results.save()
+        if ckpt.saving and ctx.rank == writer:
+            results.data["epochs"][-1].update(checkpoint_time=cost["seconds"], checkpoints=cost["count"])
+            results.save()
         if trains:
             log(ctx, epoch_line(record), rank=writer)
             warn_if_data_bound(ctx, record, rank=writer)
