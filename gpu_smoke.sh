@@ -64,7 +64,12 @@ for DTYPE in ${DTYPES:-bf16 fp16}; do
   if [ "$NPROC" -ge 2 ]; then
     for comm in $PS_COMMS; do
       profile=(); [ "$comm" = collective ] && profile=(--profile 5)
+      if [ "$comm" = p2p ]; then  # p2p sends each tensor as it is: contiguous ones only (no --channels-last)
+        all=("${ARGS[@]}") ARGS=()
+        for a in "${all[@]}"; do [ "$a" = --channels-last ] || ARGS+=("$a"); done
+      fi
       run "PS --comm $comm" ps_train.py "$NPROC" --comm "$comm" "${profile[@]}" --output "$OUT/results_ps_$comm.json"
+      [ "$comm" != p2p ] || ARGS=("${all[@]}")
     done
     if [ "$DTYPE" = bf16 ]; then
       run "PS --servers all" ps_train.py "$NPROC" --servers all --output "$OUT/results_ps_sharded.json"
