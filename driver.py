@@ -168,6 +168,8 @@ def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, write
         if ckpt.saving and ctx.rank == writer and done % args.log_every == 0:
             ckpt.mark_progress(step)
         if args.checkpoint_every and step % args.checkpoint_every == 0:
+            if method.flush:  # a pipelined step's exchange ends first: the checkpoint holds every update of it
+                method.flush()
             state = dataclasses.asdict(snapshot()) if snapshot else None
             cost["seconds"] += ckpt.save(step, _part(method, ctx, epoch - 1, done, state, results, writer))
             cost["count"] += 1
