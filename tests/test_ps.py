@@ -14,7 +14,13 @@ import ps_train
 from dist_helpers import FAST_ARGS, error_lines, run_in_group, run_python, run_script
 
 STEPS = 3
-COMMS = ("p2p", "collective", "overlap")
+SERVER_RANK = ps_train.SERVER
+COMMS = ("p2p", "collective", "overlap", "pipelined")
+
+
+def _comms(extra):
+    """The transports a case runs with: pipelined updates partition by partition and refuses fp16's scaler."""
+    return [c for c in COMMS if not (c == "pipelined" and "fp16" in extra)]
 
 
 def _mlp():
@@ -44,29 +50,47 @@ def _args(*extra):
     return ps_train.parse_args(["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.01", *extra])
 
 
+class _Issued:
+    """Records the point-to-point operations a rank issues on the pipelined transport's group, in issue order."""
+
+    def __init__(self, monkeypatch_dist):
+        self.log, self.dist = [], monkeypatch_dist
+        self.isend, self.irecv = monkeypatch_dist.isend, monkeypatch_dist.irecv
+        monkeypatch_dist.isend = lambda t, dst, group=None, tag=0: self._issue("send", dst, tag, self.isend, t, group)
+        monkeypatch_dist.irecv = lambda t, src, group=None, tag=0: self._issue("recv", src, tag, self.irecv, t, group)
+
+    def _issue(self, kind, peer, tag, call, tensor, group):
+        self.log.append((kind, peer, tag))
+        return call(tensor, peer, group=group, tag=tag)
+
+    def undo(self):
+        self.dist.isend, self.dist.irecv = self.isend, self.irecv
+
+
 def _ps_run(rank, world_size, net, comm, extra, poison):
     """STEPS steps of the PS algorithm as ps_train runs them; returns this rank's parameters and buffers.
     `comm` "sharded-<comm>": every rank trains (as worker rank + 1 of the reference) and owns a shard."""
+    import torch.distributed as dist
     make, shape = NETS[net]
     args = _args(*extra)
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
     sharded = comm.startswith("sharded-")
-    owners = ps_train.shard_owners(list(model.parameters()), world_size) if sharded else None
-    # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised).
-    layout = ps_train.Layout(model, bucket_mb=0.0005, owner_of=owners)
+    comm = comm.replace("sharded-", "")
+    # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised); pipelined
+    # merges a small partition with the next tensor, so its partitions need a smaller size for as many.
+    layout = ps_train.make_layout(comm, model, 0.0002 if comm == "pipelined" else 0.0005, world_size, sharded)
     assert len(layout.pull) > 2 and len(layout.push) > 2
     trainers = range(world_size) if sharded else range(1, world_size)
-    transport = ps_train.make_transport(comm.replace("sharded-", ""), layout, model, rank, trainers)
     scaler = common.make_scaler(args, ctx)
     owned = layout.owned_params(rank)
     optimizer = common.make_optimizer(args, owned) if owned else None
+    issued = _Issued(dist) if comm == "pipelined" else None
+    transport = ps_train.make_transport(comm, layout, model, rank, trainers, optimizer)
     if sharded:
         assert {layout.owner[id(p)] for p in model.parameters()} == set(range(world_size))  # every rank serves
-    if rank == 0 and not sharded:
-        for _ in range(STEPS):
-            ps_train.server_step(transport, optimizer, scaler, args.lr, measure.NoClock())
-        ps_train.serve(transport, scaler)  # the final pull, as before validation
+    if rank == 0 and not sharded:  # its epoch ends with the trainers' final pull
+        transport.serve_epoch(optimizer, scaler, lambda step: args.lr, STEPS, 0, measure.StepClock(ctx.device))
         scales = scaler.get_scale()
     else:
         step = ps_train.make_worker_step(model, transport, args, ctx, optimizer if sharded else None, scaler)
@@ -76,13 +100,15 @@ def _ps_run(rank, world_size, net, comm, extra, poison):
             images, targets = _batch(rank + sharded, i, shape, poison)
             step(images, targets, clock, args.lr)
             assert {"pull", "compute", "push"} <= {name for name, _ in clock.steps[-1]}
-        transport.pull()  # the workers fetch the final update, as before validation
-        transport.finish_pull()
+        transport.end_epoch(scaler)  # the workers fetch the final update, as before validation
         scales = None
+    if issued:
+        issued.undo()
     # On every rank, gradients are views of the push buckets (backward writes straight into what is pushed).
     views = all(p.grad.untyped_storage().data_ptr() == b.flat.untyped_storage().data_ptr()
-                and p.grad.stride() == p.stride() for b in layout.grad_buckets for p in b.tensors)
-    return _arrays(model), scales, views
+                and p.grad.stride() == p.stride() for b in layout.grad_buckets for p in b.tensors[:b.grads])
+    order = issued and (issued.log, [b.owner for b in layout.push])
+    return _arrays(model), scales, views, order
 
 
 def _reference(world_size, net, extra, poison):
@@ -126,7 +152,7 @@ def _all_modes(rank, world_size, cases, sharded=False):
     out = {}
     for name, (net, extra, poison) in cases.items():
         runs = {comm: _ps_run(rank, world_size, net, ("sharded-" if sharded else "") + comm, extra, poison)
-                for comm in COMMS}
+                for comm in _comms(extra)}
         out[name] = runs, _reference(world_size + sharded, net, extra, poison) if rank == 0 else None
     return out
 
@@ -145,17 +171,32 @@ def three():
 def _check_exact(ranks, case, sharded=False):
     ranks = [r[case] for r in ranks]
     (reference, ref_scale) = ranks[0][1]
-    for comm in COMMS:
+    for comm in ranks[0][0]:
         assert sharded or ranks[0][0][comm][1] == ref_scale, comm
         for rank, (runs, _) in enumerate(ranks):
-            tensors, _, views = runs[comm]
+            tensors, _, views, _ = runs[comm]
             assert views, f"--comm {comm}, rank {rank}: a gradient is not a view of its push bucket"
             for i, (got, want) in enumerate(zip(tensors, reference)):
                 assert np.array_equal(got, want), f"--comm {comm}, rank {rank}, tensor {i}: differs from the reference"
     return ranks, reference
 
 
-def test_p2p_collective_overlap_equal_single_process_sgd(three):
+def _check_issue_order(ranks, case, sharded):
+    """pipelined: each pair of ranks issues its matching sends and receives in the same order (NCCL matches them by
+    order); every rank issues, each step, the pushes in partition order, then the pulls in reverse."""
+    logs = [r[case][0]["pipelined"][3][0] for r in ranks]
+    n = len(ranks[0][case][0]["pipelined"][3][1])
+    for a, log_a in enumerate(logs):
+        for b, log_b in enumerate(logs):
+            sent = [tag for kind, peer, tag in log_a if kind == "send" and peer == b]
+            assert sent == [tag for kind, peer, tag in log_b if kind == "recv" and peer == a], (a, b)
+            assert bool(sent) == (a != b and (sharded or SERVER_RANK in (a, b))), (a, b)  # one server: a star
+        tags = [tag for _, _, tag in log_a]
+        steps = [t for i, t in enumerate(tags) if i == 0 or t != tags[i - 1]]  # an owner's messages to each peer
+        assert steps == STEPS * [*range(n), *(n + p for p in reversed(range(n)))], a
+
+
+def test_every_transport_equals_single_process_sgd(three):
     ranks, reference = _check_exact(three, "mlp")
     initial = [t.detach().numpy() for t in _mlp().parameters()]
     assert not any(np.array_equal(a, b) for a, b in zip(initial, reference))  # training moved every tensor
@@ -166,6 +207,7 @@ def test_batchnorm_buffers_identical_on_every_worker(three):
     # running_mean / running_var / num_batches_tracked of both BatchNorms: averaged, then served back
     buffers = reference[-6:]
     assert buffers[2] == STEPS and not np.array_equal(buffers[0], np.zeros(6))
+    _check_issue_order(three, "bn", sharded=False)
     for comm in COMMS:
         worker1, worker2 = ranks[1][0][comm][0], ranks[2][0][comm][0]
         assert all(np.array_equal(a, b) for a, b in zip(worker1[-6:], worker2[-6:])), comm
@@ -178,18 +220,20 @@ def test_one_worker():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_servers_equal_single_process_sgd(world_size):
     """--servers all: every rank trains and owns a shard (optimizer state with it), BatchNorm buffers included;
-    the same SGD on the averaged gradient, exactly, for every transport."""
+    the same SGD on the averaged gradient, exactly, for every transport (pipelined: partition by partition, each
+    updated by its owner inside the exchange)."""
     ranks = run_in_group(_all_modes, world_size, {"bn": CASES["bn"]}, True)
     reference = ranks[0]["bn"][1][0]
     for comm in COMMS:
         for rank, r in enumerate(ranks):  # every rank ends with the same model, and it is the reference's
-            tensors, _, views = r["bn"][0][comm]
+            tensors, _, views, _ = r["bn"][0][comm]
             assert views, (comm, rank)
-            if comm == "p2p" or world_size == 2:  # p2p sums in the trainers' order, as the reference does
+            if comm in ("p2p", "pipelined") or world_size == 2:  # these sum in the trainers' order, as the reference
                 assert all(np.array_equal(a, b) for a, b in zip(tensors, reference)), (comm, rank)
             else:  # gloo's reduce adds three gradients in its own order: equal to float rounding
                 assert all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(tensors, reference)), (comm, rank)
             assert all(np.array_equal(a, b) for a, b in zip(tensors, ranks[0]["bn"][0][comm][0])), (comm, rank)
+    _check_issue_order(ranks, "bn", sharded=True)
 
 
 def _async_run(rank, world_size, net, serialize):
@@ -257,6 +301,57 @@ def test_async_applies_every_gradient_once_and_is_stale_only_when_workers_overla
             assert all(np.array_equal(a, b) for a, b in zip(ranks[0][0], reference))
 
 
+HOLD = 2.0  # seconds worker 2 holds its gradients back after its PUSH ticket
+
+
+def _duplex_run(rank, world_size):
+    """Worker 2 sends its PUSH ticket, then holds its gradients back for HOLD seconds: the server waits for them. Worker
+    1 pulls meanwhile (its first pull), then pushes. Returns the server's staleness and version; worker 1: how long
+    its pull took."""
+    import time
+    import torch.distributed as dist
+    make, shape = NETS["mlp"]
+    args = _args("--mode", "async")
+    ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
+    model = make()
+    layout = ps_train.Layout(model, bucket_mb=0.0005)
+    comm = ps_train.Async(layout, rank, world_size - 1)
+    side = dist.new_group([1, 2])  # every rank must call new_group
+    if rank == 0:
+        optimizer = common.make_optimizer(args, model.parameters())
+        return comm.serve(2, optimizer, lambda i: args.lr, measure.NoClock()), comm.version
+    if rank == 2:
+        ticket = comm._ticket
+
+        def held(kind):
+            ticket(kind)
+            if kind == ps_train.PUSH:
+                dist.send(torch.zeros(1), dst=1, group=side)
+                time.sleep(HOLD)
+
+        comm._ticket = held
+        ps_train.make_worker_step(model, comm, args, ctx)(*_batch(rank, 0, shape), measure.NoClock())
+        return None
+    dist.recv(torch.zeros(1), src=2, group=side)
+    time.sleep(0.2)  # the server is inside its receive of worker 2's gradients
+    start = time.perf_counter()
+    comm.pull()
+    seconds = time.perf_counter() - start
+    comm.layout.zero_grad()
+    images, targets = _batch(rank, 0, shape)
+    nn.CrossEntropyLoss()(model(images), targets).backward()
+    comm.push()
+    return seconds
+
+
+def test_async_server_sends_a_pull_while_it_receives_a_push():
+    """Full duplex: a pull is answered while another worker's push is still arriving, with the state as it was
+    (the push not yet whole, so not in it: that pull's gradient is then one update stale)."""
+    (staleness, version), seconds, _ = run_in_group(_duplex_run, 3)
+    assert seconds < HOLD / 2, seconds  # one at a time, it would have waited for worker 2's gradients
+    assert staleness == [0, 1] and version == 2
+
+
 def test_fp16_scaler_skips_an_inf_step_like_gradscaler(three):
     ranks, _ = _check_exact(three, "fp16")
     assert ranks[0][0]["collective"][1] == 65536.0 / 2
@@ -268,13 +363,18 @@ def test_default_outputs_and_flags(capsys):
     assert ps_train.parse_args(["--servers", "all", "--comm", "p2p"]).output == "results_ps_p2p_sharded.json"
     assert ps_train.parse_args(["--mode", "async"]).output == "results_ps_async.json"
     for bad in (["--mode", "async", "--comm", "p2p"], ["--mode", "async", "--servers", "all"],
-                ["--servers", "all", "--amp", "--amp-dtype", "fp16"]):
+                ["--servers", "all", "--amp", "--amp-dtype", "fp16"], ["--comm", "pipelined", "--amp", "--amp-dtype",
+                                                                      "fp16"]):
         with pytest.raises(SystemExit):
             ps_train.parse_args(bad)
         assert capsys.readouterr().err.count("error: ") == 1
     assert ps_train.parse_args(["--comm", "p2p"]).output == "results_ps_p2p.json"
     assert ps_train.parse_args(["--comm", "overlap", "--output", "x.json"]).output == "x.json"
     assert ps_train.parse_args(["--comm", "overlap"]).bucket_mb == 25.0
+    assert ps_train.parse_args(["--comm", "pipelined"]).bucket_mb == ps_train.PARTITION_MB
+    assert ps_train.parse_args(["--comm", "pipelined", "--bucket-mb", "2"]).bucket_mb == 2.0
+    assert ps_train.parse_args(["--servers", "all", "--comm", "pipelined"]).output == \
+        "results_ps_pipelined_sharded.json"
     assert ps_train.parse_args(["--channels-last"]).channels_last
     with pytest.raises(SystemExit):
         ps_train.parse_args(["--comm", "p2p", "--channels-last"])
@@ -326,9 +426,11 @@ def test_end_to_end_three_processes(tmp_path):
     assert proc.stdout.count("communication overhead:") == 1
 
 
-@pytest.mark.parametrize("variant,nproc", [(["--servers", "all"], 2), (["--mode", "async"], 3)],
-                         ids=["sharded", "async"])
-def test_end_to_end_sharded_and_async(tmp_path, variant, nproc):
+@pytest.mark.parametrize("variant,nproc", [(["--servers", "all"], 2), (["--mode", "async"], 3),
+                                           (["--servers", "all", "--comm", "pipelined"], 3),
+                                           (["--comm", "pipelined"], 3)],
+                         ids=["sharded", "async", "sharded-pipelined", "pipelined"])
+def test_end_to_end_sharded_async_and_pipelined(tmp_path, variant, nproc):
     out = tmp_path / "ps.json"
     proc = run_script("ps_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs", "1",
                       *variant, "--output", out, nproc=nproc, cwd=tmp_path, timeout=300)
@@ -337,10 +439,20 @@ def test_end_to_end_sharded_and_async(tmp_path, variant, nproc):
     assert data["status"] == "complete" and len(data["epochs"]) == 2 and data["comm_overhead"]["pairs"] == 1
     epoch = data["epochs"][-1]
     assert 0 <= epoch["val_accuracy"] <= 100 and set(epoch["phase_times"]) >= {"pull", "compute", "push"}
-    if variant[0] == "--servers":  # every rank trains: 2 trainers, no server clocks
-        assert data["servers"] == "all" and data["trainers"] == 2 and epoch["images_trained"] == 2 * 3 * 4
-        assert "update" in epoch["phase_times"] and "avg_server_update_time" not in epoch
+    if "pipelined" in variant:  # the exchange overlaps forward and backward: its blocking twin measured beside it
+        assert data["comm"] == "pipelined" and data["bucket_mb"] == ps_train.PARTITION_MB
+        assert "update" not in epoch["phase_times"]  # the owners update inside the exchange
+        overhead = data["comm_overhead"]
+        assert overhead["run_length"] == 2 and overhead["blocking_overhead"] is not None
+        assert "partitions of <= 4 MiB" in proc.stdout
+    if variant[0] == "--servers":  # every rank trains: no server clocks
+        assert data["servers"] == "all" and data["trainers"] == nproc and epoch["images_trained"] == nproc * 3 * 4
+        assert ("update" in epoch["phase_times"]) != ("pipelined" in variant) and "avg_server_update_time" not in epoch
         assert data["largest_shard_bytes"] < data["state_bytes"]
+        if "pipelined" in variant:  # whole partitions dealt out by bytes: every shard within 10% of a third
+            assert data["largest_shard_bytes"] < 1.1 / 3 * data["state_bytes"]
+    elif "pipelined" in variant:  # one server owns every partition: a star of the same messages
+        assert data["trainers"] == 2 and epoch["avg_server_update_time"] > 0 and len(epoch["lrs"]) == 3
     else:  # two workers, one server applying 2 x 3 gradients an epoch, each at most a few updates stale
         assert data["mode"] == "async" and data["trainers"] == 2 and epoch["images_trained"] == 2 * 3 * 4
         assert 0 <= epoch["staleness_mean"] <= epoch["staleness_max"] <= 5 and epoch["updates_per_second"] > 0
