@@ -14,8 +14,8 @@ from dist_helpers import FAST_ARGS, kill_tree, killed_at_exit, rank_pids, start_
 
 ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
 METHODS = [("baseline_multi_card.py", 2, []), ("all_reduce_train.py", 2, []), ("ps_train.py", 3, []),
-           ("ps_train.py", 2, ["--servers", "all"])]
-IDS = ["ddp", "all_reduce", "ps", "ps_sharded"]
+           ("ps_train.py", 2, ["--servers", "all"]), ("ps_train.py", 3, ["--servers", "all", "--comm", "pipelined"])]
+IDS = ["ddp", "all_reduce", "ps", "ps_sharded", "ps_sharded_pipelined"]
 
 
 def _start(script, nproc, out, data, *extra, restarts=0):
