@@ -475,11 +475,14 @@ class Overlap(Collective):
 
 class _Job:
     """One step's pipelined exchange on this rank: the partitions its backward has filled (and, on a GPU, the event
-    after each), each partition's pull once posted (a trainer's receive, or None on its owner) with the event after
-    its update, the partitions the training thread has taken in, whether every send has ended, the step's lr."""
+    after each); on an owner, each own partition's receives once posted and its update once made (True, or the
+    event after it on a GPU); each partition's pull once posted (a trainer's receive, or None on its owner) with
+    the event after its update; the partitions the training thread has taken in, whether every send has ended,
+    the step's lr and the seconds its updates took."""
 
     def __init__(self, count, lr, ready=False):
         self.lr, self.ready, self.events, self.filled = lr, [ready] * count, [None] * count, [0] * count
+        self.receives, self.updated, self.update_seconds = [None] * count, [None] * count, 0.0
         self.pulled, self.applied, self.finished = [None] * count, set(), False
 
 
@@ -515,9 +518,11 @@ class Pipelined(Transport):
     Rank-local timing (which partition a rank's backward filled first) only delays when a rank issues its part,
     never the order: there is nothing to agree on while running. A communication thread issues them, on a process
     group of its own (the training thread's collectives never interleave with them), waiting where the sequence
-    needs its own backward (before a push) or the pushes to a partition it owns (before that pull); on a GPU on a
-    stream of its own, ordered against the training stream by events only, never a host sync. A server that does
-    not train (one server) runs the same sequence in serve_step, with no thread.
+    needs its own backward (before a push) or the update of a partition it owns (before that pull). An owner's
+    updater thread sums, updates and packs each of its partitions as soon as its pushes are in (during backward,
+    for all but the last few), so the pulls find them ready. On a GPU both threads issue on one stream of their
+    own, ordered against the training stream by events only, never a host sync. A server that does not train
+    (one server) runs the same sequence in serve_step, with its updater beside it.
     """
     overlaps, updates_itself = True, True
 
@@ -529,7 +534,12 @@ class Pipelined(Transport):
         self.inbox = {p: [torch.empty_like(b.flat) for _ in self.peers(rank)]
                       for p, b in enumerate(layout.push) if b.owner == rank}  # the others' pushes to my partitions
         self.pending = self.job = None  # the exchange the next forward takes in; the one this step started
-        self.changed, self.jobs, self.error = threading.Condition(), queue.Queue(), None
+        self.changed, self.jobs, self.updates, self.error = threading.Condition(), queue.Queue(), queue.Queue(), None
+        self.owned = [p for p, b in enumerate(layout.push) if b.owner == rank]
+        # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.owned:
+            threading.Thread(target=self._run, args=(self.updates, self._update_owned), daemon=True).start()
         if not self.trains:
             return
         part_of = {id(t): i for i, b in enumerate(layout.pull) for t in b.tensors}
@@ -541,7 +551,7 @@ class Pipelined(Transport):
         self.push_of = {id(p): i for i, b in enumerate(layout.push) for p in b.tensors[:b.grads]}
         for p in layout.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
-        threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._run, args=(self.jobs, self._exchange), daemon=True).start()
 
     def blocking_twin(self):
         return self  # inactive, push() runs the whole exchange after backward
@@ -643,13 +653,15 @@ class Pipelined(Transport):
             work.wait()
             bucket.unpack()
 
-    # the communication thread (on a server that does not train: serve_step)
-    def _serve(self):
-        with _own_stream(self.device):
+    # the communication thread (on a server that does not train: serve_step) and the owner's updater
+    def _run(self, jobs, work):
+        if self.stream is not None:
+            torch.cuda.set_device(self.device)
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             while True:
-                job = self.jobs.get()
+                job = jobs.get()
                 try:
-                    self._exchange(job)
+                    work(job)
                 except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
                     with self.changed:
                         self.error = e
@@ -658,27 +670,28 @@ class Pipelined(Transport):
 
     @torch.no_grad()
     def _exchange(self, job, clock=None):
-        """This rank's part of the sequence (see the class): the step's pushes, then its pulls."""
+        """This rank's part of the sequence (see the class): the step's pushes, then its pulls. The updates of its
+        own partitions run beside it, in the updater, as soon as their pushes are in."""
         clock = clock or measure.NoClock()
-        sends, receives, peers = [], {}, self.peers(self.rank)
+        sends, peers = [], self.peers(self.rank)
+        if self.owned:
+            self.updates.put(job)
         for p, bucket in enumerate(self.layout.push):
             if bucket.owner == self.rank:
-                receives[p] = [dist.irecv(box, peer, group=self.group, tag=p) for box, peer in zip(self.inbox[p], peers)]
+                receives = [dist.irecv(box, peer, group=self.group, tag=p) for box, peer in zip(self.inbox[p], peers)]
+                with self.changed:
+                    job.receives[p] = receives
+                    self.changed.notify_all()
             elif self.trains:
                 self._ready_here(job, p)
                 sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
+        clock.mark("push")
         for p in reversed(range(self.count)):
             bucket, work, event = self.layout.pull[p], None, None
             if bucket.owner == self.rank:
-                if self.trains:
-                    self._ready_here(job, p)
-                for received in receives[p]:
-                    received.wait()
+                self._wait(lambda: job.updated[p] is not None)
+                event = None if job.updated[p] is True else job.updated[p]
                 clock.mark("push_wait")
-                self._update(job, p)
-                event = _record(self.device)  # the owner's next forward waits for it
-                clock.mark("update")
-                bucket.pack()
                 sends += [dist.isend(bucket.flat, peer, group=self.group, tag=self.count + p) for peer in peers]
                 clock.mark("serve")
             elif self.trains:
@@ -693,6 +706,25 @@ class Pipelined(Transport):
             job.finished = True
             self.changed.notify_all()
 
+    @torch.no_grad()
+    def _update_owned(self, job):
+        """The updater: each partition this rank owns, in the order its pushes arrive, summed, averaged, updated
+        and packed for its pull, so that the pull phase finds them ready (only the last one waits)."""
+        for p in self.owned:
+            self._wait(lambda: job.receives[p] is not None)
+            if self.trains:
+                self._ready_here(job, p)
+            for received in job.receives[p]:
+                received.wait()
+            start = time.perf_counter()
+            self._update(job, p)
+            self.layout.pull[p].pack()
+            job.update_seconds += time.perf_counter() - start
+            event = _record(self.device)  # the owner's next forward, and this partition's pull, wait for it
+            with self.changed:
+                job.updated[p] = True if event is None else event
+                self.changed.notify_all()
+
     def _ready_here(self, job, p):
         """Waits until this rank's backward has filled partition p, then packs its buffers behind the gradients."""
         self._wait(lambda: job.ready[p])
@@ -701,31 +733,38 @@ class Pipelined(Transport):
         self.layout.push[p].pack_buffers()
 
     def _update(self, job, p):
-        """The owner: the sum of the pushes in the trainers' order (its own at its place), the mean, the update."""
+        """The owner: the sum of the pushes in the trainers' order (its own at its place: the sum p2p and the
+        reference make, exactly), the mean, the update of that partition's parameters alone."""
         bucket, boxes = self.layout.push[p], iter(self.inbox[p])
-        own = bucket.flat.clone() if self.trains else None
-        bucket.flat.zero_()
-        for trainer in self.trainers:
-            bucket.flat.add_(own if trainer == self.rank else next(boxes))
+        terms = [bucket.flat if trainer == self.rank else next(boxes) for trainer in self.trainers]
+        total = terms[0]  # the first trainer's own buffer, or the received one (scratch until the next step)
+        for term in terms[1:]:
+            total.add_(term)
+        if total is not bucket.flat:
+            bucket.flat.copy_(total)
         bucket.flat.div_(len(self.trainers))
         bucket.unpack_buffers()
         sgd_step(self.optimizer, bucket.tensors[:bucket.grads], job.lr)
 
     # a server that does not train
     def serve_step(self, optimizer, scaler, lr, clock):
-        self._exchange(_Job(self.count, lr), clock)
+        job = _Job(self.count, lr)
+        self._exchange(job, clock)
+        return job
 
     def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
         """The single server's epoch: one exchange per step, each ending with the trainers' pulls (the epoch's
-        final pull is its last step's)."""
-        lrs = [lr_at(step) for step in range(steps)]
+        final pull is its last step's). Its update time is the updater's, its wait the rest until a pull."""
+        lrs, updates = [lr_at(step) for step in range(steps)], []
         for step in range(start, steps):
             clock.begin()
-            self.serve_step(optimizer, scaler, lrs[step], clock)
+            updates.append(self.serve_step(optimizer, scaler, lrs[step], clock).update_seconds)
             if after_step and step + 1 < steps:
                 after_step(step + 1)
         sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
-        return ServerStats(*(sums.get(k, 0.0) / timed for k in ("serve", "push_wait", "update")), lrs=lrs)
+        update = sum(updates[warmup:]) / timed
+        return ServerStats(sums.get("serve", 0.0) / timed, sums.get("push_wait", 0.0) / timed - update, update,
+                           lrs=lrs)
 
 
 def _own_stream(device):
