@@ -14,6 +14,9 @@ of the machine hits every method alike):
   hierarchical DDP, --sync overlap and --sync hierarchical: also each node link's bytes against the gradients'
   scaling      DDP, --sync overlap, the single-server PS (collective, and p2p: the star) and the sharded PS on
                --nodes 2 4 8 emulated nodes x 1 (SCALING: MobileNetV3-small, 100mbit links): the cost against N
+  ps           DDP, the sharded PS (collective, overlap, pipelined at each --partitions MiB) and the single server
+               pipelined: also each against the ideal bytes 2(N-1)/N x state through the busiest link and their time;
+               --before REF: every PS run also from git ref REF (the same flags; a --comm it lacks is skipped)
 Every number comes from the runs' results JSON, read with the analysis package's own functions: throughput,
 the communication overhead (the yardstick: median over its pairs; here also the median and the spread over the
 repeats), scaling efficiency, the bytes through the busiest link and the time they take at the link rate.
@@ -43,6 +46,7 @@ SCALING = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "32", 
 SCALING_RATE = "100mbit"
 SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
 PIPELINED_MB = 4  # --sync pipelined's partitions in its suite: small, so the next forward's first layers come first
+PARTITION_MB = 4  # ps_train --comm pipelined's default partition size (ps_train.PARTITION_MB)
 
 
 def suite(name, args):
@@ -69,6 +73,13 @@ def suite(name, args):
     if name == "hierarchical":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []),
                 ("all-reduce hierarchical", ar, ["--sync", "hierarchical"])]
+    if name == "ps":
+        sharded = ["--servers", "all", "--comm"]
+        return ([("DDP", ddp, []), ("PS sharded collective", ps, [*sharded, "collective"]),
+                 ("PS sharded overlap", ps, [*sharded, "overlap"])]
+                + [(f"PS sharded pipelined{'' if mb == PARTITION_MB else f' {mb:g} MiB'}", ps,
+                    [*sharded, "pipelined", "--bucket-mb", f"{mb:g}"]) for mb in args.partitions]
+                + [("PS pipelined", ps, ["--comm", "pipelined"])])
     if name == "scaling":  # node count per label, for run() and scaling_table()
         methods = [("DDP", ddp, []), ("all-reduce overlap", ar, ["--sync", "overlap"]),
                    ("PS collective", ps, ["--comm", "collective"]), ("PS p2p", ps, ["--comm", "p2p"]),
@@ -76,6 +87,22 @@ def suite(name, args):
         args.nodes_of = {f"{label} N={n}": n for n in args.nodes for label, _, _ in methods}
         return [(f"{label} N={n}", script, flags) for n in args.nodes for label, script, flags in methods]
     raise SystemExit(f"unknown suite {name}")
+
+
+def before_twin(experiment, ref, out):
+    """[the experiment run by git ref `ref`'s ps_train.py (exported once under `out`)], or [] when it is not a PS
+    experiment or `ref` has no such --comm."""
+    label, script, flags = experiment
+    tree = out / f"before-{ref}"
+    if script != "ps_train.py":
+        return []
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    help_text = subprocess.run([sys.executable, str(tree / script), "--help"], capture_output=True, text=True).stdout
+    comm = flags[flags.index("--comm") + 1] if "--comm" in flags else None
+    return [] if comm and comm not in help_text else [(f"{label} @{ref}", str(tree / script), flags)]
 
 
 def run(label, script, flags, args, out, repeat):
@@ -110,6 +137,7 @@ def figures(run):
             "link_mb": None if link is None else link.busiest / 1e6,
             "bound": None if link is None else link.link_time,
             "predicted_mb": None if link is None or link.bound_bytes is None else link.bound_bytes / 1e6,
+            "rate_bits": None if link is None else link.rate_bits,
             "accuracy": None if run.synthetic else run.final_val_accuracy,
             "loss": run.final_train_loss, "staleness": statistics.mean(staleness) if staleness else None,
             "pull": run.comm_pull, "push": run.comm_push, "step": run.batch_time, "local": y and y.local_step_time,
@@ -146,6 +174,32 @@ def table(rows):
             cell(bound and 1e3 * bound, "{:.0f}"), f"{ov / bound:.2f}x" if bound and ov is not None else "-",
             (f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else cell(
                 acc[0] if acc else None, "{:.1f}")), cell(med(runs, "staleness"), "{:.2f}")]) + " |")
+    return "\n".join(lines)
+
+
+def ideal_table(rows):
+    """Markdown: each row against the ideal bytes through the busiest link, 2(N-1)/N x what it exchanges (the
+    state for the sharded PS: push to the owners and pull back, the all-reduce's bound; the gradients for DDP), and
+    the time they take at the link rate: the busiest link's bytes / ideal and the overhead / that time. Medians
+    over the repeats."""
+    def med(runs, key):
+        values = [f[key] for f in runs if f[key] is not None]
+        return statistics.median(values) if values else None
+
+    base = med(next(iter(rows.values())), "throughput")
+    lines = ["| method | img/s | vs DDP | comm overhead (ms) | hidden | busiest link (MB/step) | ideal (MB/step) "
+             "| busiest / ideal | ideal at link rate (ms) | overhead / ideal time |", "|---|" + "---:|" * 9]
+    for label, runs in rows.items():
+        thr, ov, hidden, link, ideal = (med(runs, k) for k in ("throughput", "overhead", "hidden", "link_mb",
+                                                                "predicted_mb"))
+        rate = med(runs, "rate_bits")
+        ideal_s = ideal * 1e6 * 8 / rate if ideal and rate else None
+        cells = [f"{thr:.1f}", f"{thr / base:.2f}x", "-" if ov is None else f"{1e3 * ov:.0f}",
+                 "-" if hidden is None else f"{100 * hidden:.0f}%", "-" if link is None else f"{link:.0f}",
+                 "-" if ideal is None else f"{ideal:.0f}", "-" if not (link and ideal) else f"{link / ideal:.2f}x",
+                 "-" if ideal_s is None else f"{1e3 * ideal_s:.0f}",
+                 "-" if not (ideal_s and ov is not None) else f"{ov / ideal_s:.2f}x"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -213,7 +267,7 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds",
                                                           "pipelined", "hierarchical",
-                                                          "scaling"))
+                                                          "scaling", "ps"))
     p.add_argument("--cluster", default=None, help="NODESxPROCS on an emulated cluster (needs root), e.g. 4x1")
     p.add_argument("--rate", default="1gbit", help="the emulated links' rate")
     p.add_argument("--nproc", type=int, default=4, help="processes on loopback")
@@ -221,6 +275,9 @@ def main():
     p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
     p.add_argument("--buckets", type=float, nargs="+", default=[1, 5, 25, 100], help="bucket sizes (MiB)")
     p.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8], help="scaling: node counts (1 process each)")
+    p.add_argument("--partitions", type=float, nargs="+", default=[PARTITION_MB],
+                   help="ps: the sharded pipelined PS's partition sizes (MiB)")
+    p.add_argument("--before", default=None, help="ps, methods: also run every PS experiment from this git ref")
     p.add_argument("--only", default=None, help="comma-separated labels to keep from the suite")
     p.add_argument("--extra", default="", help="more flags for every run")
     p.add_argument("--out-dir", default="/tmp/bench", help="where the runs' results JSON go")
@@ -234,6 +291,8 @@ def main():
     experiments = suite(args.suite, args)
     if args.only:
         experiments = [e for e in experiments if e[0] in args.only.split(",")]
+    if args.before:  # each PS experiment twice, the ref's script beside this tree's
+        experiments = [twin for e in experiments for twin in [e, *before_twin(e, args.before, out)]]
     where = f"emulated cluster {args.cluster} at {args.rate}" if args.cluster else f"loopback, {args.nproc} processes"
     if args.cluster:
         nodes = args.cluster.split("x")[0]
@@ -258,6 +317,8 @@ def main():
         text += f"\nThe cost against N:\n\n{scaling_table(experiments, args, out)}\n"
     if args.suite in ("pipelined", "hierarchical"):
         text += f"\n{limit_table(rows)}\n"
+    if args.suite == "ps":
+        text += f"\n{ideal_table(rows)}\n\n{limit_table(rows)}\n"
     print(text)
     (out / "figures.json").write_text(json.dumps(rows, indent=1))
     if args.write:
