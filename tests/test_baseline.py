@@ -55,7 +55,8 @@ def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
         assert e["rank_compute"]["ranks"] == [0, 1] and len(e["rank_compute"]["compute"]) == 2
         assert e["rank_compute"]["median"] == pytest.approx(e["phase_times"]["compute"])  # mean of 2 = median
         assert set(e["ddp_logging"]) >= {"avg_backward_comm_time", "avg_backward_compute_comm_overlap_time"}
-        assert e["step_time_stdev"] >= 0
+        timed = e["steps"] - e["warmup_steps"]  # a spread needs two timed steps; fewer record null
+        assert e["step_time_stdev"] >= 0 if timed > 1 else e["step_time_stdev"] is None
     assert data["summary"]["scaling_efficiency"] == pytest.approx(
         sum(e["scaling_efficiency"] for e in data["epochs"]) / 2)
     assert data["summary"]["best_val_accuracy"] == max(e["val_accuracy"] for e in data["epochs"])

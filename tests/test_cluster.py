@@ -354,7 +354,7 @@ def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
     assert len(ups) == 1 and "--nodes 2 --rate 1gbit" in ups[0]
     commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
     experiments = [line for line in lines if line.startswith("=== [")]
-    assert len(commands) == len(experiments) == 11  # 3 methods, 5 more --sync modes, 2 more --comm modes, sharded
+    assert len(commands) == len(experiments) == 12  # 3 methods, 5 more --sync modes, 3 more --comm modes, sharded
     assert all("--nodes 2 --nproc-per-node 1" in c and "--backend gloo --arch resnet18" in c for c in commands)
     assert "--standalone" not in proc.stdout
     cluster = ups[0].split("--name ")[1].split()[0]
@@ -610,7 +610,7 @@ def test_hierarchical_on_two_nodes_of_two_trains_like_ddp_and_sends_one_model_pe
     one, hier = (json.loads((tmp_path / f).read_text()) for f in ("ddp.json", "hier.json"))
     assert hier["layout"] == {"nodes": 2, "procs_per_node": 2, "levels": 2}
     assert hier["network"]["nodes"] == 2 and hier["network"]["procs_per_node"] == 2
-    assert len(hier["all_losses"]) == 3 and hier["all_losses"] == pytest.approx(one["all_losses"], rel=1e-5)
+    assert len(hier["all_losses"]) == 3 and hier["all_losses"] == pytest.approx(one["all_losses"], rel=1e-4)
     link, gradients = hier["epochs"][0]["link"], hier["gradient_bytes"]
     busiest = max(link["sent_bytes_per_step"], link["received_bytes_per_step"])
     assert 0.95 * gradients < busiest < 1.12 * gradients, (busiest, gradients)  # the ring: 1.5 x gradients

@@ -38,15 +38,16 @@ def runs(tmp_path_factory):
 
 def test_the_recipe_learns_and_its_loss_never_climbs_back(runs):
     """After the warm-up epoch the loss curve (per epoch, over all trainers) stays below its first value and falls;
-    single batches near chance level (ln 10 = 2.30) are noisy, so those may only not blow up (the issue's run went
-    from 2.4 to 5.3)."""
+    single batches of 16 images near chance level (ln 10 = 2.30) are noisy, so those may only not blow up: the
+    issue's run went from 2.4 to 5.3 (2.2x); healthy runs reach 1.25x here (seed 1) and 1.44x over the whole recipe
+    (bench/RESULTS_recipe.md)."""
     _, data = runs
     for name, d in data.items():
         losses = [e["train_loss"] for e in d["epochs"]]
         assert d["epochs"][-1]["val_accuracy"] >= 35.0, (name, [e["val_accuracy"] for e in d["epochs"]])  # 10% = chance
         assert losses[2] < losses[1] < losses[0] and losses[-1] < 0.8 * losses[0], (name, losses)
         after_warmup = d["all_losses"][len(d["epochs"][0]["all_losses"]):]  # --lr-warmup-epochs 1
-        assert max(after_warmup) < 1.25 * d["all_losses"][0], (name, d["all_losses"])
+        assert max(after_warmup) < 1.6 * d["all_losses"][0], (name, d["all_losses"])
 
 
 def test_the_three_methods_apply_the_same_learning_rate_at_every_step(runs):
