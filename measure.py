@@ -203,8 +203,13 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         done = snapshot(steps)
     finally:
         progress.close()  # before any error line, so that line starts clean
-    names = sorted(done.phases)
-    totals = torch.tensor([done.seen, done.timed_seen, done.elapsed, done.timed, *(done.phases[k] for k in names)],
+    # Every rank reduces the same phases: a rank may have none of some (a sharded PS rank that owns no tensor never
+    # updates), and tensors of different lengths would hang gloo's all-reduce.
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, sorted(done.phases), group=group)
+    names = sorted(set().union(*every))
+    totals = torch.tensor([done.seen, done.timed_seen, done.elapsed, done.timed,
+                           *(done.phases.get(k, 0.0) for k in names)],
                           dtype=torch.float64, device=ctx.device)
     slowest = all_reduce(totals[2:].clone(), dist.ReduceOp.MAX, group).tolist()
     seen, timed_seen, _, _, *phase_means = all_reduce(totals, group=group).tolist()

@@ -74,6 +74,23 @@ def test_a_nan_loss_on_one_rank_stops_every_rank():
         assert "loss became nan" in message
 
 
+def _update_on_rank_0_only(rank, world_size):
+    def step(x, y, clock, lr):
+        clock.mark("compute")
+        if rank == 0:  # as a sharded PS rank that owns no tensor never updates (8 ranks of MobileNetV3-small)
+            clock.mark("update")
+        return torch.tensor(1.0), torch.zeros(2, 2)
+    args = _args("--log-every", "2", "--timeout", "0.5")
+    return measure.run_epoch(_ctx(rank, world_size), args, 1, [(torch.randn(2, 3), torch.tensor([0, 1]))] * 3, 3,
+                             step)["phase_times"]
+
+
+def test_ranks_with_different_phases_reduce_the_same_ones():
+    """A phase one rank never marks counts 0 there; the epoch's reduction used to hang (tensors of unequal length)."""
+    for phases in run_in_group(_update_on_rank_0_only, 2, timeout=90):
+        assert set(phases) == {"data", "compute", "update"} and phases["update"] >= 0
+
+
 # --------------------------------------------------------------------------- the yardstick
 def test_schedule_alternates_and_times_the_last_of_each_run():
     plan = measure.overhead_schedule(["c", "l"], 2, run_length=2)
