@@ -144,13 +144,15 @@ def figures(run):
             "gradient_mb": run.gradient_bytes and run.gradient_bytes / 1e6}
 
 
+def med(runs, key):
+    """The median of a figure over the repeats that have it (None: none has)."""
+    values = [f[key] for f in runs if f[key] is not None]
+    return statistics.median(values) if values else None
+
+
 def table(rows):
     """Markdown: medians over the repeats; throughput as a ratio to the first row (DDP); the overhead with its
     range over the repeats and the yardstick's own spread (min-max over its pairs)."""
-    def med(runs, key):
-        values = [f[key] for f in runs if f[key] is not None]
-        return statistics.median(values) if values else None
-
     def cell(value, fmt):
         return "-" if value is None else fmt.format(value)
 
@@ -182,10 +184,6 @@ def ideal_table(rows):
     state for the sharded PS: push to the owners and pull back, the all-reduce's bound; the gradients for DDP), and
     the time they take at the link rate: the busiest link's bytes / ideal and the overhead / that time. Medians
     over the repeats."""
-    def med(runs, key):
-        values = [f[key] for f in runs if f[key] is not None]
-        return statistics.median(values) if values else None
-
     base = med(next(iter(rows.values())), "throughput")
     lines = ["| method | img/s | vs DDP | comm overhead (ms) | hidden | busiest link (MB/step) | ideal (MB/step) "
              "| busiest / ideal | ideal at link rate (ms) | overhead / ideal time |", "|---|" + "---:|" * 9]
@@ -207,10 +205,6 @@ def limit_table(rows):
     """Markdown: each step against its physical limit, max(the step without communication, its busiest link's
     measured bytes at the link rate), and the busiest link's bytes against one copy of the gradients; medians over
     the repeats."""
-    def med(runs, key):
-        values = [f[key] for f in runs if f[key] is not None]
-        return statistics.median(values) if values else None
-
     base = med(next(iter(rows.values())), "throughput")
     lines = ["| method | img/s | vs DDP | step (ms) | no-comm step (ms) | link time (ms) | limit (ms) | limit / step "
              "| busiest link (MB/step) | / gradients |", "|---|" + "---:|" * 9]
