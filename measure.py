@@ -205,8 +205,10 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         progress.close()  # before any error line, so that line starts clean
     # Every rank reduces the same phases: a rank may have none of some (a sharded PS rank that owns no tensor never
     # updates), and tensors of different lengths would hang gloo's all-reduce.
-    every = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, sorted(done.phases), group=group)
+    every = [sorted(done.phases)]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, sorted(done.phases), group=group)
     names = sorted(set().union(*every))
     totals = torch.tensor([done.seen, done.timed_seen, done.elapsed, done.timed,
                            *(done.phases.get(k, 0.0) for k in names)],
