@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -334,10 +335,18 @@ def test_missing_tc_is_one_line_error(tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux) to run as a non-root user")
-def test_non_root_is_one_line_error(tmp_path):
-    name = f"{PREFIX}n"
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(EMU), "up",
-                           "--name", name], capture_output=True, text=True, timeout=60, cwd="/")
+def test_non_root_is_one_line_error():
+    """As user nobody, from a copy of the script that user can read (a checkout may sit in a folder only root
+    enters, e.g. one made by mktemp -d)."""
+    name, folder = f"{PREFIX}n", Path(tempfile.mkdtemp(prefix="emu-nobody-"))
+    try:
+        folder.chmod(0o755)
+        script = Path(shutil.copy(EMU, folder / EMU.name))
+        script.chmod(0o755)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(script),
+                               "up", "--name", name], capture_output=True, text=True, timeout=60, cwd="/")
+    finally:
+        shutil.rmtree(folder)
     assert "need root" in one_line_error(proc)
     assert_nothing_left(name)
 
