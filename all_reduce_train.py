@@ -19,7 +19,6 @@ buffers before each forward, as DDP does. --sync chooses how:
 Writes results_all_reduce.json (--sync overlap) or results_all_reduce_<sync>.json unless --output is given.
 """
 import collections
-import contextlib
 import queue
 import threading
 
@@ -95,13 +94,6 @@ def _grad_bucket(params, tail=0):
     return bucket
 
 
-def _own_stream(device):
-    """A communication thread's own CUDA stream (nothing on a CPU): its waits for a collective hold back that stream,
-    never the one training computes on."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    torch.cuda.set_device(device)
-    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 class GradSync:
@@ -250,7 +242,7 @@ class _Relay:
         self.queue.put(exchange)
 
     def _run(self, device):
-        with _own_stream(device):
+        with common.comm_stream(device):
             while True:
                 exchange = self.queue.get()
                 if exchange.error is None:
@@ -494,7 +486,7 @@ class PipelinedSync(GradSync):
 
     # the communication thread
     def _serve(self):
-        with _own_stream(self.device):
+        with common.comm_stream(self.device):
             while True:
                 job = self.jobs.get()
                 try:

@@ -6,6 +6,7 @@ link counters), driver.py (the loop every method runs), checkpoint.py, results.p
 field by field in docs/results_schema.md). How a method synchronizes lives in its own script.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -467,3 +468,12 @@ def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def comm_stream(device, stream=None):
+    """A communication thread's CUDA stream, `stream` or a new one (nothing on a CPU): its waits for a collective hold
+    back that stream, never the one training computes on. Call it in the thread that uses it."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.cuda.set_device(device)
+    return torch.cuda.stream(stream or torch.cuda.Stream(device))

@@ -15,6 +15,7 @@ PS_COMMS = ("collective", "p2p", "overlap", "pipelined")  # ps_train.py --comm
 PS_SERVERS = ("1", "all")  # ps_train.py --servers
 PS_MODES = ("sync", "async")  # ps_train.py --mode
 DEFAULT_BUCKET_MB = 25.0  # --bucket-mb of DDP (torch's bucket_cap_mb), the all-reduce and the PS
+PARTITION_MB = 4.0  # ps_train --comm pipelined's default --bucket-mb: BytePS's partitions are a few MB
 
 RECIPE_FILE = Path(__file__).resolve().parent / "sample_recipe.env"
 

@@ -31,7 +31,6 @@ GradScaler and serves its scale with the parameters; workers push scaled gradien
 once, skips the step on inf/NaN for everyone and adjusts the scale.
 Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async].json unless --output is given.
 """
-import contextlib
 import dataclasses
 import queue
 import threading
@@ -46,11 +45,10 @@ import data
 import driver
 import measure
 from all_reduce_train import sgd_step  # torch's SGD step for some parameters alone (the same update)
-from modes import DEFAULT_BUCKET_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
+from modes import DEFAULT_BUCKET_MB, PARTITION_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
 
 SERVER = 0
 COMMS = PS_COMMS  # the first is the default
-PARTITION_MB = 4.0  # --comm pipelined's default --bucket-mb: BytePS's partitions are a few MB
 
 
 def output_name(args):
@@ -655,9 +653,7 @@ class Pipelined(Transport):
 
     # the communication thread (on a server that does not train: serve_step) and the owner's updater
     def _run(self, jobs, work):
-        if self.stream is not None:
-            torch.cuda.set_device(self.device)
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+        with common.comm_stream(self.device, self.stream):
             while True:
                 job = jobs.get()
                 try:
@@ -767,12 +763,6 @@ class Pipelined(Transport):
                            lrs=lrs)
 
 
-def _own_stream(device):
-    """A communication thread's own CUDA stream (nothing on a CPU)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    torch.cuda.set_device(device)
-    return torch.cuda.stream(torch.cuda.Stream(device))
 
 
 def make_layout(comm, model, bucket_mb, world_size, sharded):
@@ -941,7 +931,7 @@ class Async(Transport):
     def _send_pulls(self, outbox, inbox):
         """The server's sender: a snapshot of the state for each pull, sent while pushes keep arriving."""
         try:
-            with _own_stream(self.device):
+            with common.comm_stream(self.device):
                 while (item := outbox.get()) is not None:
                     worker, needed = item
                     start = time.perf_counter()

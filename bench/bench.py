@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import analysis  # noqa: E402
 from analysis.links import link_figures  # noqa: E402
-from modes import COMM_HOOKS, PS_COMMS as COMMS, SYNC_MODES, sample_args  # noqa: E402
+from modes import COMM_HOOKS, PARTITION_MB, PS_COMMS as COMMS, SYNC_MODES, sample_args  # noqa: E402
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
@@ -46,7 +46,6 @@ SCALING = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "32", 
 SCALING_RATE = "100mbit"
 SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
 PIPELINED_MB = 4  # --sync pipelined's partitions in its suite: small, so the next forward's first layers come first
-PARTITION_MB = 4  # ps_train --comm pipelined's default partition size (ps_train.PARTITION_MB)
 
 
 def suite(name, args):
