@@ -1,8 +1,9 @@
-"""Test helpers: run a function in a real gloo process group, run or start a script under torchrun (and watch,
-kill or restart its ranks), make tiny data, read a user error's one line."""
+"""Test helpers: run a function in a real gloo process group, run a script's ranks (forked, or under torchrun, whose
+ranks can be watched, killed or restarted), make tiny data, read a user error's one line."""
 import contextlib
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -42,6 +43,22 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Every process the tests start for a function or a script's ranks is forked from one server that imported these once:
+# a fresh `python` spends ~4.5 s of CPU importing torch and torchvision (torchvision imports torch._dynamo), which on
+# our 2 cores was half the suite's time.
+PRELOAD = ["torch", "torch.distributed", "torchvision", "PIL.Image", "numpy", "tqdm", "common", "data", "measure",
+           "checkpoint", "results", "modes", "driver", "baseline_multi_card", "all_reduce_train", "ps_train",
+           "dist_helpers"]
+
+
+def forked():
+    """The multiprocessing context whose processes are forked from the preloading server (no threads there yet,
+    so a fork is safe)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def _child(rank, world_size, port, fn, args, init, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -68,7 +85,7 @@ def run_in_group(fn, world_size, *args, init=True, timeout=300):
     `fn` must be a module-level function. Returns the per-rank return values, ordered by rank;
     raises with the child's traceback if any rank failed.
     """
-    ctx = mp.get_context("spawn")
+    ctx = forked()
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, init, queue))
@@ -112,6 +129,99 @@ def run_script(script, *args, nproc=1, cwd=None, timeout=600, env=None, **launch
     """Runs `script args` under torchrun (see torchrun_cmd) to its end; returns the CompletedProcess."""
     return subprocess.run(torchrun_cmd(script, *args, nproc=nproc, **launch), cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=_env(env))
+
+
+def _rank_main(script, args, env, cwd, out, err):
+    """A forked child becomes `python script args` with environment `env` in `cwd`, writing to files `out` and
+    `err`: the script runs as __main__, its exit status is the process's."""
+    os.environ.clear()
+    os.environ.update(env)
+    import torch
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.argv = [str(script), *args]
+    sys.path.insert(0, str(Path(script).parent))
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit:
+        raise
+    except BaseException:  # as python prints it, without multiprocessing's "Process ...:" line
+        traceback.print_exc()
+        raise SystemExit(1)
+
+
+class Forked:
+    """`script args` started like `python script` (nproc None) or like torchrun --standalone --nproc_per_node=nproc
+    starts it (each rank gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT), every
+    process forked from the preloading server, so it starts in well under a second. For tests of what the scripts
+    do; what torchrun itself adds (its agent, restarts, its failure report) is tested under torchrun
+    (run_script, start_script)."""
+
+    def __init__(self, script, *args, nproc=None, cwd=None, env=None):
+        import tempfile
+        self.script, self.args, ctx = script, list(map(str, args)), forked()
+        self._logs = tempfile.TemporaryDirectory()
+        base = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in (env or {}).items()}}
+        port, self.procs = free_port(), []
+        for rank in [None] if nproc is None else range(nproc):
+            rank_env = dict(base) if rank is None else {
+                **base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            out, err = (Path(self._logs.name) / f"{rank}.{kind}" for kind in ("out", "err"))
+            out.touch()
+            err.touch()  # empty if the child dies before it opens them
+            proc = ctx.Process(target=_rank_main, args=(str(REPO / script), self.args, rank_env,
+                                                        str(cwd or os.getcwd()), str(out), str(err)))
+            proc.start()
+            self.procs.append((proc, out, err))
+
+    @property
+    def pids(self):
+        """{rank: pid} (rank 0 alone without nproc)."""
+        return {rank: proc.pid for rank, (proc, _, _) in enumerate(self.procs)}
+
+    def poll(self):
+        """None while a process runs, else the run's exit status (see wait)."""
+        if any(proc.is_alive() for proc, _, _ in self.procs):
+            return None
+        code = next((c for c in (proc.exitcode for proc, _, _ in self.procs) if c != 0), 0)
+        return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+    def wait(self, timeout=600):
+        """Waits for every process; returns a CompletedProcess: stdout and stderr of the ranks in rank order, status
+        0 when every rank's is 0, else the first non-zero one. A rank still running 30 s after another failed is
+        killed (torchrun stops the group at once); past `timeout`, all are killed and TimeoutExpired raised."""
+        deadline, failed_at = time.time() + timeout, None
+        try:
+            while self.poll() is None:
+                if failed_at is None and any(proc.exitcode not in (None, 0) for proc, _, _ in self.procs):
+                    failed_at = time.time()
+                if failed_at is not None and time.time() > failed_at + 30:
+                    break
+                if time.time() > deadline:
+                    raise subprocess.TimeoutExpired(self.script, timeout)
+                time.sleep(0.02)
+        finally:
+            self.kill()
+        stdout, stderr = ("".join(path.read_text(errors="replace") for path in paths)
+                          for paths in zip(*(files for _, *files in self.procs)))
+        self._logs.cleanup()
+        return subprocess.CompletedProcess([self.script, *self.args], self.poll(), stdout, stderr)
+
+    def kill(self):
+        for proc, _, _ in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+
+
+def run_forked(script, *args, nproc=None, cwd=None, timeout=600, env=None):
+    """Runs `script args` in forked processes (see Forked) to its end; returns the CompletedProcess."""
+    return Forked(script, *args, nproc=nproc, cwd=cwd, env=env).wait(timeout)
 
 
 def start_script(script, *args, nproc=1, cwd=None, env=None, **launch):

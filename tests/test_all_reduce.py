@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import all_reduce_train as ar
 import common
-from dist_helpers import FAST_ARGS, run_in_group, run_script
+from dist_helpers import FAST_ARGS, run_forked, run_in_group
 
 TINY_MB = 600 / 2 ** 20  # 600 bytes: less than the largest tensor (conv2 weight, 315 floats = 1260 bytes); 3 buckets
 BUCKETED = ("overlap", "bucketed", "ring", "pipelined", "hierarchical")
@@ -442,7 +442,7 @@ def test_compression_needs_buckets(capsys):
 def _script_run(folder, *flags):
     """Two processes, two epochs of 3 steps, with the communication yardstick (one pair) before epoch 1."""
     out = folder / "r.json"
-    proc = run_script("all_reduce_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs",
+    proc = run_forked("all_reduce_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs",
                       "1", "--output", out, *flags, nproc=2, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads(out.read_text())

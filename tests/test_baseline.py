@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dist_helpers import FAST_ARGS, make_image_folder, one_error_line, run_python, run_script
+from dist_helpers import FAST_ARGS, make_image_folder, one_error_line, run_forked, run_script
 
 GUIDE_TOP = ["method", "world_size", "batch_size", "start_time", "end_time", "epochs", "summary", "all_losses"]
 GUIDE_EPOCH = ["epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
@@ -18,7 +18,7 @@ GUIDE_SUMMARY = ["avg_train_throughput", "avg_train_time_per_epoch", "best_val_a
 def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
     """The guide's command with no data argument: the sample dataset, the real ResNet50, every guide field."""
     out = tmp_path / "results_baseline_ddp.json"
-    proc = run_script("baseline_multi_card.py", "--epochs", "2", "--max-steps", "2", "--overhead-pairs", "1",
+    proc = run_forked("baseline_multi_card.py", "--epochs", "2", "--max-steps", "2", "--overhead-pairs", "1",
                       "--workers", "0", "--output", out, nproc=2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sample dataset" in proc.stdout and "epoch 2: train loss" in proc.stdout
@@ -65,7 +65,7 @@ def test_ddp_on_the_sample_dataset_with_resnet50(tmp_path):
 def test_ddp_trains_on_a_given_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "imagenet", classes=3, train_per_class=8, val_per_class=3)
     out = tmp_path / "r.json"
-    proc = run_script("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out, nproc=2,
+    proc = run_forked("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out, nproc=2,
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -162,7 +162,7 @@ def mistakes(tmp_path_factory):
     def run(name):
         folder = tmp_path_factory.mktemp(name.replace("=", "_"))
         args = MISTAKES[name](folder)
-        return folder, run_python("baseline_multi_card.py", *FAST_ARGS, "--output", folder / "r.json", *args,
+        return folder, run_forked("baseline_multi_card.py", *FAST_ARGS, "--output", folder / "r.json", *args,
                                   cwd=folder, timeout=300)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(MISTAKES, pool.map(run, MISTAKES)))
@@ -280,15 +280,15 @@ def test_a_resume_of_another_run_leaves_the_results_as_they_were_and_a_new_run_k
                                                                                                    tiny_data):
     out = tmp_path / "r.json"
     args = [*FAST_ARGS, "--data-dir", tiny_data, "--max-steps", "2", "--output", out]
-    first = run_python("baseline_multi_card.py", *args, "--resume", cwd=tmp_path)
+    first = run_forked("baseline_multi_card.py", *args, "--resume", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "notice: no --weights for --arch resnet18: starting from random init" in first.stdout
     before = out.read_bytes()
-    wrong = run_python("baseline_multi_card.py", *args, "--resume", "--arch", "resnet34", cwd=tmp_path)
+    wrong = run_forked("baseline_multi_card.py", *args, "--resume", "--arch", "resnet34", cwd=tmp_path)
     line = one_error_line(wrong, code=2)
     assert "--arch resnet18 there, resnet34 here" in line and "results file was left as it was" in line
     assert out.read_bytes() == before  # not even marked incomplete
-    again = run_python("baseline_multi_card.py", *args, cwd=tmp_path)  # a new run into the same file
+    again = run_forked("baseline_multi_card.py", *args, cwd=tmp_path)  # a new run into the same file
     assert again.returncode == 0, again.stderr[-3000:]
     kept, = (tmp_path / "previous").iterdir()
     assert kept.read_bytes() == before and f"moved it to {kept}" in again.stdout
@@ -298,7 +298,7 @@ def test_a_resume_of_another_run_leaves_the_results_as_they_were_and_a_new_run_k
 @pytest.mark.parametrize("script,modes", [("all_reduce_train.py", ["one all-reduce per gradient tensor after backward"]),
                                           ("ps_train.py", ["the guide's original: one dist.send"])])
 def test_help_shows_the_docstring_and_no_empty_defaults(script, modes):
-    out = run_python(script, "--help").stdout
+    out = run_forked(script, "--help").stdout
     assert all(m in out for m in modes) and "torchrun --nproc_per_node=4" in out
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "--checkpoint-every STEPS" in out and "results_<method>[_<variant>].json" in out

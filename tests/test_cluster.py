@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_helpers import REPO, make_image_folder, one_error_line, run_script
+from dist_helpers import REPO, make_image_folder, one_error_line, run_forked
 
 EMU = REPO / "emulate_cluster.sh"
 PREFIX = f"ect{os.getpid()}-"  # every cluster name of this run starts with it
@@ -169,7 +169,7 @@ def on_one_machine_and_the_cluster(tmp_path, name, nodes, script, args, per_node
     """(results on one machine, results on `nodes` emulated nodes x `per_node` at 1 Gbit/s) of the same run: `script`
     with `args` (on the cluster also `cluster_flags`); on one machine `reference` (default `script`). The cluster is
     checked gone after."""
-    one = run_script(reference or script, *args, "--output", tmp_path / "one.json", nproc=nodes * per_node,
+    one = run_forked(reference or script, *args, "--output", tmp_path / "one.json", nproc=nodes * per_node,
                      cwd=tmp_path, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     run = emu("run", "--name", name, "--nodes", nodes, "--nproc-per-node", per_node, "--rate", "1gbit", "--logs",
@@ -638,7 +638,7 @@ def test_a_training_run_killed_mid_epoch_restarts_and_ends_as_an_uninterrupted_o
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=2, size=16)  # 10 steps
     args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
             "1", "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir", data]
-    ref = run_script("baseline_multi_card.py", *args, "--output", tmp_path / "ref.json", nproc=2, cwd=tmp_path,
+    ref = run_forked("baseline_multi_card.py", *args, "--output", tmp_path / "ref.json", nproc=2, cwd=tmp_path,
                      timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
     name, out, start = f"{PREFIX}r", tmp_path / "killed.json", time.time()

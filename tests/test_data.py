@@ -8,12 +8,12 @@ import torch
 import common
 import data
 import measure
-from dist_helpers import FAST_ARGS, cli_args as _args, cpu_ctx as _ctx, make_image_folder, run_in_group, run_python
+from dist_helpers import FAST_ARGS, cli_args as _args, cpu_ctx as _ctx, make_image_folder, run_forked, run_in_group
 
 
 # --------------------------------------------------------------------------- the sample dataset
 def test_data_py_generates_the_sample_set_deterministically_once(tmp_path):
-    proc = run_python("data.py", "--root", tmp_path / "a", cwd=tmp_path, timeout=300)
+    proc = run_forked("data.py", "--root", tmp_path / "a", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = tmp_path / "a"  # --root DIR writes DIR/train and DIR/val, so that --data-dir DIR reads it
     assert f"sample dataset: {first}" in proc.stdout
@@ -118,7 +118,7 @@ def test_a_last_batch_of_one_image_is_dropped_not_a_batchnorm_crash(tmp_path):
     ("Expected more than 1 value per channel when training"): it is dropped and said so."""
     root = make_image_folder(tmp_path / "nine", classes=3, train_per_class=3, val_per_class=1)
     out = tmp_path / "r.json"
-    proc = run_python("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out, cwd=tmp_path,
+    proc = run_forked("baseline_multi_card.py", *FAST_ARGS, "--data-dir", root, "--output", out, cwd=tmp_path,
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Expected more than 1 value per channel" not in proc.stderr

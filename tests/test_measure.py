@@ -245,11 +245,11 @@ def test_trace_overlap_on_cpu_uses_gloo_threads_against_the_training_thread(tmp_
 
 @pytest.mark.parametrize("script,nproc", [("all_reduce_train.py", 2), ("ps_train.py", 3)])
 def test_profile_writes_a_trace_and_its_summary(tmp_path, script, nproc):
-    from dist_helpers import make_image_folder, run_script
+    from dist_helpers import make_image_folder, run_forked
     import json
     root = make_image_folder(tmp_path / "data", classes=2, train_per_class=16, val_per_class=2, size=16)
     out = tmp_path / "results.json"
-    proc = run_script(script, "--data-dir", root, "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
+    proc = run_forked(script, "--data-dir", root, "--arch", "resnet18", "--image-size", "16", "--batch-size", "4",
                       "--epochs", "1", "--workers", "0", "--overhead-pairs", "0", "--profile", "2",
                       "--output", out, nproc=nproc, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,27 +270,25 @@ def _run_ddp(tmp_path, name, slow_rank=None):
     import os
     import signal
     import threading
-    from dist_helpers import FAST_ARGS, killed_at_exit, rank_pids, start_script, wait_until
+    from dist_helpers import FAST_ARGS, Forked
     out = tmp_path / f"{name}.json"
-    agent = start_script("baseline_multi_card.py", *FAST_ARGS, "--batch-size", "2", "--max-steps", "20",
-                         "--synthetic", "--output", out, nproc=3, cwd=tmp_path)
-    with killed_at_exit(agent):
-        if slow_rank is not None:
-            wait_until(agent, lambda: slow_rank in rank_pids(agent), "the ranks")
-            pid = rank_pids(agent)[slow_rank][0]
+    run = Forked("baseline_multi_card.py", *FAST_ARGS, "--batch-size", "2", "--max-steps", "20", "--synthetic",
+                 "--output", out, nproc=3, cwd=tmp_path)
+    if slow_rank is not None:
+        pid = run.pids[slow_rank]
 
-            def throttle():
-                while agent.poll() is None:
-                    for sig, pause in ((signal.SIGSTOP, 0.06), (signal.SIGCONT, 0.03)):
-                        try:
-                            os.kill(pid, sig)
-                        except ProcessLookupError:
-                            return
-                        time.sleep(pause)
-            threading.Thread(target=throttle, daemon=True).start()
-        _, err = agent.communicate(timeout=300)
-    assert agent.returncode == 0, err[-3000:]
-    return json.loads(out.read_text())["epochs"][0]["rank_compute"], err
+        def throttle():
+            while run.poll() is None:
+                for sig, pause in ((signal.SIGSTOP, 0.06), (signal.SIGCONT, 0.03)):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        return
+                    time.sleep(pause)
+        threading.Thread(target=throttle, daemon=True).start()
+    proc = run.wait(timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["epochs"][0]["rank_compute"], proc.stderr
 
 
 def test_a_rank_slowed_on_purpose_is_named_and_none_is_without(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import common
 import measure
 import ps_train
-from dist_helpers import FAST_ARGS, error_lines, run_in_group, run_python, run_script
+from dist_helpers import FAST_ARGS, error_lines, run_forked, run_in_group
 
 STEPS = 3
 SERVER_RANK = ps_train.SERVER
@@ -383,7 +383,7 @@ def test_default_outputs_and_flags(capsys):
 
 
 def test_world_size_one_is_one_clear_line(tmp_path):
-    proc = run_python("ps_train.py", *FAST_ARGS, "--output", tmp_path / "r.json", cwd=tmp_path)
+    proc = run_forked("ps_train.py", *FAST_ARGS, "--output", tmp_path / "r.json", cwd=tmp_path)
     assert proc.returncode != 0
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "at least 2 processes" in lines[0] and "--nproc_per_node" in lines[0], proc.stderr
@@ -393,7 +393,7 @@ def test_world_size_one_is_one_clear_line(tmp_path):
 def test_end_to_end_three_processes(tmp_path):
     """A server and two workers, --comm overlap, with the yardstick (one pair) before epoch 1."""
     out = tmp_path / "ps.json"
-    proc = run_script("ps_train.py", *FAST_ARGS, "--max-steps", "3", "--comm", "overlap", "--overhead-pairs", "1",
+    proc = run_forked("ps_train.py", *FAST_ARGS, "--max-steps", "3", "--comm", "overlap", "--overhead-pairs", "1",
                       "--output", out, nproc=3, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -432,7 +432,7 @@ def test_end_to_end_three_processes(tmp_path):
                          ids=["sharded", "async", "sharded-pipelined", "pipelined"])
 def test_end_to_end_sharded_async_and_pipelined(tmp_path, variant, nproc):
     out = tmp_path / "ps.json"
-    proc = run_script("ps_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs", "1",
+    proc = run_forked("ps_train.py", *FAST_ARGS, "--epochs", "2", "--max-steps", "3", "--overhead-pairs", "1",
                       *variant, "--output", out, nproc=nproc, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -8,7 +8,7 @@ import pytest
 import analysis
 import common
 import modes
-from dist_helpers import run_script
+from dist_helpers import run_forked
 
 # run_all.sh's first-run recipe (sample_recipe.env: 4 trainers x 32 images at --lr 0.1), shortened to 3 epochs of
 # 2 trainers x 16 images, its learning rate scaled with the global batch (the linear scaling rule): 0.1 x 32 / 128.
@@ -29,7 +29,7 @@ def runs(tmp_path_factory):
     out = {}
     for name, (script, nproc, seed, extra) in RUNS.items():
         path = folder / f"results_{name}.json"
-        proc = run_script(script, *RECIPE, "--seed", seed, *extra, "--output", path, nproc=nproc, cwd=folder,
+        proc = run_forked(script, *RECIPE, "--seed", seed, *extra, "--output", path, nproc=nproc, cwd=folder,
                           timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = json.loads(path.read_text())
