@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dist_helpers import (FAST_ARGS, REPO, epochs_written, free_port, killed_at_exit, make_image_folder,
-                          rank_pids, start_script, wait_until)
+                          rank_pids, run_forked, start_script, wait_until)
 
 # Tiny runs without the communication yardstick.
 TINY = [*FAST_ARGS, "--batch-size", "2"]
@@ -135,30 +135,18 @@ SCALE_OUT = [("all_reduce_train.py", 1), ("ps_train.py", 2)]  # DDP on two nodes
 
 @pytest.mark.parametrize("script,per_node", SCALE_OUT)
 def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script, per_node):
-    """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = one agent with the same world size and seed."""
+    """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = the same world size and seed on one machine (its ranks
+    forked, as torchrun --standalone sets them up)."""
     args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", tiny_data]
-    jobs = []
-
-    def finish(*started):
-        for job in started:
+    proc = run_forked(script, *args, "--output", tmp_path / "one.json", nproc=2 * per_node, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = free_port()
+    jobs = [_torchrun(script, per_node, [*args, "--output", tmp_path / f"two{n}.json"], tmp_path, nnodes=2,
+                      node_rank=n, port=port) for n in (0, 1)]
+    with killed_at_exit(*jobs):
+        for job in jobs:
             _, err = job.communicate(timeout=300)
             assert job.returncode == 0, err[-3000:]
-
-    try:
-        jobs.append(_torchrun(script, 2 * per_node, [*args, "--output", tmp_path / "one.json"], tmp_path))
-        # One process a node: both jobs at once (their start-ups and rendezvous overlap); the PS's 4 + 4
-        # processes at once would only crowd 2 cores, so they go in turn.
-        in_turn = per_node > 1
-        if in_turn:
-            finish(jobs[0])
-        port = free_port()
-        jobs += [_torchrun(script, per_node, [*args, "--output", tmp_path / f"two{n}.json"], tmp_path, nnodes=2,
-                           node_rank=n, port=port) for n in (0, 1)]
-        finish(*jobs[1 if in_turn else 0:])
-    finally:
-        for job in jobs:
-            if job.poll() is None:
-                os.killpg(job.pid, signal.SIGKILL)
     one = json.loads((tmp_path / "one.json").read_text())
     written = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("two*.json"))]
     assert len(written) == 1  # one writer in the whole job, whichever node it is on

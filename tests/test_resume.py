@@ -1,7 +1,8 @@
 """Runs that survive failures. Under `torchrun --max-restarts`, a killed rank's group is restarted and the scripts
-continue from their latest step checkpoint by themselves: a run killed twice (SIGKILL, mid-epoch, at different
-steps) ends with exactly the parameters and the per-step losses of a run that was never interrupted, for DDP, the
-all-reduce and the PS (one server, and sharded and pipelined), and records both restarts. And --resume by hand after the whole
+continue from their latest step checkpoint by themselves: a killed run (SIGKILL, mid-epoch) ends with exactly the
+parameters and the per-step losses of a run that was never interrupted, for DDP (killed twice: a worker, then rank
+0 of the restarted group), the all-reduce, the PS (its server killed) and the sharded, pipelined PS, and records
+its restarts. And --resume by hand after the whole
 job died (torchrun and every rank at once)."""
 import json
 import os
@@ -18,6 +19,12 @@ ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1",
 METHODS = [("baseline_multi_card.py", 2, []), ("all_reduce_train.py", 2, []), ("ps_train.py", 3, []),
            ("ps_train.py", 3, ["--servers", "all", "--comm", "pipelined"])]
 IDS = ["ddp", "all_reduce", "ps", "ps_sharded_pipelined"]
+# (rank killed, after which step, in which attempt): a checkpoint every 4 steps, so each restart resumes from step 4
+# or 8 and redoes 1 to 3 steps. What a restart restores is each method's own (replicas, the server's model and
+# optimizer, each owner's shard): one kill each proves it; the second restart (of a restarted group, its rank 0
+# killed) is the driver's, the same for every method.
+KILLS = {"ddp": [(1, 5, 0), (0, 10, 1)], "all_reduce": [(0, 10, 0)], "ps": [(0, 5, 0)],
+         "ps_sharded_pipelined": [(1, 10, 0)]}
 
 
 def _start(script, nproc, out, data, *extra, restarts=0):
@@ -57,16 +64,15 @@ def _folders(tmp_path):
     return whole, cut
 
 
-@pytest.mark.parametrize("script,nproc,extra", METHODS, ids=IDS)
-def test_a_run_killed_twice_restarts_by_itself_to_the_same_parameters_and_losses(tmp_path, tiny_data, script,
-                                                                                   nproc, extra):
-    """12 steps in 2 epochs, a checkpoint every 4 steps; rank 1 killed after step 5 (epoch 1), then rank 0 of the
-    restarted group after step 10 (epoch 2): each restart redoes the steps since its checkpoint (1 to 3)."""
+@pytest.mark.parametrize("script,nproc,extra,kills", [(*m, KILLS[i]) for m, i in zip(METHODS, IDS)], ids=IDS)
+def test_a_killed_run_restarts_by_itself_to_the_same_parameters_and_losses(tmp_path, tiny_data, script, nproc,
+                                                                             extra, kills):
+    """12 steps in 2 epochs (6 each), a checkpoint every 4 steps; ranks killed as KILLS says."""
     flags = [*extra, "--epochs", "2", "--checkpoint-every", "4"]
     whole, cut = _folders(tmp_path)
     agent = _start(script, nproc, cut, tiny_data, *flags, restarts=2)
     with killed_at_exit(agent):
-        for victim, after, attempt in ((1, 5, 0), (0, 10, 1)):
+        for victim, after, attempt in kills:
             target = []
 
             def reached():
@@ -84,9 +90,9 @@ def test_a_run_killed_twice_restarts_by_itself_to_the_same_parameters_and_losses
     assert two["all_losses"] == one["all_losses"] and len(two["all_losses"]) == 12
     assert _same(_final_state(whole), _final_state(cut))
     restarts = two["restarts"]
-    assert [r["attempt"] for r in restarts] == [1, 2] and "restarts" not in one
+    assert [r["attempt"] for r in restarts] == [1, 2][:len(kills)] and "restarts" not in one
     # Each from the last checkpoint before its kill (every 4 steps of the run: 4, 8, 12).
-    assert [r["resumed_from_step"] for r in restarts] == [4, 8], restarts
+    assert [r["resumed_from_step"] for r in restarts] == [after // 4 * 4 for _, after, _ in kills], restarts
     assert all(1 <= r["steps_redone"] <= 3 and r["seconds_to_first_step"] > 0 for r in restarts), restarts
     assert [e["checkpoints"] for e in one["epochs"]] == [1, 2]  # after steps 4; 8 and 12 (the run's end)
     assert all(e["checkpoint_time"] > 0 for e in one["epochs"])
