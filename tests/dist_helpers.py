@@ -1,5 +1,6 @@
 """Test helpers: run a function in a real gloo process group, run a script's ranks (forked, or under torchrun, whose
 ranks can be watched, killed or restarted), make tiny data, read a user error's one line."""
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -111,6 +112,15 @@ def run_in_group(fn, world_size, *args, init=True, timeout=300):
     return [results[r] for r in range(world_size)]
 
 
+def two_at_a_time(fn, cases):
+    """{case: outcome} for every case: `fn(case)` runs in threads, two cases at a time, and `outcome()` returns its
+    result or raises what it raised, so each test checks its own case. For independent runs whose time goes to
+    starting processes and waiting for timeouts more than to the 2 cores."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(fn, case) for case in cases}
+    return {case: future.result for case, future in futures.items()}
+
+
 def torchrun_cmd(script, *args, nproc=1, restarts=0, nnodes=1, node_rank=0, port=None):
     """The torchrun command line for `script args`: --standalone, or node `node_rank` of `nnodes` agents on
     127.0.0.1 (c10d rendezvous at `port`); torchrun restarts a failed group `restarts` times."""
@@ -184,6 +194,10 @@ class Forked:
         """{rank: pid} (rank 0 alone without nproc)."""
         return {rank: proc.pid for rank, (proc, _, _) in enumerate(self.procs)}
 
+    @property
+    def returncode(self):
+        return self.poll()
+
     def poll(self):
         """None while a process runs, else the run's exit status (see wait)."""
         if any(proc.is_alive() for proc, _, _ in self.procs):
@@ -212,10 +226,17 @@ class Forked:
         self._logs.cleanup()
         return subprocess.CompletedProcess([self.script, *self.args], self.poll(), stdout, stderr)
 
+    def communicate(self, timeout=600):
+        """(stdout, stderr), as Popen's: see wait."""
+        done = self.wait(timeout)
+        return done.stdout, done.stderr
+
     def kill(self):
+        """SIGKILL to every process still running (the machine dies), then reaps them."""
         for proc, _, _ in self.procs:
             if proc.is_alive():
                 proc.kill()
+        for proc, _, _ in self.procs:
             proc.join()
 
 
@@ -233,12 +254,15 @@ def start_script(script, *args, nproc=1, cwd=None, env=None, **launch):
 
 @contextlib.contextmanager
 def killed_at_exit(*procs):
-    """Whatever still runs of `procs` (each a session of its own) is killed when the block ends, however."""
+    """Whatever still runs of `procs` (Forked, or Popen each a session of its own) is killed when the block ends,
+    however."""
     try:
         yield
     finally:
         for proc in procs:
-            if proc.poll() is None:
+            if isinstance(proc, Forked):
+                proc.kill()
+            elif proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -254,14 +278,6 @@ def rank_pids(agent):
         if "RANK" in env:
             ranks[int(env["RANK"])] = (int(pid), int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
     return ranks
-
-
-def kill_tree(pid):
-    """SIGKILL to `pid` and all its descendants (the machine dies)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    os.kill(pid, signal.SIGKILL)
-    for child in children:
-        kill_tree(int(child))
 
 
 def wait_until(proc, condition, what, limit=240):

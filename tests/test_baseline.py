@@ -1,5 +1,4 @@
 """baseline_multi_card.py end to end (torchrun, gloo), and one clear line for each user mistake."""
-import concurrent.futures
 import json
 import math
 import shutil
@@ -7,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from dist_helpers import FAST_ARGS, make_image_folder, one_error_line, run_forked, run_script
+from dist_helpers import FAST_ARGS, make_image_folder, one_error_line, run_forked, run_script, two_at_a_time
 
 GUIDE_TOP = ["method", "world_size", "batch_size", "start_time", "end_time", "epochs", "summary", "all_losses"]
 GUIDE_EPOCH = ["epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time",
@@ -164,8 +163,7 @@ def mistakes(tmp_path_factory):
         args = MISTAKES[name](folder)
         return folder, run_forked("baseline_multi_card.py", *FAST_ARGS, "--output", folder / "r.json", *args,
                                   cwd=folder, timeout=300)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(MISTAKES, pool.map(run, MISTAKES)))
+    return {name: outcome() for name, outcome in two_at_a_time(run, MISTAKES).items()}
 
 
 def test_missing_data_dir(mistakes):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import (FAST_ARGS, REPO, epochs_written, free_port, killed_at_exit, make_image_folder,
-                          rank_pids, run_forked, start_script, wait_until)
+from dist_helpers import (FAST_ARGS, REPO, Forked, epochs_written, free_port, killed_at_exit, make_image_folder,
+                          rank_pids, run_forked, start_script, two_at_a_time, wait_until)
 
 # Tiny runs without the communication yardstick.
 TINY = [*FAST_ARGS, "--batch-size", "2"]
@@ -64,16 +64,23 @@ def _busy_loops(n):
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
-@pytest.mark.parametrize("script,nproc,victim,sig", FAULTS)
-def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(tmp_path, tiny_data, script, nproc, victim, sig):
-    _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig)
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, tiny_data):
+    """The outcome of each of FAULTS, two runs at a time (forked, a run is mostly the wait for its peers' end)."""
+    return two_at_a_time(lambda i: _fail_a_rank(tmp_path_factory.mktemp(f"fault{i}"), tiny_data, *FAULTS[i]),
+                         range(len(FAULTS)))
+
+
+@pytest.mark.parametrize("fault", range(len(FAULTS)), ids=[f"{s}-{n}-{v}-{sig.name}" for s, n, v, sig in FAULTS])
+def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(faults, fault):
+    faults[fault]()
 
 
 def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, tiny_data):
     """A hung peer (SIGSTOP: only --timeout ends the wait), while two busy loops compete for the 2 cores."""
     load = _busy_loops(2)
     try:
-        err = _fail_a_rank(tmp_path, tiny_data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP)
+        err = _fail_a_rank(tmp_path, tiny_data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP, under_torchrun=True)
     finally:
         for p in load:
             p.kill()
@@ -90,23 +97,27 @@ def _alive(pid):
         return False
 
 
-def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig):
+def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig, under_torchrun=False):
     """Kills or stops rank `victim` after epoch 1: every other rank must end within --timeout (plus slack),
-    the run must fail, and the finished epoch be kept. Returns torchrun's stderr."""
+    the run must fail, and the finished epoch be kept. The ranks are forked (Forked), so the survivors find out
+    by themselves, as on another node; or `under_torchrun`, whose agent stops the others when one dies. Returns the
+    run's stderr."""
     out = tmp_path / "r.json"
     timeout_min = 0.15
-    agent = _torchrun(script, nproc, [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min,
-                                      "--data-dir", tiny_data, "--output", out], tmp_path)
+    args = [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min, "--data-dir", tiny_data,
+            "--output", out]
+    agent = _torchrun(script, nproc, args, tmp_path) if under_torchrun else Forked(script, *args, nproc=nproc,
+                                                                                   cwd=tmp_path)
     with killed_at_exit(agent):
         _wait_for_epochs(out, 1, agent)
-        pids = _rank_pids(agent)
+        pids = _rank_pids(agent) if under_torchrun else agent.pids
         os.kill(pids[victim], sig)
         killed = time.time()
         survivors = [pid for rank, pid in pids.items() if rank != victim]
         while any(map(_alive, survivors)) and time.time() - killed < 60 * timeout_min + 45:
             time.sleep(0.1)
         ended = time.time() - killed
-        if sig == signal.SIGSTOP:  # torchrun's SIGTERM then ends it at once, not after torchrun's 30 s grace
+        if sig == signal.SIGSTOP:  # it then ends at once (its peers are gone; under torchrun, torchrun's SIGTERM)
             os.kill(pids[victim], signal.SIGCONT)
         _, err = agent.communicate(timeout=60)
         assert ended < 60 * timeout_min + 45, f"the other ranks took {ended:.0f}s to give up"
@@ -160,18 +171,14 @@ def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script, per_node)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without GPUs")
 def test_nccl_without_gpus_under_torchrun_is_one_line_every_time(tmp_path):
     """Both ranks fail at once, before any group exists: the first to report prints, the other stays silent
-    (4 runs, two at a time)."""
-    for round_ in range(2):
-        runs = [_torchrun("baseline_multi_card.py", 2, ["--backend", "nccl", "--output", tmp_path / f"r{i}.json"],
-                          tmp_path) for i in range(2)]
+    (2 runs at once, so that their ranks race on a loaded machine)."""
+    runs = [_torchrun("baseline_multi_card.py", 2, ["--backend", "nccl", "--output", tmp_path / f"r{i}.json"],
+                      tmp_path) for i in range(2)]
+    with killed_at_exit(*runs):
         for run in runs:
-            try:
-                out, err = run.communicate(timeout=120)
-            finally:
-                if run.poll() is None:
-                    os.killpg(run.pid, signal.SIGKILL)
+            out, err = run.communicate(timeout=120)
             lines = [line for line in (out + err).splitlines() if "error:" in line]
-            assert run.returncode != 0 and len(lines) == 1, (round_, out, err[-3000:])
+            assert run.returncode != 0 and len(lines) == 1, (out, err[-3000:])
             assert lines[0].startswith("error: --backend nccl needs GPUs") and "--backend auto or gloo" in lines[0]
             assert not _our_tracebacks(err), err[-3000:]
     assert not list(tmp_path.glob("r*.json"))

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from dist_helpers import FAST_ARGS, kill_tree, killed_at_exit, rank_pids, run_forked, start_script, wait_until
+from dist_helpers import FAST_ARGS, Forked, killed_at_exit, rank_pids, run_forked, start_script, wait_until
 
 ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
 # The sharded PS once, pipelined: each rank restores its own shard and optimizer state as the plain sharded PS does,
@@ -99,24 +99,24 @@ def test_a_killed_run_restarts_by_itself_to_the_same_parameters_and_losses(tmp_p
 
 
 def test_resume_by_hand_after_the_whole_job_died(tmp_path, tiny_data):
-    """Everything killed after epoch 1 (torchrun too); the same command with --resume continues from the
+    """Everything killed at once after epoch 1; the same command with --resume continues from the
     checkpoint and ends with the parameters of an uninterrupted run. (DDP: the restart tests above load the
     same checkpoints for every method; this is the other way in, the flag.)"""
     script, nproc, extra = METHODS[0]
     whole, cut = _folders(tmp_path)
-    # A long run (the schedule is constant, so its length does not change the math), killed after epoch 1.
-    proc, latest = _start(script, nproc, cut, tiny_data, *extra, "--epochs", "50", "--resume"), \
-        cut.with_name("r.ckpt") / "latest"
-    with killed_at_exit(proc):
-        wait_until(proc, lambda: latest.exists() and latest.read_text() == "step00000006", "the epoch-1 checkpoint")
-        kill_tree(proc.pid)  # the machine dies: torchrun and every rank at once
-        proc.wait()
-        assert json.loads(cut.read_text())["status"] == "incomplete"
-        resumed = _start(script, nproc, cut, tiny_data, *extra, "--epochs", "2", "--resume")
-        stdout, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr[-3000:]
+    # A long run (the schedule is constant, so its length does not change the math), killed after epoch 1. Its
+    # ranks are forked (Forked): torchrun is not the subject here, the flag is.
+    run = Forked(script, *ARGS, "--data-dir", tiny_data, *extra, "--epochs", "50", "--resume", "--output", cut,
+                 nproc=nproc, cwd=cut.parent)
+    latest = cut.with_name("r.ckpt") / "latest"
+    with killed_at_exit(run):  # the machine dies: every rank at once (SIGKILL)
+        wait_until(run, lambda: latest.exists() and latest.read_text() == "step00000006", "the epoch-1 checkpoint")
+    assert json.loads(cut.read_text())["status"] == "incomplete"
+    resumed = run_forked(script, *ARGS, "--data-dir", tiny_data, *extra, "--epochs", "2", "--resume", "--output",
+                         cut, nproc=nproc, cwd=cut.parent, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     _uninterrupted(script, nproc, whole, tiny_data, *extra, "--epochs", "2", "--resume")
-    assert "resumed after epoch 1" in stdout
+    assert "resumed after epoch 1" in resumed.stdout
     assert _same(_final_state(whole), _final_state(cut))
     one, two = json.loads(whole.read_text()), json.loads(cut.read_text())
     assert two["status"] == "complete" and [e["epoch"] for e in two["epochs"]] == [1, 2]
