@@ -22,7 +22,7 @@ RECIPE = modes.sample_recipe()["SAMPLE_RECIPE"] + [
 LEARNING = {"ddp": ("baseline_multi_card.py", 2, 0, []),
             "ddp_powersgd": ("baseline_multi_card.py", 2, 0, ["--comm-hook", "powersgd", "--powersgd-rank", "4",
                                                                "--powersgd-warmup", "30", "--overhead-pairs", "1"])}
-# The schedule and the same math need only its shape: 2 epochs (warm-up, then the cosine) of 4 steps.
+# The schedule and the same math need only its shape: 2 epochs (warm-up, then the cosine) of 4 steps, at 16 px.
 SHORT = {"ddp": ("baseline_multi_card.py", 2, 0), "ddp_seed1": ("baseline_multi_card.py", 2, 1),
          "all_reduce": ("all_reduce_train.py", 2, 0), "ps": ("ps_train.py", 3, 0)}  # PS: 2 workers + a server
 
@@ -45,7 +45,7 @@ def learning(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory):
-    return _runs(tmp_path_factory.mktemp("short"), SHORT, "--epochs", "2", "--max-steps", "4")
+    return _runs(tmp_path_factory.mktemp("short"), SHORT, "--epochs", "2", "--max-steps", "4", "--image-size", "16")
 
 
 def test_the_recipe_learns_and_its_loss_never_climbs_back(learning):

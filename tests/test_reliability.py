@@ -77,14 +77,10 @@ def test_a_dead_or_hung_rank_fails_the_run_within_the_timeout(faults, fault):
 
 
 def test_a_hung_ddp_peer_on_a_loaded_machine_is_one_error_line(tmp_path, tiny_data):
-    """A hung peer (SIGSTOP: only --timeout ends the wait), while two busy loops compete for the 2 cores."""
-    load = _busy_loops(2)
-    try:
-        err = _fail_a_rank(tmp_path, tiny_data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP, under_torchrun=True)
-    finally:
-        for p in load:
-            p.kill()
-            p.wait()
+    """A hung peer (SIGSTOP: only --timeout ends the wait), while two busy loops compete for the 2 cores from the
+    hang until the others gave up."""
+    err = _fail_a_rank(tmp_path, tiny_data, "baseline_multi_card.py", 2, 1, signal.SIGSTOP, under_torchrun=True,
+                       load=2)
     assert len([line for line in err.splitlines() if "error:" in line]) == 1, err[-3000:]
 
 
@@ -97,11 +93,11 @@ def _alive(pid):
         return False
 
 
-def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig, under_torchrun=False):
+def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig, under_torchrun=False, load=0):
     """Kills or stops rank `victim` after epoch 1: every other rank must end within --timeout (plus slack),
     the run must fail, and the finished epoch be kept. The ranks are forked (Forked), so the survivors find out
-    by themselves, as on another node; or `under_torchrun`, whose agent stops the others when one dies. Returns the
-    run's stderr."""
+    by themselves, as on another node; or `under_torchrun`, whose agent stops the others when one dies. `load`
+    busy loops compete for the cores from the fault on. Returns the run's stderr."""
     out = tmp_path / "r.json"
     timeout_min = 0.15
     args = [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min, "--data-dir", tiny_data,
@@ -111,12 +107,18 @@ def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig, under_torchrun
     with killed_at_exit(agent):
         _wait_for_epochs(out, 1, agent)
         pids = _rank_pids(agent) if under_torchrun else agent.pids
-        os.kill(pids[victim], sig)
-        killed = time.time()
-        survivors = [pid for rank, pid in pids.items() if rank != victim]
-        while any(map(_alive, survivors)) and time.time() - killed < 60 * timeout_min + 45:
-            time.sleep(0.1)
-        ended = time.time() - killed
+        busy = _busy_loops(load)
+        try:
+            os.kill(pids[victim], sig)
+            killed = time.time()
+            survivors = [pid for rank, pid in pids.items() if rank != victim]
+            while any(map(_alive, survivors)) and time.time() - killed < 60 * timeout_min + 45:
+                time.sleep(0.1)
+            ended = time.time() - killed
+        finally:
+            for p in busy:
+                p.kill()
+                p.wait()
         if sig == signal.SIGSTOP:  # it then ends at once (its peers are gone; under torchrun, torchrun's SIGTERM)
             os.kill(pids[victim], signal.SIGCONT)
         _, err = agent.communicate(timeout=60)
@@ -141,13 +143,11 @@ def test_ctrl_c_keeps_finished_epochs(tmp_path, tiny_data):
     _assert_kept(out)
 
 
-SCALE_OUT = [("all_reduce_train.py", 1), ("ps_train.py", 2)]  # DDP on two nodes: tests/test_cluster.py
-
-
-@pytest.mark.parametrize("script,per_node", SCALE_OUT)
-def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script, per_node):
+def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script="ps_train.py", per_node=2):
     """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = the same world size and seed on one machine (its ranks
-    forked, as torchrun --standalone sets them up)."""
+    forked, as torchrun --standalone sets them up). The PS, whose roles follow the global rank across nodes (the
+    server on node 0, a worker on it too); DDP and the all-reduce on emulated nodes: tests/test_cluster.py. Every
+    script joins its group through the same common.setup_distributed."""
     args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", tiny_data]
     proc = run_forked(script, *args, "--output", tmp_path / "one.json", nproc=2 * per_node, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
