@@ -99,7 +99,7 @@ def _fail_a_rank(tmp_path, tiny_data, script, nproc, victim, sig, under_torchrun
     by themselves, as on another node; or `under_torchrun`, whose agent stops the others when one dies. `load`
     busy loops compete for the cores from the fault on. Returns the run's stderr."""
     out = tmp_path / "r.json"
-    timeout_min = 0.15
+    timeout_min = 0.1  # 6 s: a hung peer is found out after it
     args = [*TINY, "--epochs", "500", "--max-steps", "3", "--timeout", timeout_min, "--data-dir", tiny_data,
             "--output", out]
     agent = _torchrun(script, nproc, args, tmp_path) if under_torchrun else Forked(script, *args, nproc=nproc,
