@@ -280,8 +280,8 @@ cluster_torchrun() {
   done
   # A restart happens inside a node's torchrun: only a torchrun that exits with an error is a failure. The loop
   # runs no foreground command (no $(seq), and its pause is a background sleep we `wait` for): bash runs a trap
-  # for a Ctrl-C that came while it waited for a foreground child only if that child died of it, so a Ctrl-C that
-  # met a `sleep` or `seq` finishing on its own was lost (seen about once in 16 runs); `wait` returns at once.
+  # only once the foreground command it waits for has ended, and it may take a Ctrl-C that a finishing child
+  # survived as that child's; `wait` returns at once on a trapped signal.
   local running=$k since=-1 stopped=()
   while [ "$running" -gt 0 ]; do
     running=0

@@ -277,8 +277,11 @@ def test_ctrl_c_stops_everything_and_removes_the_cluster(tmp_path, data):
     cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", 2, "--logs", tmp_path / "logs", "--",
            REPO / "baseline_multi_card.py", *SMALL, "--epochs", "500", "--data-dir", data,
            "--output", out]
+    # SIGINT as at a terminal: a shell ignores it in what it starts in the background (`pytest ... &`), and bash
+    # cannot trap a signal that was ignored when it started
     proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         start = time.time()
         while not out.exists():  # training has started: the first epoch is written
