@@ -143,11 +143,12 @@ def test_ctrl_c_keeps_finished_epochs(tmp_path, tiny_data):
     _assert_kept(out)
 
 
-def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data, script="ps_train.py", per_node=2):
+def test_two_nodes_train_exactly_like_one(tmp_path, tiny_data):
     """Two torchrun agents on 127.0.0.1 (c10d rendezvous) = the same world size and seed on one machine (its ranks
     forked, as torchrun --standalone sets them up). The PS, whose roles follow the global rank across nodes (the
     server on node 0, a worker on it too); DDP and the all-reduce on emulated nodes: tests/test_cluster.py. Every
     script joins its group through the same common.setup_distributed."""
+    script, per_node = "ps_train.py", 2
     args = [*TINY, "--epochs", "1", "--max-steps", "3", "--data-dir", tiny_data]
     proc = run_forked(script, *args, "--output", tmp_path / "one.json", nproc=2 * per_node, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -2,8 +2,7 @@
 continue from their latest step checkpoint by themselves: a killed run (SIGKILL, mid-epoch) ends with exactly the
 parameters and the per-step losses of a run that was never interrupted, for DDP (killed twice: a worker, then rank
 0 of the restarted group; the all-reduce's checkpoint is DDP's), the PS (its server killed) and the sharded,
-pipelined PS, and records its restarts. And --resume by hand after the whole
-job died (torchrun and every rank at once)."""
+pipelined PS, and records its restarts. And --resume by hand after the whole job died (every rank at once)."""
 import json
 import os
 import signal
