@@ -264,7 +264,7 @@ def test_profile_writes_a_trace_and_its_summary(tmp_path, script, nproc):
 
 # --------------------------------------------------------------------------- the slow rank named
 def _run_ddp(tmp_path, name, slow_rank=None):
-    """DDP on 3 processes, 16 steps of --synthetic batches; `slow_rank` is slowed from outside as a busy neighbour
+    """DDP on 3 processes, 28 steps of --synthetic batches; `slow_rank` is slowed from outside as a busy neighbour
     would slow it: stopped (SIGSTOP) for 60 ms of every 90 ms while it runs, so it gets a third of the time."""
     import json
     import os
@@ -272,7 +272,7 @@ def _run_ddp(tmp_path, name, slow_rank=None):
     import threading
     from dist_helpers import FAST_ARGS, Forked
     out = tmp_path / f"{name}.json"
-    run = Forked("baseline_multi_card.py", *FAST_ARGS, "--batch-size", "2", "--max-steps", "16", "--synthetic",
+    run = Forked("baseline_multi_card.py", *FAST_ARGS, "--batch-size", "2", "--max-steps", "28", "--synthetic",
                  "--output", out, nproc=3, cwd=tmp_path)
     if slow_rank is not None:
         pid = run.pids[slow_rank]
