@@ -471,9 +471,9 @@ class Tracer:
             try:
                 yield
             finally:
-                for fd, copy in zip((1, 2), saved):
-                    os.dup2(copy, fd)
-                    os.close(copy)
+                for fd, kept in zip((1, 2), saved):
+                    os.dup2(kept, fd)
+                    os.close(kept)
 
 
 def trace_overlap(path):

@@ -144,9 +144,11 @@ def run_script(script, *args, nproc=1, cwd=None, timeout=600, env=None, **launch
 def _rank_main(script, args, env, cwd, out, err):
     """A forked child becomes `python script args` with environment `env` in `cwd`, writing to files `out` and
     `err`: the script runs as __main__, its exit status is the process's."""
+    import tempfile
+    import torch
     os.environ.clear()
     os.environ.update(env)
-    import torch
+    tempfile.tempdir = None  # read from TMPDIR again, as a fresh python does
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):

@@ -2,8 +2,6 @@
 schedule, flat buffers."""
 import datetime
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -16,7 +14,7 @@ import common
 import measure
 import modes
 import ps_train
-from dist_helpers import REPO, cli_args as _args, cpu_ctx as _ctx, run_in_group
+from dist_helpers import Forked, cli_args as _args, cpu_ctx as _ctx, run_in_group
 
 CPU = torch.device("cpu")
 
@@ -53,24 +51,20 @@ def test_variant_outputs():
 REPORT = "import sys, common; common.report_error(sys.argv[1])"
 
 
-def _reporter(text, env):
-    return subprocess.Popen([sys.executable, "-c", REPORT, text], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
 def test_report_error_prints_once_per_torchrun_job(tmp_path):
     """Two processes of one job (same TORCHELASTIC_RUN_ID, MASTER_PORT, WORLD_SIZE=2), at once: one line in
     total; a third one afterwards: nothing. The marker lives in the temp folder (TMPDIR)."""
-    env = {**os.environ, "TORCHELASTIC_RUN_ID": uuid.uuid4().hex, "MASTER_PORT": "29512", "WORLD_SIZE": "2",
-           "TMPDIR": str(tmp_path)}
-    env.pop("TORCHELASTIC_RESTART_COUNT", None)
-    pair = [_reporter(text, env) for text in ("first", "second")]
-    outputs = [p.communicate(timeout=120) for p in pair]
-    assert all(p.returncode == 0 for p in pair), outputs
-    lines = [line for out, err in outputs for line in (out + err).splitlines()]
+    script = tmp_path / "report.py"
+    script.write_text(REPORT)
+    env = {"TORCHELASTIC_RUN_ID": uuid.uuid4().hex, "MASTER_PORT": "29512", "WORLD_SIZE": "2", "TMPDIR": tmp_path}
+    pair = [Forked(script, text, cwd=tmp_path, env=env) for text in ("first", "second")]
+    outputs = [p.wait(timeout=120) for p in pair]
+    assert all(p.returncode == 0 for p in outputs), outputs
+    lines = [line for p in outputs for line in (p.stdout + p.stderr).splitlines()]
     assert len(lines) == 1 and lines[0] in ("error: first", "error: second"), outputs
-    late = _reporter("third", env)
-    assert late.communicate(timeout=120) == ("", "")
+    assert len(list(tmp_path.glob("kit-error-*"))) == 1
+    late = Forked(script, "third", cwd=tmp_path, env=env).wait(timeout=120)
+    assert late.returncode == 0 and (late.stdout, late.stderr) == ("", ""), late
 
 
 def test_report_error_marker_is_per_job_attempt_and_only_for_groups(tmp_path, monkeypatch, capsys):
