@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -144,7 +145,6 @@ def run_script(script, *args, nproc=1, cwd=None, timeout=600, env=None, **launch
 def _rank_main(script, args, env, cwd, out, err):
     """A forked child becomes `python script args` with environment `env` in `cwd`, writing to files `out` and
     `err`: the script runs as __main__, its exit status is the process's."""
-    import tempfile
     import torch
     os.environ.clear()
     os.environ.update(env)
@@ -174,10 +174,9 @@ class Forked:
     (run_script, start_script)."""
 
     def __init__(self, script, *args, nproc=None, cwd=None, env=None):
-        import tempfile
         self.script, self.args, ctx = script, list(map(str, args)), forked()
         self._logs = tempfile.TemporaryDirectory()
-        base = {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in (env or {}).items()}}
+        base = _env({k: str(v) for k, v in (env or {}).items()})
         port, self.procs = free_port(), []
         for rank in [None] if nproc is None else range(nproc):
             rank_env = dict(base) if rank is None else {
@@ -297,13 +296,6 @@ def epochs_written(path):
         return len(json.loads(Path(path).read_text())["epochs"])
     except (OSError, ValueError, KeyError):
         return 0
-
-
-def run_python(script, *args, cwd=None, timeout=600, env=None):
-    """Runs `python script args` (no torchrun: world size 1) and returns the CompletedProcess."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=full_env)
 
 
 def make_image_folder(root, classes=3, train_per_class=8, val_per_class=3, size=20, seed=0):

@@ -25,16 +25,16 @@ LEARNING = {"ddp": ("baseline_multi_card.py", 2, 0, []),
             "ddp_powersgd": ("baseline_multi_card.py", 2, 0, ["--comm-hook", "powersgd", "--powersgd-rank", "4",
                                                                "--powersgd-warmup", "20", "--overhead-pairs", "1"])}
 # The schedule and the same math need only its shape: 2 epochs (warm-up, then the cosine) of 4 steps, at 16 px.
-SHORT = {"ddp": ("baseline_multi_card.py", 2, 0), "ddp_seed1": ("baseline_multi_card.py", 2, 1),
-         "all_reduce": ("all_reduce_train.py", 2, 0), "ps": ("ps_train.py", 3, 0)}  # PS: 2 workers + a server
+SHORT = {"ddp": ("baseline_multi_card.py", 2, 0, []), "ddp_seed1": ("baseline_multi_card.py", 2, 1, []),
+         "all_reduce": ("all_reduce_train.py", 2, 0, []), "ps": ("ps_train.py", 3, 0, [])}  # PS: 2 workers + a server
 
 
 def _runs(folder, plan, *flags):
     out = {}
-    for name, (script, nproc, seed, *extra) in plan.items():
+    for name, (script, nproc, seed, extra) in plan.items():
         path = folder / f"results_{name}.json"
-        proc = run_forked(script, *RECIPE, *flags, "--seed", seed, *(extra[0] if extra else []), "--output", path,
-                          nproc=nproc, cwd=folder, timeout=400)
+        proc = run_forked(script, *RECIPE, *flags, "--seed", seed, *extra, "--output", path, nproc=nproc, cwd=folder,
+                          timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = json.loads(path.read_text())
     return folder, out

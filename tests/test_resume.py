@@ -1,8 +1,8 @@
 """Runs that survive failures. Under `torchrun --max-restarts`, a killed rank's group is restarted and the scripts
 continue from their latest step checkpoint by themselves: a killed run (SIGKILL, mid-epoch) ends with exactly the
 parameters and the per-step losses of a run that was never interrupted, for DDP (killed twice: a worker, then rank
-0 of the restarted group; the all-reduce's checkpoint is DDP's), the PS (its server killed) and the sharded,
-pipelined PS, and records its restarts. And --resume by hand after the whole job died (every rank at once)."""
+0 of the restarted group), the all-reduce, the PS (its server killed) and the sharded, pipelined PS, and records its
+restarts. And --resume by hand after the whole job died (every rank at once)."""
 import json
 import os
 import signal
@@ -15,16 +15,16 @@ from dist_helpers import FAST_ARGS, Forked, killed_at_exit, rank_pids, run_forke
 ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
 # The sharded PS once, pipelined: each rank restores its own shard and optimizer state as the plain sharded PS does,
 # and its exchange left in flight at a checkpoint must be ended first (Method.flush).
-# The all-reduce's checkpoint holds what DDP's does (the replicas' model, optimizer and scaler) and goes through the
-# same driver code: DDP stands for both. The PS: a server and a worker.
-METHODS = [("baseline_multi_card.py", 2, []), ("ps_train.py", 2, []),
+# The PS: a server and a worker.
+METHODS = [("baseline_multi_card.py", 2, []), ("all_reduce_train.py", 2, []), ("ps_train.py", 2, []),
            ("ps_train.py", 2, ["--servers", "all", "--comm", "pipelined"])]
-IDS = ["ddp", "ps", "ps_sharded_pipelined"]
+IDS = ["ddp", "all_reduce", "ps", "ps_sharded_pipelined"]
 # (rank killed, after which step, in which attempt): a checkpoint every 4 steps, so each restart resumes from step 4
 # or 8 and redoes 1 to 3 steps. What a restart restores is each method's own (replicas, the server's model and
 # optimizer, each owner's shard): one kill each proves it; the second restart (of a restarted group, its rank 0
 # killed) is the driver's, the same for every method.
-KILLS = {"ddp": [(1, 5, 0), (0, 10, 1)], "ps": [(0, 5, 0)], "ps_sharded_pipelined": [(1, 10, 0)]}
+KILLS = {"ddp": [(1, 5, 0), (0, 10, 1)], "all_reduce": [(0, 10, 0)], "ps": [(0, 5, 0)],
+         "ps_sharded_pipelined": [(1, 10, 0)]}
 
 
 def _start(script, nproc, out, data, *extra, restarts=0):
