@@ -38,7 +38,8 @@ def signature(args, ctx, info, method):
     return {"method": method.kind, **{f"--{k.replace('_', '-')}": v for k, v in method.settings.items()},
             "--arch": args.arch, "processes": ctx.world_size, "--batch-size": args.batch_size,
             "dataset": f"{info.name} at {info.root}", "classes": info.num_classes,
-            "training images": info.train_size, "--image-size": info.image_size, "--seed": args.seed}
+            "training images": info.train_size, "--image-size": info.image_size, "--seed": args.seed,
+            **({"--compute-model": args.compute_model} if getattr(args, "compute_model", None) else {})}
 
 
 def _rng():

@@ -124,6 +124,11 @@ def make_parser(doc, default_output=None):
     p.add_argument("--amp-dtype", choices=("bf16", "fp16"), default="bf16",
                    help="autocast dtype with --amp; fp16 adds a GradScaler")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format for model and input")
+    p.add_argument("--compute-model", default=None, metavar="SPEC",
+                   help="model each layer's forward and backward as the time a device would take (a wait that leaves "
+                        "the host CPU free), the real model running on a 2-image proxy; communication stays real: "
+                        "flops:TFLOPS (torch's FLOP counter at that effective rate) or a profile recorded by "
+                        "compute_model.py. Loss and accuracy are then meaningless; see compute_model.py")
     p.add_argument("--timeout", type=positive(float), default=10.0,
                    help="minutes a collective may wait for a peer before the run fails instead of hanging")
     p.add_argument("--log-every", type=positive(int), default=10,

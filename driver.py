@@ -22,11 +22,15 @@ import torch
 
 import checkpoint
 import common
+import compute_model
 import data
 import measure
 import modes
 from common import log
 from results import Results
+
+ACCURACY_NOTE = ("modeled compute (--compute-model): the model trained on a 2-image proxy, so loss and accuracy are "
+                 "meaningless")
 
 
 @dataclasses.dataclass
@@ -51,6 +55,12 @@ class Method:
     end_of_epoch: Optional[Callable] = None  # (clock): inside the last step's clock (e.g. the PS's final pull)
     flush: Optional[Callable] = None  # () -> None: ends the exchanges a step left in flight (a pipelined method)
     after_resume: Optional[Callable] = None  # once, after the state is restored
+    compute: object = None  # the --compute-model on `model` (set by train): the proxy batches train on
+
+    def batch(self, args, info, ctx):
+        """The yardstick's fixed batch, as the model trains on it."""
+        images, targets = measure.fixed_batch(args, info, ctx)
+        return self.compute.inputs(images, targets) if self.compute else (images, targets)
 
     @property
     def name(self):
@@ -90,6 +100,10 @@ def train(args, ctx, ds, method):
     loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) if trains \
         else None
     val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
+    method.compute = compute_model.setup(args, ctx, info, method.model)
+    if method.compute:
+        torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on the cores comm needs
+        results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
     log(ctx, start_line(args, ctx, info, method), rank=writer)
     restart = Restart(ckpt, resumed, attempt, results) if attempt > 0 and ctx.rank == writer else None
     done_epochs, in_epoch = 0, None
@@ -121,7 +135,7 @@ def train(args, ctx, ds, method):
             record = measure.run_epoch(
                 ctx, args, epoch, loader, info.steps, method.step, group=method.group, at_step=at_step,
                 end_of_epoch=method.end_of_epoch, cold=epoch == first,
-                state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None)
+                state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None, proxy=method.compute)
         served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
         link = measure.busiest_link(ctx, link, info.steps - start)
         shared = method.share(served) if method.share else None
@@ -133,6 +147,8 @@ def train(args, ctx, ds, method):
             if overhead:  # measured throughput against trainers x the no-communication throughput of one
                 record["scaling_efficiency"] = record["train_throughput"] / (
                     len(method.trainers) * args.batch_size / overhead["local_step_time"])
+            if method.compute:
+                results.data["compute_model"] = method.compute.summary()
             results.add_epoch(record)
         if ckpt.saving and (not args.checkpoint_every or epoch * info.steps % args.checkpoint_every == 0):
             cost["seconds"] += ckpt.save(epoch * info.steps, _part(method, ctx, epoch, 0, None, results, writer))
@@ -215,7 +231,7 @@ def yardstick(args, ctx, info, method):
     kinds = ("comm", "local", "blocking") if method.overlaps else ("comm", "local")
     steps = {kind: (lambda x, y, kind=kind: method.step(x, y, clock, lr, kind)) for kind in kinds}
     with measure.preserved(method.model, *_stateful(method)):
-        overhead = measure.measure_overhead(ctx, args, steps, *measure.fixed_batch(args, info, ctx),
+        overhead = measure.measure_overhead(ctx, args, steps, *method.batch(args, info, ctx),
                                             group=method.group, run_length=method.run_length, flush=method.flush)
     return overhead if ctx.rank in method.trainers else None
 
@@ -224,7 +240,7 @@ def step_without_trace(args, ctx, info, method):
     """One training step on the yardstick's batch whose effects are all undone (DDP rebuilds its buckets after
     its first step: a resumed run gets the bucket layout, and so the rounding, of the run it continues)."""
     with measure.preserved(method.model, *_stateful(method)):
-        method.step(*measure.fixed_batch(args, info, ctx), measure.NoClock(), args.lr)
+        method.step(*method.batch(args, info, ctx), measure.NoClock(), args.lr)
         if method.flush:
             method.flush()
 
@@ -237,8 +253,13 @@ def _stateful(method):
 def start_line(args, ctx, info, method):
     trainers = len(method.trainers)
     who = f"{trainers} trainer(s)" + ("" if trainers == ctx.world_size else f" of {ctx.world_size} processes")
-    return (f"{method.name} ({method.description}): {who} ({ctx.backend}, {common.device_name(ctx.device)}), "
+    line = (f"{method.name} ({method.description}): {who} ({ctx.backend}, {common.device_name(ctx.device)}), "
             f"{args.arch} on {info.describe()}, {info.steps} steps/epoch, batch {args.batch_size}/trainer")
+    if method.compute:
+        c = method.compute.summary()
+        line += (f"; {c['label']}: {1e3 * c['modeled_compute_per_step']:.1f} ms forward+backward a step, the model "
+                 f"running on {c['proxy_batch']} images at {c['proxy_image_size']} px")
+    return line
 
 
 def overhead_line(overhead, trainers):

@@ -129,7 +129,7 @@ class EpochState:
 
 
 def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of_epoch=None, state=None, cold=None,
-              at_step=None):
+              at_step=None, proxy=None):
     """`steps` steps of `train_step(images, targets, clock, lr) -> (loss, logits)` by the trainers in `group`
     (None: every rank); returns the epoch's record, reduced over the trainers.
 
@@ -140,7 +140,9 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
     over the trainers. `end_of_epoch(clock)` runs inside the clock, as part of the last step (e.g. the PS's
     last pull). `state` (an EpochState from a checkpoint) continues an epoch from its step; `at_step(done,
     snapshot)` runs after each step, `snapshot()` giving the EpochState so far (a host sync: call it only for a
-    checkpoint), and returns True when it wrote one (its time is then the step's "checkpoint" phase).
+    checkpoint), and returns True when it wrote one (its time is then the step's "checkpoint" phase). `proxy` (a
+    compute_model.ComputeModel): the model trains on its proxy of each batch, each proxy image counted as
+    `proxy.weight` modeled images.
     """
     state = state or EpochState(epoch)
     first = state.step
@@ -181,11 +183,14 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
                 tracer.at(step)
             clock.begin()
             images, targets = to_device(*next(batches), ctx, args)
+            if proxy:
+                images, targets = proxy.inputs(images, targets)
             clock.mark("data")
             lrs.append(lr_at(args, epoch - 1 + step / steps))
             loss, logits = train_step(images, targets, clock, lrs[-1])
-            n = targets.numel()
-            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double()])
+            weight = proxy.weight if proxy else 1
+            n = targets.numel() * weight
+            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
             seen, timed_seen = seen + n, timed_seen + (n if step >= warmup else 0)
             losses.append(loss.detach())
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
