@@ -10,7 +10,8 @@
     recovery  the restarts a run survived and what its checkpoints cost
     tables    Table (title, columns, rows of named cells, note) and its text and markdown renderers
     plots     the plots; each returns the numbers it drew
-    report    the report's prose, from verdicts
+    answer    the report's first page: the guide's two Section 4.2 tables and its four analysis points
+    report    the report's prose, from verdicts: the answer, then the Details, grouped, within 120 columns
     cli       main(): what analyze_results.py runs
 
 Nothing here imports torch: the mode lists come from modes.py.

@@ -1,12 +1,12 @@
-"""The command line: read the folder, print the tables, write the plots, performance_report.txt and
-report_tables.md."""
+"""The command line: read the folder, print the guide's answer and the tables, write the plots,
+performance_report.txt and report_tables.md."""
 import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
 from .plots import make_plots
-from .report import build_report, tables_text
+from .report import answer_text, build_report, tables_text, wrap
 from .runs import load_folder
 from .tables import build_tables, render_markdown
 
@@ -36,13 +36,14 @@ def analyze(results_dir, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(experiments)
-    print(tables_text(tables))
+    print(answer_text(experiments) + "\n\n" + "=" * 24 + "\nDetails (the full analysis: performance_report.txt)\n\n"
+          + tables_text(tables))
     plots = make_plots(experiments, out / "plots")
     report = build_report(experiments, skipped, tables, plots)
     (out / "performance_report.txt").write_text(report)
     (out / "report_tables.md").write_text("\n\n".join(render_markdown(t) for t in tables) + "\n")
-    print(f"\nwrote {out / 'performance_report.txt'}, {out / 'report_tables.md'} and {len(plots)} plots in "
-          f"{out / 'plots'}")
+    print("\n" + wrap(f"wrote {out / 'performance_report.txt'}, {out / 'report_tables.md'} and {len(plots)} plots "
+                      f"in {out / 'plots'}"))
     return Analysis(experiments, skipped, tables, plots, report)
 
 

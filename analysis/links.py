@@ -26,9 +26,11 @@ Only what the method cannot beat is called a bound:
   across nodes, all-gather inside) sends across only in its middle step, each of a node's processes its 1/(N/M)
   share in a ring of M: 2(M-1)/M x gradients, the bound above. On one process per node the two are the same.
 - The physical limit of a step: it cannot be shorter than its compute (the yardstick's step without any
-  communication) nor than its measured bytes at the link rate (the first point): the larger of the two. Limit /
-  measured step below 1 means time went elsewhere (waiting, data, the exchange not overlapping compute); above 1
-  is impossible, so a measurement problem.
+  communication) nor than its measured bytes at the link rate (the first point): the larger of the two. It is
+  held against the step of the same measurement (the yardstick's step with communication, on the same fixed
+  batch), never against the epochs' step (another batch mix, with data loading): limit / step below 1 beyond the
+  pairs' spread means time went elsewhere (waiting, the exchange not overlapping compute); within the spread the
+  step is at the limit; above 1 beyond the spread is impossible, so a measurement problem.
 """
 import dataclasses
 
@@ -120,10 +122,15 @@ def link_figures(x):
 
 @dataclasses.dataclass(frozen=True)
 class Limit:
-    """A step against its physical limit (seconds): the larger of its compute and its bytes' link time."""
-    step: float  # the epochs' measured step (avg_batch_time)
-    compute: float  # the yardstick's step without communication
+    """A step against its physical limit, all on the yardstick's fixed batch (seconds): the limit is the larger of
+    the step without communication and its bytes' link time; the step is the same batch's step with
+    communication; the noise is the pairs' spread (overhead_max - overhead_min). One measurement throughout: the
+    epochs' step (avg_batch_time) is another batch mix, with data loading, and is kept only for the record."""
+    step: float  # the yardstick's step with communication (step_time)
+    compute: float  # the yardstick's step without communication (local_step_time)
+    spread: tuple = (0.0, 0.0)  # (overhead_min, overhead_max): step minus step without communication over the pairs
     link: LinkFigures = None  # None: no declared link (loopback), the limit is the compute alone
+    epoch_step: float = None
 
     @property
     def limit(self):
@@ -131,44 +138,54 @@ class Limit:
 
     @property
     def bound_by(self):
-        if self.link is None:
-            return "compute; no declared link"
-        return "link" if self.link.link_time >= self.compute else "compute"
+        return "link" if self.link and self.link.link_time >= self.compute else "compute"
 
     @property
     def reached(self):
-        """limit / step: 1.0 = at the limit; above 1 cannot be (a measurement problem)."""
+        """limit / step: 1.0 = at the limit."""
         return self.limit / self.step
 
     @property
+    def verdict(self):
+        """"at" (the step is at the limit within the pairs' spread), "above" (slower than the limit beyond it) or
+        "impossible" (faster than the limit beyond the spread: the counters or the declared rate are off). Bound by
+        compute, the step minus the step without communication is the overhead, whose pairs say it directly."""
+        lo, hi = self.spread
+        if self.bound_by == "compute":
+            return "impossible" if hi < 0 else "at" if lo <= 0 else "above"
+        gap = self.step - self.limit
+        return "at" if abs(gap) <= hi - lo else "above" if gap > 0 else "impossible"
+
+    @property
     def impossible(self):
-        return self.reached > 1.0
+        return self.verdict == "impossible"
 
     @property
     def reached_number(self):
-        """limit / step as written: two decimals, three where an impossible value would read 1.00."""
-        text = f"{self.reached:.2f}"
-        return f"{self.reached:.3f}" if self.impossible and text == "1.00" else text
+        return f"{self.reached:.2f}"
 
     @property
     def reached_text(self):
-        """The table's cell: the number, flagged when above 1."""
-        return self.reached_number + (" (above 1: a measurement problem)" if self.impossible else "")
+        """The table's cell: the number, and whether the step is at the limit within noise."""
+        return self.reached_number + {"at": " (at it, in noise)", "above": "",
+                                      "impossible": " (beyond noise: a measurement problem)"}[self.verdict]
 
 
 def physical_limit(x):
-    """The experiment's Limit (means over seeds), or None without the yardstick's step without communication."""
-    step, compute = x.mean("batch_time"), x.mean("yardstick.local_step_time")
-    if step is None or compute is None or step <= 0:
+    """The experiment's Limit (means over seeds) on the yardstick's fixed batch, or None without the yardstick."""
+    step, compute = x.mean("yardstick.step_time"), x.mean("yardstick.local_step_time")
+    lo, hi = x.mean("yardstick.overhead_min"), x.mean("yardstick.overhead_max")
+    if step is None or compute is None or step <= 0 or lo is None:
         return None
-    return Limit(step, compute, link_figures(x))
+    return Limit(step, compute, (lo, hi), link_figures(x), x.mean("batch_time"))
 
 
 # --------------------------------------------------------------------------- cost against the number of nodes
 def cluster_name(key):
     """A cluster group's name: "Manual All-Reduce (bucketed) at 100mbit", with the processes per node when several."""
-    kind, variant, per_node, rate = key
+    kind, variant, per_node, rate, model = key
     shown = [part for part in variant.split(", ") if part and part != "none"]  # DDP without a hook
+    shown += ["modeled compute"] if model else []
     return KINDS[kind][0] + (f" ({', '.join(shown)})" if shown else "") + \
         (f", {per_node} proc/node" if per_node > 1 else "") + f" at {rate}"
 

@@ -90,7 +90,10 @@ def plot_loss(experiments, colour, path):
     "band" only when one is drawn. Returns {"title", "note", "curves": {label: {"band": drawn, "steps": n}}}."""
     fig, ax = plt.subplots(figsize=(11, 5.5))
     drawn, missing = {}, []
+    modeled = [x.label for x in experiments if x.modeled]
     for x, width in zip(experiments, widths(len(experiments))):
+        if x.modeled:  # a proxy model's loss: meaningless
+            continue
         if any(r.losses is None for r in x.runs):
             missing.append(x.label)
             continue
@@ -108,7 +111,9 @@ def plot_loss(experiments, colour, path):
     band = "; band: min-max over seeds" if any(d["band"] for d in drawn.values()) else ""
     raw = "; faint: raw" if any(not d["band"] for d in drawn.values()) else ""
     title = f"Training loss per step (moving average over ~1/4 epoch{band}{raw})"
-    note = f"no per-step losses in: {', '.join(missing)}" if missing else None
+    notes = ([f"no per-step losses in: {', '.join(missing)}"] if missing else []) + (
+        [f"left out, modeled compute (a proxy's loss means nothing): {', '.join(modeled)}"] if modeled else [])
+    note = "; ".join(notes) or None
     save(fig, ax, path, "epoch", "training loss (cross-entropy)", title, NESTED_LEGEND if drawn else None, note=note)
     return {"title": title, "note": note, "curves": drawn}
 
@@ -118,8 +123,8 @@ def plot_accuracy(experiments, colour, path):
     accuracy means nothing) and the plot says so. Returns {"train": {label: [(epoch, %)]}, "val": ...,
     "left_out": [labels], "note"}."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    shown = [x for x in experiments if not x.synthetic]
-    drawn = {"train": {}, "val": {}, "left_out": [x.label for x in experiments if x.synthetic]}
+    shown = [x for x in experiments if not x.accuracy_void]
+    drawn = {"train": {}, "val": {}, "left_out": [x.label for x in experiments if x.accuracy_void]}
     for ax, key, name, title in zip(axes, ("train_accuracy", "val_accuracy"), ("train", "val"),
                                     ("Training accuracy", "Validation accuracy")):
         for i, (x, width) in enumerate(zip(shown, widths(len(shown)))):
@@ -136,8 +141,12 @@ def plot_accuracy(experiments, colour, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%, mean over seeds)")
     notes = []
-    if drawn["left_out"]:
-        notes.append(f"left out, --synthetic (random images: accuracy means nothing): {', '.join(drawn['left_out'])}")
+    synthetic = [x.label for x in experiments if x.accuracy_void == "synthetic"]
+    modeled = [x.label for x in experiments if x.accuracy_void == "modeled compute"]
+    if synthetic:
+        notes.append(f"left out, --synthetic (random images: accuracy means nothing): {', '.join(synthetic)}")
+    if modeled:
+        notes.append(f"left out, modeled compute (a proxy's accuracy means nothing): {', '.join(modeled)}")
     no_val = [x.label for x in shown if x.label not in drawn["val"]]
     if no_val:
         notes.append(f"no validation accuracy in: {', '.join(no_val)}")
@@ -243,9 +252,9 @@ def plot_breakdown(experiments, colour, path):
 def plot_scaling(experiments, colour, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
     sizes, drawn = set(), {}
-    for (kind, variant), group in scaling_groups(experiments).items():
+    for (kind, variant, model), group in scaling_groups(experiments).items():
         ws, thr = [x.world_size for x in group], [x.mean("throughput") for x in group]
-        name = KINDS[kind][0] + f" ({variant or 'guide file'})"
+        name = KINDS[kind][0] + f" ({variant or 'guide file'}{', modeled compute' if model else ''})"
         ideal = [thr[0] * x.trainers / group[0].trainers for x in group]
         ax.plot(ws, thr, marker="o", color=colour[group[0].label], linewidth=2, label=name)
         ax.plot(ws, ideal, linestyle=":", color=colour[group[0].label], label=f"{name}: linear in trainers")
@@ -354,7 +363,7 @@ def plot_buckets(experiments, colour, path):
 def plot_tradeoff(experiments, colour, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
     synthetic = all(x.synthetic for x in experiments)  # then the loss stands in for the accuracy
-    drawn, left_out = {}, [x.label for x in experiments if x.synthetic and not synthetic]
+    drawn, left_out = {}, [x.label for x in experiments if x.modeled or (x.synthetic and not synthetic)]
     for x in experiments:
         yv = x.mean("final_train_loss") if synthetic else x.mean("final_val_accuracy")
         if yv is None or x.label in left_out:
@@ -363,7 +372,8 @@ def plot_tradeoff(experiments, colour, path):
         drawn[x.label] = (x.mean("throughput"), yv)
     save(fig, ax, path, "throughput (img/s)", "final training loss" if synthetic else "final val accuracy (%)",
          "Speed against accuracy (compression, async PS and their baselines)", dict(fontsize=8) if drawn else None,
-         note=f"left out, --synthetic (accuracy means nothing): {', '.join(left_out)}" if left_out else None)
+         note=f"left out, --synthetic or modeled compute (accuracy means nothing): {', '.join(left_out)}"
+         if left_out else None)
     return drawn
 
 

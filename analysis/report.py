@@ -1,18 +1,20 @@
 """The report's prose: every sentence is built from a figure and, where it judges a difference, from the same
-Verdict (analysis.verdicts) as the table cell that shows it, so the tables and the text tell one story."""
+Verdict (analysis.verdicts) as the table cell that shows it, so the tables and the text tell one story. The
+report opens with the guide's answer (analysis.answer), then the Details, grouped; every line within 120 columns
+(a longer sentence wraps, its continuation indented)."""
 import time
 
 from . import curves, ranks, recovery, verdicts
+from .answer import answer_lines, fill
 from .links import cluster_name, cluster_points, link_figures, physical_limit
-from .runs import KINDS, baseline_for, cluster_groups, plain_variant, run_label, scaling_groups, twin_ddp
+from .runs import KINDS, baseline_for, cluster_groups, plain_variant, run_label, same_compute, scaling_groups, twin_ddp
 from .stats import compare, ms
-from .tables import render_text, several_per_node, speedup_lines
+from .tables import WIDTH, render_text, several_per_node
 
+DOCS = "docs/reading_the_report.md"
 WHY_RANKINGS_DIFFER = (
-    "The two measure different things: the overhead is one fixed batch before epoch 1, the method's step against "
-    "the same step without communication (the median of a few pairs); the throughput covers every timed step of "
-    "the epochs, with data loading, the overlap of communication with compute as it happens in training, and "
-    "whatever else runs alongside, so a method can lose more per step on the yardstick and still train faster")
+    "The two measure different things: the overhead is one fixed batch before epoch 1 (data loading excluded), "
+    "the throughput every timed step of the epochs, with data loading and the overlap as it happens in training")
 
 
 # --------------------------------------------------------------------------- the run context
@@ -36,7 +38,10 @@ def context_lines(xs):
                .format(**d["dataset"]) if isinstance(d.get("dataset"), dict) else None),
               ("model", lambda d: d.get("arch")), ("image size (px)", lambda d: d.get("image_size")),
               ("device", lambda d: d.get("device")), ("backend", lambda d: d.get("backend")),
-              ("network", network), ("world size (processes)", lambda d: d.get("world_size")),
+              ("network", network),
+              ("compute", lambda d: (d["compute_model"].get("label") or d["compute_model"].get("spec") or "modeled")
+               if isinstance(d.get("compute_model"), dict) and d["compute_model"] else "real"),
+              ("world size (processes)", lambda d: d.get("world_size")),
               ("batch size per trainer", lambda d: d.get("batch_size")), ("epochs", lambda d: len(d["epochs"])),
               ("learning rate", lr), ("torch", lambda d: d.get("torch_version")), ("host", lambda d: d.get("host"))]
     lines, warn, unrecorded = [], [], []
@@ -51,7 +56,7 @@ def context_lines(xs):
             lines.append(f"  {name}: " + "; ".join(f"{k}: {shown(v)}" for k, v in values.items()))
             known = {str(v) for v in values.values() if v is not None}
             if len(known) > 1 and name in ("dataset", "model", "image size (px)", "device", "backend", "network",
-                                           "batch size per trainer", "learning rate"):
+                                           "compute", "batch size per trainer", "learning rate"):
                 warn.append(name)
     lines.append("  seeds: " + "; ".join(f"{x.label}: {', '.join('-' if s is None else str(s) for s in x.seeds)}"
                                          for x in xs))
@@ -66,8 +71,9 @@ def context_lines(xs):
 def throughput_lines(xs):
     """The speed ranking at each world size (complete runs only), each gap judged against the runs' noise."""
     out = []
-    for ws in sorted({x.world_size for x in xs}):
-        same = sorted([x for x in xs if x.world_size == ws and x.complete], key=lambda x: -x.mean("throughput"))
+    for ws, key in sorted({(x.world_size, x.compute_key or "") for x in xs}):
+        same = sorted([x for x in xs if x.world_size == ws and (x.compute_key or "") == key and x.complete],
+                      key=lambda x: -x.mean("throughput"))
         if len(same) < 2:
             continue
         best = same[0]
@@ -75,7 +81,8 @@ def throughput_lines(xs):
         noiseless = all(v.beyond is None for _, v in judged)
         parts = [f"{v.ratio:.2f}x {x.label} ({x.mean('throughput'):.1f})" + ("" if noiseless else f" ({v.words})")
                  for x, v in judged]
-        text = (f"- Throughput at {ws} processes: {best.label} has the highest, {best.mean('throughput'):.1f} "
+        where = f"{ws} processes" + (f", modeled compute {key}" if key else "")
+        text = (f"- Throughput at {where}: {best.label} has the highest, {best.mean('throughput'):.1f} "
                 "img/s; that is " + ", ".join(parts))
         if noiseless:
             text += (". None of these runs has a noise measure for its throughput (one seed each, and no "
@@ -86,12 +93,24 @@ def throughput_lines(xs):
     return out
 
 
+def mixed_compute_lines(xs):
+    """Where modeled and real runs are mixed: they are never compared as if alike, once in words."""
+    modeled = [x for x in xs if x.modeled]
+    if not modeled or len(modeled) == len(xs):
+        return []
+    models = "; ".join(sorted({str(x.compute_model.get("label") or x.compute_key) for x in modeled}))
+    return [f"- Modeled and real compute are mixed here ({models}): a modeled run's throughput counts modeled "
+            "images and its loss and accuracy are a proxy's, so it is ranked, timed and compared only against runs "
+            "of the same compute model, never against a real run."]
+
+
 def ranking_lines(xs):
     """Where the fastest method (by throughput, not within noise of the other) has the larger communication
     overhead, beyond the pairs' spread, and why that can happen."""
     out = []
-    for ws in sorted({x.world_size for x in xs}):
-        same = [x for x in xs if x.world_size == ws and x.complete and x.mean("yardstick.overhead") is not None]
+    for ws, key in sorted({(x.world_size, x.compute_key or "") for x in xs}):
+        same = [x for x in xs if x.world_size == ws and (x.compute_key or "") == key and x.complete
+                and x.mean("yardstick.overhead") is not None]
         if len(same) < 2:
             continue
         best = max(same, key=lambda x: x.mean("throughput"))
@@ -121,11 +140,12 @@ def overhead_lines(xs):
         pairs = next(r.yardstick.pairs for r in x.runs if r.yardstick)
         text = (f"- {x.label}: communication overhead {ms(overhead.mean)} per step"
                 + (f" (± {ms(overhead.sd)} over seeds)" if overhead.sd is not None else "")
-                + f" (min {ms(lo)}, max {ms(hi)} over {pairs} pairs) = {share.text(1, 100)}% of "
-                f"its {ms(step.mean)} step on the yardstick's fixed batch (the epochs' measured step: "
-                f"{ms(x.mean('batch_time'))})")
+                + f" (min {ms(lo)}, max {ms(hi)} over {pairs} pairs)")
         if verdicts.overhead_near_zero(x):
-            text += "; within noise of zero"
+            text += f", within noise of zero on its {ms(step.mean)} step on the yardstick's fixed batch"
+        else:
+            text += f" = {share.text(1, 100)}% of its {ms(step.mean)} step on the yardstick's fixed batch"
+        text += f" (the epochs' measured step: {ms(x.mean('batch_time'))}, another measurement)"
         if x.stat("scaling_efficiency") is not None:
             text += f"; scaling efficiency {x.stat('scaling_efficiency').text(1, 100)}%"
         hidden = verdicts.hidden(x)
@@ -141,13 +161,16 @@ def overhead_lines(xs):
         ref = baseline_for(x, xs)
         if ref is None or ref is x or x.mean("yardstick.overhead") is None or ref.mean("yardstick.overhead") is None:
             continue
-        v = verdicts.compare_overhead(x, ref)
+        v, ratio = verdicts.compare_overhead(x, ref), verdicts.overhead_ratio(x, ref)
         if v.within:
             out.append(f"- {x.label} vs {ref.label}: overheads {ms(v.a)} and {ms(v.b)} are within noise (the "
                        f"difference, {ms(abs(v.diff))}, is {v.words}).")
-        else:
-            out.append(f"- {x.label} vs {ref.label}: overhead {ms(v.a)} against {ms(v.b)}"
-                       + (f" ({v.ratio:.2f}x" if v.ratio else " (") + f"; {v.words}).")
+        elif ratio is not None:
+            out.append(f"- {x.label} vs {ref.label}: overhead {ms(v.a)} against {ms(v.b)} ({ratio:.2f}x; {v.words}).")
+        else:  # one of them within noise of 0: no ratio across it
+            zero, other = (x, ref) if verdicts.overhead_near_zero(x) else (ref, x)
+            out.append(f"- {x.label} vs {ref.label}: {zero.label}'s overhead is within noise of 0; {other.label}'s "
+                       f"is {verdicts.overhead_text(other)} ({v.words}).")
     guide = [x for x in xs if x.guide_format]
     if guide:
         out.append("- Communication overhead (the yardstick: a training step minus the same step without "
@@ -160,9 +183,9 @@ def overhead_lines(xs):
 
 
 def limit_lines(xs):
-    """Each method's measured step against its physical limit: the larger of its compute (the yardstick's step
-    without communication) and its measured bytes' time at the link rate (links.physical_limit, the table's
-    figures)."""
+    """Each method's step against its physical limit, both on the yardstick's fixed batch (links.physical_limit,
+    the table's figures): the larger of its compute (the step without communication) and its measured bytes'
+    time at the link rate, against the same batch's step with communication, judged against the pairs' spread."""
     out = []
     for x in xs:
         lim = physical_limit(x)
@@ -170,21 +193,23 @@ def limit_lines(xs):
             continue
         if lim.link:
             f = lim.link
-            text = (f"- Physical limit, {x.label}: a step cannot be shorter than the larger of its compute (the "
-                    f"step without communication, {ms(lim.compute)}) and the link time of its bytes "
-                    f"({f.sent / 1e6:.1f} MB out, {f.received / 1e6:.1f} MB in per step through the busiest node "
-                    f"link at {f.rate}: {ms(f.link_time)}, {f.link_time_how}): {ms(lim.limit)}, set by the "
-                    f"{lim.bound_by}")
+            text = (f"- Physical limit, {x.label}: the larger of its compute (the step without communication, "
+                    f"{ms(lim.compute)}) and its bytes' link time ({f.sent / 1e6:.1f} MB out, {f.received / 1e6:.1f} "
+                    f"MB in per step through the busiest node link at {f.rate}: {ms(f.link_time)}, "
+                    f"{f.link_time_how}): {ms(lim.limit)}, set by the {lim.bound_by}")
         else:
             text = (f"- Physical limit, {x.label}: no declared link (loopback), so the limit is the compute alone: "
                     f"the step without communication, {ms(lim.compute)}")
-        if lim.impossible:
-            text += (f"; the epochs' measured step, {ms(lim.step)}, is shorter than that (limit / step = "
-                     f"{lim.reached_number}, above 1): no method beats the limit, so the yardstick's fixed batch, "
-                     "the step timer or the link counters measured something else here")
+        step = f"the same batch's step with communication, {ms(lim.step)}"
+        if lim.verdict == "impossible":
+            text += (f". {step[0].upper()}{step[1:]}, is shorter than that beyond the pairs' spread (limit / step = "
+                     f"{lim.reached_number}): no method beats the limit, so the step timer or the link counters "
+                     "measured something else here")
+        elif lim.verdict == "at":
+            text += f"; {step}, is at the limit within the pairs' spread (limit / step = {lim.reached_number})"
         else:
-            text += (f"; the epochs' measured step is {ms(lim.step)}, so it reaches {lim.reached_number} of the "
-                     "limit (limit / step; 1.00 = at the limit)")
+            text += (f"; {step}, reaches {lim.reached_number} of the limit (limit / step; 1.00 = at the limit), "
+                     "beyond the pairs' spread")
         out.append(text + ".")
     return out
 
@@ -228,18 +253,17 @@ def straggler_lines(xs):
 
 def convergence_lines(xs):
     """Each experiment's loss curve against the DDP doing the same math, judged against the seed-to-seed
-    spread (the noise floor); with one seed the verdict has no floor and says so."""
+    spread (the noise floor); with one seed the verdict has no floor and says so. A modeled run's loss is a
+    proxy's: not compared, said once."""
     out = []
     for x in xs:
         ref = twin_ddp(x, xs) or baseline_for(x, xs)
-        if ref is None or ref is x or any(r.losses is None for r in x.runs + ref.runs):
+        if ref is None or ref is x or x.modeled:
             continue
-        grid = curves.common_grid(x, ref)
-        if grid is None:
+        judged = verdicts.compare_curves(x, ref)
+        if judged is None:
             continue
-        diff = curves.mean_gap(grid, x, ref)
-        floors = [f for f in (curves.seed_floor(x, grid), curves.seed_floor(ref, grid)) if f is not None]
-        v = compare(diff, 0.0, max(floors) if floors else None, "the seed-to-seed spread")
+        diff, v = judged
         text = f"- Loss curves: {x.label} vs {ref.label}: the (mean) smoothed curves differ by {diff:.4f} on average"
         same_math = (x.trainers == ref.trainers and x.batch_size == ref.batch_size and not x.compressed
                      and not x.asynchronous)
@@ -260,10 +284,14 @@ def convergence_lines(xs):
         if x.trainers != ref.trainers or x.batch_size != ref.batch_size:
             text += " (it trains on a different global batch and data split)"
         if x.mean("best_val_accuracy") is not None and ref.mean("best_val_accuracy") is not None \
-                and not x.synthetic and not ref.synthetic:
+                and not x.accuracy_void and not ref.accuracy_void:
             text += (f"; best val accuracy {x.stat('best_val_accuracy').text()}% vs "
                      f"{ref.stat('best_val_accuracy').text()}%")
         out.append(text + ".")
+    modeled = [x.label for x in xs if x.modeled]
+    if modeled:
+        out.append(f"- Loss and accuracy not compared for {', '.join(modeled)}: modeled compute trains a proxy "
+                   "model, so they mean nothing.")
     return out
 
 
@@ -300,12 +328,14 @@ def ps_lines(xs):
             text += f", and {ms(x.mean('server_update'))} per step for the server to aggregate and update while every worker waits"
         out.append(text + ".")
     for x in [x for x in xs if x.kind == "ps" and x.comm not in ("p2p", None)]:
-        p2p = next((p for p in xs if p.kind == "ps" and p.variant == "p2p" and p.world_size == x.world_size), None)
+        p2p = next((p for p in xs if p.kind == "ps" and p.variant == "p2p" and p.world_size == x.world_size
+                    and same_compute(p, x)), None)
         if p2p is None or x.mean("yardstick.overhead") is None or p2p.mean("yardstick.overhead") is None:
             continue
-        v = verdicts.compare_overhead(x, p2p)
-        out.append(f"- PS at {x.world_size} processes: {x.variant} communication overhead is {v.ratio:.2f}x the "
-                   f"guide's per-tensor p2p ({ms(v.a)} vs {ms(v.b)}; {v.words}).")
+        v, ratio = verdicts.compare_overhead(x, p2p), verdicts.overhead_ratio(x, p2p)
+        how = f"is {ratio:.2f}x the guide's per-tensor p2p" if ratio is not None else "set against the guide's p2p"
+        out.append(f"- PS at {x.world_size} processes: {x.variant} communication overhead {how} "
+                   f"({verdicts.overhead_text(x)} vs {verdicts.overhead_text(p2p)}; {v.words}).")
     return out
 
 
@@ -317,9 +347,12 @@ def link_lines(xs):
             continue
         text = (f"- Link bound, {x.label}: the busiest link carried {link.sent / 1e6:.1f} MB out and "
                 f"{link.received / 1e6:.1f} MB in per step, {ms(link.link_time)} at {link.rate} "
-                f"({link.link_time_how}), the least time those bytes take; the measured overhead, {ms(overhead)}, is "
-                f"{overhead / link.link_time:.2f}x that bound")
-        if overhead < link.link_time:
+                f"({link.link_time_how}), the least time those bytes take; the measured overhead, ")
+        if verdicts.overhead_near_zero(x):
+            text += f"{verdicts.overhead_text(x)}, is below it: the exchange runs during compute"
+        else:
+            text += f"{ms(overhead)}, is {overhead / link.link_time:.2f}x that bound"
+        if overhead < link.link_time and not verdicts.overhead_near_zero(x):
             text += " (below it: part of the exchange runs during compute)"
         if link.bound_bytes:
             text += (f"; the method cannot move less than {link.bound_bytes / 1e6:.1f} MB per direction there "
@@ -362,12 +395,16 @@ def cluster_lines(xs):
         if len(points) < 2:
             continue
         a, b = points[0], points[-1]
+        growth = verdicts.ratio(b["overhead"], a["overhead"])
         text = (f"- Cost against nodes, {cluster_name(key)}: communication overhead {ms(a['overhead'])} per step at "
-                f"{a['nodes']} nodes -> {ms(b['overhead'])} at {b['nodes']} ({b['overhead'] / a['overhead']:.2f}x)")
+                f"{a['nodes']} nodes -> {ms(b['overhead'])} at {b['nodes']}"
+                + (f" ({growth:.2f}x)" if growth is not None else ""))
         if a["bound"] and b["bound"]:
             text += (f"; its link-rate bound ({b['how']}) {ms(a['bound'])} -> {ms(b['bound'])} "
-                     f"({b['bound'] / a['bound']:.2f}x), so the overhead went from "
-                     f"{a['overhead'] / a['bound']:.2f}x to {b['overhead'] / b['bound']:.2f}x its bound")
+                     f"({b['bound'] / a['bound']:.2f}x)")
+            if growth is not None:
+                text += (f", so the overhead went from {a['overhead'] / a['bound']:.2f}x to "
+                         f"{b['overhead'] / b['bound']:.2f}x its bound")
         else:
             text += "; no per-step link bound for it"
         if a["bytes"] is not None and b["bytes"] is not None:
@@ -392,20 +429,23 @@ def tradeoff_lines(xs):
             continue
         speed = verdicts.compare_throughput(x, p)
         text = f"- {x.label} against {p.label}: {speed.ratio:.2f}x the throughput ({speed.words})"
-        if x.mean("yardstick.overhead") is not None and p.mean("yardstick.overhead"):
-            ov = verdicts.compare_overhead(x, p)
-            text += f", communication overhead {ms(ov.a)} vs {ms(ov.b)} ({100 * (ov.ratio - 1):+.0f}%, {ov.words})"
+        if x.mean("yardstick.overhead") is not None and p.mean("yardstick.overhead") is not None:
+            ov, ratio = verdicts.compare_overhead(x, p), verdicts.overhead_ratio(x, p)
+            change = f"{100 * (ratio - 1):+.0f}%, " if ratio is not None else ""
+            text += (f", communication overhead {verdicts.overhead_text(x)} vs {verdicts.overhead_text(p)} "
+                     f"({change}{ov.words})")
             if speed.beyond is None:  # no noise measure for the throughput: the yardstick judges the speed
                 speed = compare(-ov.a, -ov.b, ov.noise, ov.measure)
         if x.asynchronous:
             text += (f", staleness {x.mean('staleness_mean'):.2f} updates on average "
                      f"(max {x.mean('staleness_max'):.0f})")
         accuracy = None
-        if not x.synthetic and x.mean("final_val_accuracy") is not None and p.mean("final_val_accuracy") is not None:
+        if not x.accuracy_void and not p.accuracy_void and x.mean("final_val_accuracy") is not None \
+                and p.mean("final_val_accuracy") is not None:
             accuracy = verdicts.compare_accuracy(x, p)
             text += (f"; final val accuracy {accuracy.a:.2f}% vs {accuracy.b:.2f}% (" +
                      (accuracy.words if accuracy.beyond is not None else "one seed: no noise floor") + ")")
-        elif x.mean("final_train_loss") is not None and p.mean("final_train_loss") is not None:
+        elif not x.modeled and x.mean("final_train_loss") is not None and p.mean("final_train_loss") is not None:
             text += f"; final train loss {x.mean('final_train_loss'):.4f} vs {p.mean('final_train_loss'):.4f}"
         if speed.beyond is None:
             verdict = "has no noise measure to be judged by"
@@ -424,11 +464,11 @@ def tradeoff_lines(xs):
 
 def scaling_lines(xs):
     out = []
-    for (kind, variant), group in scaling_groups(xs).items():
+    for (kind, variant, model), group in scaling_groups(xs).items():
         a, b = group[0], group[-1]
         ta, tb = a.mean("throughput"), b.mean("throughput")
         eff = tb / (ta * b.trainers / a.trainers)
-        out.append(f"- Scaling {KINDS[kind][0]} ({variant or 'guide file'}): {ta:.1f} img/s at {a.world_size} "
+        out.append(f"- Scaling {KINDS[kind][0]} ({variant or 'guide file'}{', modeled compute' if model else ''}): {ta:.1f} img/s at {a.world_size} "
                    f"processes -> {tb:.1f} at {b.world_size} ({100 * eff:.0f}% of linear in trainers).")
     return out
 
@@ -446,11 +486,26 @@ def note_lines(xs):
     return out
 
 
+ANALYSIS_GROUPS = (
+    ("Speed", (throughput_lines, ranking_lines, mixed_compute_lines, tradeoff_lines)),
+    ("Communication", (overhead_lines, limit_lines, ddp_timer_lines, ps_lines, link_lines, hierarchy_lines)),
+    ("Convergence", (convergence_lines,)),
+    ("Scale", (scaling_lines, cluster_lines)),
+    ("Ranks and restarts", (straggler_lines, restart_lines)),
+    ("Notes", (note_lines,)),
+)
+
+
+def analysis_groups(xs):
+    """[(group, lines)]: observations computed from the numbers, grouped; nothing here is asserted without a
+    figure behind it. Groups with nothing to say are left out."""
+    groups = [(title, [line for f in functions for line in f(xs)]) for title, functions in ANALYSIS_GROUPS]
+    return [(title, lines) for title, lines in groups if lines]
+
+
 def analysis(xs):
-    """Observations computed from the numbers; nothing here is asserted without a figure behind it."""
-    return (throughput_lines(xs) + ranking_lines(xs) + overhead_lines(xs) + limit_lines(xs) + ddp_timer_lines(xs)
-            + straggler_lines(xs) + convergence_lines(xs) + ps_lines(xs) + link_lines(xs) + hierarchy_lines(xs)
-            + cluster_lines(xs) + tradeoff_lines(xs) + scaling_lines(xs) + restart_lines(xs) + note_lines(xs))
+    """Every observation, in group order."""
+    return [line for _, lines in analysis_groups(xs) for line in lines]
 
 
 def not_measured_lines(xs):
@@ -466,24 +521,63 @@ def not_measured_lines(xs):
 
 
 # --------------------------------------------------------------------------- the whole report
+def wrap(line, width=WIDTH):
+    """A logical line within `width` columns: continuation lines indented two more than its first."""
+    if len(line) <= width:
+        return line
+    return fill(line, width, " " * (len(line) - len(line.lstrip()) + 2))
+
+
 def tables_text(tables):
-    """The tables as the terminal shows them, then the guide's speedup list."""
-    return "\n\n".join(render_text(t) for t in tables) + \
-        "\n\nSpeedup relative to Baseline DDP (same world size)\n" + "\n".join(speedup_lines(tables[0]))
+    """The Details tables as the terminal and the report show them: grouped, each under its title and caption."""
+    out, group = [], None
+    for t in tables:
+        if t.group != group:
+            group = t.group
+            out.append(f"[{group}]" if group else "")
+        out += [render_text(t), ""]
+    return "\n".join(out).rstrip()
+
+
+def summary_line(xs):
+    """One line of what ran, from the fields every run shares."""
+    first = xs[0].first.data
+    same = lambda key: len({str(x.first.data.get(key)) for x in xs}) == 1 and first.get(key) is not None  # noqa
+    parts = [f"{sum(len(x.runs) for x in xs)} results files, {len(xs)} experiments"]
+    if same("arch"):
+        parts.append(str(first["arch"]) + (f" at {first['image_size']} px" if same("image_size") else ""))
+    if isinstance(first.get("dataset"), dict) and same("dataset"):
+        parts.append(f"on {first['dataset'].get('name')}")
+    if same("backend") and same("device"):
+        parts.append(f"{first['backend']} on {first['device']}")
+    if all(not x.network for x in xs) and not all(x.guide_format for x in xs):
+        parts.append("loopback")
+    if any(x.modeled for x in xs):
+        parts.append("modeled compute in " + ", ".join(x.label for x in xs if x.modeled))
+    return "Runs: " + "; ".join(parts) + " (the full context is under Details)."
+
+
+def answer_text(xs):
+    """The first page: the guide's answer."""
+    return "\n".join(wrap(line) for line in "\n".join(answer_lines(xs)).split("\n")).rstrip()
 
 
 def build_report(xs, skipped, tables, plots):
-    """performance_report.txt's text."""
-    missing = not_measured_lines(xs)
-    lines = [f"Distributed training performance report ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
-             "Run context", *context_lines(xs),
-             "  files: " + ", ".join(r.path.name for x in xs for r in x.runs), ""]
+    """performance_report.txt's text: the guide's answer, then the Details."""
+    lines = [f"Distributed training performance report ({time.strftime('%Y-%m-%d %H:%M:%S')})", summary_line(xs),
+             "", answer_text(xs), "", "=" * 24,
+             f"Details: every run and variant, grouped; what each column means: {DOCS}", "", tables_text(tables), "",
+             "Analysis (computed from the numbers above)"]
+    for title, group in analysis_groups(xs):
+        lines += [f"[{title}]", *group]
+    lines += ["", "Run context", *context_lines(xs),
+              "  files: " + ", ".join(r.path.name for x in xs for r in x.runs), ""]
     if skipped:
         lines += [f"Skipped files: {len(skipped)} JSON file(s) in the folder are not usable results, one line each",
                   *(f"  - {s}" for s in skipped), ""]
-    lines += [tables_text(tables), "", "Analysis (computed from the numbers above)", *analysis(xs), ""]
+    missing = not_measured_lines(xs)
     if missing:
         lines += ["Not measured by these runs (shown as - in the tables; never filled in from a default)", *missing,
                   ""]
     lines.append("Plots: " + ", ".join(f"plots/{name}" for name in sorted(plots)))
-    return "\n".join(lines) + "\n"
+    return "\n".join(wrap(line) for line in "\n".join(lines).split("\n")) + "\n"

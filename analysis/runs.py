@@ -219,6 +219,30 @@ class Run:
         """--synthetic: random images, so accuracy means nothing."""
         return bool(self.args.get("synthetic")) or "accuracy_note" in self.data
 
+    @property
+    def compute_model(self):
+        """The compute model that stood in for the real compute (`compute_model`: its kind, label, spec, the
+        modeled and the proxy batch), or None when the compute was real. Its throughput counts modeled images and
+        its loss and accuracy are the proxy's: meaningless."""
+        model = self.data.get("compute_model")
+        return model if isinstance(model, dict) and model else None
+
+    @property
+    def compute_key(self):
+        """What makes two runs' compute the same: None for real compute, else the compute model's spec (or label)."""
+        model = self.compute_model
+        if model is None:
+            return None
+        return str(model.get("spec") or model.get("label") or json.dumps(model, sort_keys=True))
+
+    modeled = property(lambda self: self.compute_model is not None)
+
+    @property
+    def accuracy_void(self):
+        """Why the run's accuracy means nothing ("synthetic", "modeled compute"), or None when it means something.
+        A modeled run's loss means nothing too (the proxy's); a synthetic run's loss still shows learning."""
+        return "modeled compute" if self.modeled else "synthetic" if self.synthetic else None
+
     # ---- figures: the summary's value when it states one, else from the epochs
     def _summary(self, key):
         summary = self.data.get("summary")
@@ -452,6 +476,8 @@ class Experiment:
 
     kind, world_size, batch_size, trainers = map(_from_first, ("kind", "world_size", "batch_size", "trainers"))
     guide_format, synthetic, network = map(_from_first, ("guide_format", "synthetic", "network"))
+    compute_model, compute_key, modeled, accuracy_void = map(_from_first, (
+        "compute_model", "compute_key", "modeled", "accuracy_void"))
     comm_hook, sync, compress, comm, mode, servers, bucket_mb = map(_from_first, (
         "comm_hook", "sync", "compress", "comm", "mode", "servers", "bucket_mb"))
     single_server, compressed, asynchronous = map(_from_first, ("single_server", "compressed", "asynchronous"))
@@ -498,12 +524,17 @@ def variant_of(run):
     return ", ".join(parts)
 
 
+def short_key(key):
+    """A compute model's key as a label shows it: a profile file by its name, a spec ("flops:20") as it is."""
+    return Path(key).name if key.endswith(".json") else key
+
+
 def group(runs):
     """Runs into labelled, ordered experiments: the same method, variant, world size, batch and file format
     are one experiment when their seeds differ."""
     groups = collections.defaultdict(list)
     for run in runs:
-        key = (run.kind, variant_of(run), run.world_size, run.batch_size, run.guide_format)
+        key = (run.kind, variant_of(run), run.world_size, run.batch_size, run.guide_format, run.compute_key)
         # Two files of the same seed (or two without one) are two experiments, told apart by file name.
         slot = next((g for g in groups[key] if run.seed is not None and run.seed not in [r.seed for r in g]), None)
         if slot is None:
@@ -516,13 +547,16 @@ def group(runs):
         variants = KINDS[x.kind][1]
         base = x.variant.split(", ")[0]
         return (ALL_KINDS.index(x.kind), x.guide_format, variants.index(base) if base in variants else len(variants),
-                x.variant, x.world_size, x.first.path.name)
+                x.variant, x.compute_key or "", x.world_size, x.first.path.name)
     experiments.sort(key=order)
     several_sizes = len({x.world_size for x in experiments}) > 1
     mixed = len({x.guide_format for x in experiments}) > 1
+    models = {x.compute_key for x in experiments if x.modeled}
     for x in experiments:
         shown = [part for part in x.variant.split(", ") if part and part != "none"]  # DDP without a hook
         shown += ["guide file"] if x.guide_format and mixed else []
+        # Named in every label, so every table row and sentence that uses the run says so.
+        shown += [f"modeled compute{f' {short_key(x.compute_key)}' if len(models) > 1 else ''}"] if x.modeled else []
         x.label = x.name + (f" ({', '.join(shown)})" if shown else "")
         x.label += f" [{x.world_size} proc]" if several_sizes else ""
     counts = collections.Counter(x.label for x in experiments)
@@ -540,18 +574,24 @@ def load_folder(folder):
 
 
 # --------------------------------------------------------------------------- relations between experiments
+def same_compute(a, b):
+    """Whether two experiments' compute is alike: both real, or the same compute model. A modeled run's throughput
+    counts modeled images, so it is never set against a real run's as if it were one."""
+    return a.compute_key == b.compute_key
+
+
 def baseline_for(x, experiments):
     """The DDP experiment of the same world size that speedups are relative to: the kit's default (no hook,
     default buckets), else a guide-format DDP file; a complete one first."""
     ddps = [d for d in experiments if d.kind == "baseline_ddp" and d.world_size == x.world_size
-            and d.variant in (KINDS["baseline_ddp"][1][0], "")]
+            and d.variant in (KINDS["baseline_ddp"][1][0], "") and same_compute(d, x)]
     return min(ddps, key=lambda d: (not d.complete, d.guide_format)) if ddps else None
 
 
 def twin_ddp(x, experiments):
     """The DDP doing this experiment's math: as many trainers, the same batch (a PS with N workers = DDP on N)."""
     twins = [d for d in experiments if d.kind == "baseline_ddp" and d.world_size == x.trainers
-             and d.batch_size == x.batch_size and d.variant in (KINDS["baseline_ddp"][1][0], "")]
+             and d.batch_size == x.batch_size and d.variant in (KINDS["baseline_ddp"][1][0], "") and same_compute(d, x)]
     return min(twins, key=lambda d: (not d.complete, d.guide_format)) if twins else None
 
 
@@ -567,29 +607,31 @@ def plain_variant(x, experiments):
     else:
         return None
     plain = [p for p in experiments if p.kind == x.kind and p.world_size == x.world_size and not p.guide_format
-             and same(p)]
+             and same_compute(p, x) and same(p)]
     return plain[0] if plain else None
 
 
 def scaling_groups(experiments):
-    """{(kind, variant): experiments by world size} where a variant ran at several world sizes."""
+    """{(kind, variant, compute key): experiments by world size} where a variant ran at several world sizes (with
+    the same compute: real, or one compute model)."""
     groups = collections.defaultdict(list)
     for x in experiments:
-        groups[(x.kind, x.variant, x.guide_format)].append(x)
-    return {k[:2]: sorted(v, key=lambda x: x.world_size) for k, v in groups.items()
+        groups[(x.kind, x.variant, x.guide_format, x.compute_key)].append(x)
+    return {k[:2] + k[3:]: sorted(v, key=lambda x: x.world_size) for k, v in groups.items()
             if len({x.world_size for x in v}) > 1}
 
 
 def cluster_groups(experiments):
-    """{(kind, variant, processes per node, link rate): experiments by node count} for a method and variant run
-    on a declared network (emulate_cluster.sh) at several node counts with the same processes per node and link
-    rate: the cost against the number of nodes."""
+    """{(kind, variant, processes per node, link rate, compute key): experiments by node count} for a method and
+    variant run on a declared network (emulate_cluster.sh) at several node counts with the same processes per node,
+    link rate and compute: the cost against the number of nodes."""
     groups = collections.defaultdict(list)
     for x in experiments:
         net = x.network or {}
         if x.guide_format or not net.get("link_rate_bits") or not isinstance(net.get("nodes"), int):
             continue
-        groups[(x.kind, x.variant, net.get("procs_per_node") or 1, net.get("link_rate") or "?")].append(x)
+        key = (x.kind, x.variant, net.get("procs_per_node") or 1, net.get("link_rate") or "?", x.compute_key)
+        groups[key].append(x)
     return {k: sorted(v, key=lambda x: (x.network["nodes"], x.world_size)) for k, v in groups.items()
             if len({x.network["nodes"] for x in v}) > 1}
 
@@ -600,11 +642,11 @@ def bucket_groups(experiments):
     for x in experiments:
         if (x.kind == "baseline_ddp" and x.comm_hook == "none") or \
                 (x.kind == "all_reduce" and x.sync == "overlap" and x.compress == "none"):
-            groups[(x.name, x.world_size)].append((x.bucket_mb, x))
+            groups[(x.name + (" (modeled compute)" if x.modeled else ""), x.world_size)].append((x.bucket_mb, x))
     return {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len(v) > 1}
 
 
 __all__ = ["KINDS", "KIT_DEFAULTS", "FIGURES", "Yardstick", "Run", "Skipped", "Experiment", "load_run",
            "read_folder", "group", "run_label", "load_folder", "method_of", "peek", "variant_of", "baseline_for",
-           "twin_ddp",
+           "twin_ddp", "same_compute",
            "plain_variant", "scaling_groups", "cluster_groups", "bucket_groups", "DdpTimers"]

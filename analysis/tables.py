@@ -1,12 +1,18 @@
-"""The tables: each a Table (title, columns, rows of named cells, a note), built from a dict of column header ->
-the cell of one experiment, so a new column is one line; rendered as text for the terminal and the report, and
-as markdown for report_tables.md. A figure a run does not record is "-"."""
+"""The tables: each a Table (title, columns, rows of named cells, a one-line caption, the group it is shown in, a
+note), built from a dict of column header -> the cell of one experiment, so a new column is one line; rendered as
+text within 120 columns for the terminal and the report (the caption above; the note's definitions are in
+docs/reading_the_report.md), and as markdown for report_tables.md (wide, with the note). A figure a run does not
+record is "-"."""
 import dataclasses
+import textwrap
 
 from . import ranks, recovery, verdicts
 from .links import link_figures, physical_limit
 from .runs import baseline_for, run_label, twin_ddp
 from .stats import number
+
+WIDTH = 120  # the text report's and the terminal's columns
+FIRST_COLUMN_MAX = 56  # a longer row label wraps onto a second line
 
 
 @dataclasses.dataclass
@@ -14,7 +20,9 @@ class Table:
     title: str
     columns: list
     rows: list  # one dict per row: column header -> cell text
-    note: str = ""
+    note: str = ""  # the definitions, in full: report_tables.md and docs/reading_the_report.md
+    caption: str = ""  # one line under the title in the text report
+    group: str = ""  # the Details group it is shown in
 
     def column(self, header):
         """{row label (the first column): cell} of one column."""
@@ -39,11 +47,18 @@ def speedup(x, experiments):
     base, twin = baseline_for(x, experiments), twin_ddp(x, experiments)
     if base is x:
         return "1.00x (baseline)"
+    if base is None and twin is None and x.modeled and any(d.kind == "baseline_ddp" for d in experiments):
+        return "n/a (no DDP of its compute model)"  # never against a real run's throughput
     if base is not None:
         return f"{x.mean('throughput') / base.mean('throughput'):.2f}x"
     if twin is not None:  # e.g. a PS on N+1 processes against DDP on its N trainers
         return f"{x.mean('throughput') / twin.mean('throughput'):.2f}x (vs DDP on {twin.world_size})"
     return "n/a (no DDP run)"
+
+
+def accuracy_cell(x, figure):
+    """An accuracy figure, or "n/a (synthetic)" / "n/a (modeled compute)" where it means nothing."""
+    return f"n/a ({x.accuracy_void})" if x.accuracy_void else cell(x, figure)
 
 
 def seeds_cell(x):
@@ -56,7 +71,7 @@ def performance_table(xs):
         "Method": lambda x: x.label,
         "Avg throughput (img/s)": lambda x: cell(x, "throughput", 1),
         "Avg train time/epoch (s)": lambda x: cell(x, "time_per_epoch"),
-        "Best accuracy (%)": lambda x: "n/a (synthetic)" if x.synthetic else cell(x, "best_val_accuracy"),
+        "Best accuracy (%)": lambda x: accuracy_cell(x, "best_val_accuracy"),
         "Relative speedup": lambda x: speedup(x, xs),
         "Trainers x batch": lambda x: f"{x.trainers} x {x.batch_size}" + (
             " (+1 server)" if x.trainers < x.world_size else ""),
@@ -73,9 +88,10 @@ YARDSTICK_NOTE = (
     "overhead / the same buckets synchronized blocking after backward, both measured in the run, shown only when "
     "the two differ beyond the pairs' spread. Physical limit: a step cannot be shorter than the larger of its "
     "compute (the step without communication) and its measured bytes per step through the busiest node link at "
-    "the link rate (loopback, no declared link: the compute alone); limit / step = how close the epochs' measured "
-    "step (avg_batch_time) came to it, 1.00 = at the limit, above 1 a measurement problem. Only the kit's scripts "
-    "measure it: a guide-format file (or a run with --overhead-pairs 0, or resumed) shows -.")
+    "the link rate (loopback, no declared link: the compute alone); limit / step = how close the yardstick's own "
+    "step with communication (the same fixed batch) came to it, 1.00 = at the limit; \"at it, in noise\": within "
+    "the pairs' spread of the limit; above 1 beyond that spread would be a measurement problem. Only the kit's "
+    "scripts measure it: a guide-format file (or a run with --overhead-pairs 0, or resumed) shows -.")
 
 
 def limit_cells(x):
@@ -84,6 +100,14 @@ def limit_cells(x):
     if lim is None:
         return "-", "-"
     return f"{1e3 * lim.limit:.1f} ({lim.bound_by})", lim.reached_text
+
+
+def share_cell(x):
+    """The overhead's share of the step; "~0 (in noise)" when the overhead is within noise of zero (a negative
+    share would read as nonsense)."""
+    if x.stat("yardstick.share") is None:
+        return "-"
+    return "~0 (in noise)" if verdicts.overhead_near_zero(x) else cell(x, "yardstick.share", 1, 100)
 
 
 def yardstick_table(xs):
@@ -99,11 +123,11 @@ def yardstick_table(xs):
         "Method": lambda x: x.label,
         "Comm overhead (ms/step)": lambda x: cell(x, "yardstick.overhead", 1, 1e3),
         "Spread min-max (ms)": spread,
-        "Share of step (%)": lambda x: cell(x, "yardstick.share", 1, 100),
+        "Share of step (%)": share_cell,
         "Scaling efficiency (%)": lambda x: cell(x, "scaling_efficiency", 1, 100),
         "Hidden behind backward (%)": hidden,
         "Physical limit (ms/step)": lambda x: limit_cells(x)[0],
-        "Limit / measured step": lambda x: limit_cells(x)[1],
+        "Limit / step (fixed batch)": lambda x: limit_cells(x)[1],
     }, YARDSTICK_NOTE)
 
 
@@ -163,7 +187,8 @@ def link_table(xs):
         "Busiest link sent / received per step (MB)": lambda x: f"{f(x).sent / 1e6:.1f} / {f(x).received / 1e6:.1f}",
         "Time at link rate (ms)": lambda x: f"{1e3 * f(x).link_time:.1f}",
         "Directions counted": lambda x: f(x).link_time_how,
-        "Comm overhead / link time": lambda x: "-" if overhead(x) is None else f"{overhead(x) / f(x).link_time:.2f}x",
+        "Comm overhead / link time": lambda x: "-" if overhead(x) is None else "~0 (in noise)" if
+        verdicts.overhead_near_zero(x) else f"{overhead(x) / f(x).link_time:.2f}x",
         "Least the method moves (MB per direction)": lambda x: (
             f"{f(x).bound_bytes / 1e6:.1f} ({f(x).bound_how})" if f(x).bound_bytes else f(x).bound_how),
         "Measured / least": lambda x: f"{f(x).busiest / f(x).bound_bytes:.2f}x" if f(x).bound_bytes else "-",
@@ -246,21 +271,47 @@ def tradeoff_table(xs):
         "Method": lambda x: x.label,
         "Bytes on the wire per step (MB)": lambda x: number(x.wire_bytes, 1, 1e-6),
         "Avg throughput (img/s)": lambda x: cell(x, "throughput", 1),
-        "Final train loss": lambda x: cell(x, "final_train_loss", 4),
-        "Final val accuracy (%)": lambda x: "n/a (synthetic)" if x.synthetic else cell(x, "final_val_accuracy"),
+        "Final train loss": lambda x: "n/a (modeled compute)" if x.modeled else cell(x, "final_train_loss", 4),
+        "Final val accuracy (%)": lambda x: accuracy_cell(x, "final_val_accuracy"),
         "Staleness mean / max (updates)": lambda x: "-" if not x.asynchronous else
         f"{x.mean('staleness_mean'):.2f} / {x.mean('staleness_max'):.0f}",
-    })
+    }, "Bytes on the wire: what one rank hands the all-reduce per step (fp16/bf16 compression halves it); staleness: "
+       "server versions between a worker's pull and the application of its gradient (the asynchronous PS); whether "
+       "a variant paid off is judged in the analysis against its plain variant.")
 
 
 def has_tradeoffs(xs):
     return any(x.compressed or x.asynchronous for x in xs)
 
 
+# title: (the Details group, the one-line caption of the text report)
+CAPTIONS = {
+    "Performance comparison": ("Speed and accuracy", "Every experiment; ± is the spread over seeds; speedup "
+                               "against DDP of the same size (a PS: DDP on its trainers)."),
+    "Speed and accuracy": ("Speed and accuracy", "Compression and the asynchronous PS against their plain "
+                           "variants: bytes on the wire, speed, loss and accuracy."),
+    "Communication per training step": ("Communication", "The yardstick: a step minus the same step without "
+                                        "communication, on one fixed batch before epoch 1, in pairs."),
+    "Communication as each script timed it": ("Communication", "Each script's own timers (the guide's "
+                                              "avg_comm_time*): different things per method, not the yardstick."),
+    "DDP's own timers beside the yardstick": ("Communication", "DDP's logging data: how long its all-reduces were "
+                                              "in flight during backward, beside the yardstick."),
+    "Communication against the link": ("Communication", "Bytes per step through the busiest node link at the "
+                                       "declared rate, and the least the method must move there."),
+    "Which rank held the others back": ("Ranks and restarts", "Each trainer's own compute per step (forward + "
+                                        "backward) and the straggler as the run named it."),
+    "Restarts and checkpoints": ("Ranks and restarts", "Restarts torchrun survived (--max-restarts) and what "
+                                 "writing checkpoints cost."),
+}
+
+
 def build_tables(xs):
-    """Every table the analysis shows, in order; the link, DDP timer, rank, recovery and trade-off tables only
-    where some run measured what they show."""
-    tables = [performance_table(xs), yardstick_table(xs), own_timers_table(xs)]
+    """Every table the analysis shows, in order, each with its group and caption; the link, DDP timer, rank,
+    recovery and trade-off tables only where some run measured what they show."""
+    tables = [performance_table(xs)]
+    if has_tradeoffs(xs):
+        tables.append(tradeoff_table(xs))
+    tables += [yardstick_table(xs), own_timers_table(xs)]
     if any(x.stat("ddp_timers.comm") for x in xs):
         tables.append(ddp_timers_table(xs))
     if any(link_figures(x) for x in xs):
@@ -269,20 +320,75 @@ def build_tables(xs):
         tables.append(ranks_table(xs))
     if any(r.recovery.anything for x in xs for r in x.runs):
         tables.append(recovery_table(xs))
-    if has_tradeoffs(xs):
-        tables.append(tradeoff_table(xs))
+    for t in tables:
+        t.group, t.caption = CAPTIONS.get(t.title, ("", ""))
     return tables
 
 
 # --------------------------------------------------------------------------- rendering
-def render_text(table):
-    widths = [max(len(c) for c in col) for col in zip(table.columns, *([r[h] for h in table.columns]
-                                                                        for r in table.rows))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    body = [line(table.columns), "  ".join("-" * w for w in widths),
-            *(line([r[h] for h in table.columns]) for r in table.rows)]
-    return "\n".join([table.title, *body] + ([table.note] if table.note else []))
+def _column_width(header, cells, limit, lines=2):
+    """A column's width: its widest cell (at most `limit`), and room for its header on `lines` lines."""
+    words = max(len(w) for w in header.split()) if header.strip() else 1
+    return min(max([len(c) for c in cells] + [words, -(-len(header) // lines)]), max(limit, words))
+
+
+def _blocks(columns, widths, w0, width):
+    """The columns (but the first) in blocks that fit `width` beside the first column."""
+    blocks, current, used = [], [], w0
+    for h in columns:
+        if current and used + 2 + widths[h] > width:
+            blocks.append(current)
+            current, used = [], w0
+        current.append(h)
+        used += 2 + widths[h]
+    return blocks + [current]
+
+
+def _block(table, columns, widths):
+    """Text lines of the table's rows for some of its columns: headers wrapped and bottom-aligned, the first
+    column left-aligned, the others right-aligned (numbers line up), a cell wider than its column wrapped."""
+    heads = [textwrap.wrap(h, w, break_long_words=False) or [""] for h, w in zip(columns, widths)]
+    height = max(len(h) for h in heads)
+    heads = [[""] * (height - len(h)) + h for h in heads]
+
+    def lines(cells):
+        wrapped = [textwrap.wrap(c, w, break_long_words=False, break_on_hyphens=False) or [""]
+                   for c, w in zip(cells, widths)]
+        rows = max(len(c) for c in wrapped)
+        return ["  ".join((c[i] if i < len(c) else "").ljust(w) if k == 0 else
+                          (c[i] if i < len(c) else "").rjust(w) for k, (c, w) in enumerate(zip(wrapped, widths)))
+                .rstrip() for i in range(rows)]
+
+    out = ["  ".join(h[i].ljust(w) if k == 0 else h[i].rjust(w) for k, (h, w) in enumerate(zip(heads, widths)))
+           .rstrip() for i in range(height)]
+    out.append("  ".join("-" * w for w in widths))
+    for row in table.rows:
+        out += lines([row[h] for h in columns])
+    return out
+
+
+def render_text(table, width=WIDTH):
+    """The table as text within `width` columns: its title, its caption, headers over two or three lines; a table
+    still too wide is split into blocks of columns, each repeating the first."""
+    first, rest = table.columns[0], table.columns[1:]
+    w0 = _column_width(first, [r[first] for r in table.rows], FIRST_COLUMN_MAX)
+    room = width - w0 - 2
+    # Headers on two lines, or on three where that saves a block.
+    widths, blocks = None, None
+    for lines in (2, 3):
+        w = {h: _column_width(h, [r[h] for r in table.rows], room, lines) for h in rest}
+        b = _blocks(rest, w, w0, width)
+        if blocks is None or len(b) < len(blocks):
+            widths, blocks = w, b
+    out = [table.title + (f": {table.caption}" if table.caption and len(table.title) + len(table.caption) + 2 <= width
+                          else "")]
+    if table.caption and out[0] == table.title:
+        out.append(table.caption)
+    for i, block in enumerate(blocks):
+        if i:
+            out.append("")
+        out += _block(table, [first, *block], [w0, *(widths[h] for h in block)])
+    return "\n".join(out)
 
 
 def render_markdown(table):

@@ -2,6 +2,7 @@
 cell and the sentence about the same figure show the same number with the same verdict."""
 import dataclasses
 
+from . import curves
 from .stats import compare, ms, number, two_sigma
 
 
@@ -96,3 +97,46 @@ def compare_accuracy(a, b):
     noise = two_sigma(*sds) if sds else None
     return compare(a.mean("final_val_accuracy"), b.mean("final_val_accuracy"), noise,
                    f"the seed spread, ±{noise:.2f} points" if noise is not None else "")
+
+
+# --------------------------------------------------------------------------- ratios that mean something
+def ratio(a, b):
+    """a / b, or None unless both are positive: a ratio across a sign change (or of a figure within noise of zero)
+    reads as nonsense."""
+    return a / b if a is not None and b is not None and a > 0 and b > 0 else None
+
+
+def overhead_ratio(a, b):
+    """a's overhead / b's, or None where either is within noise of zero (or not positive)."""
+    if overhead_near_zero(a) or overhead_near_zero(b):
+        return None
+    return ratio(a.mean("yardstick.overhead"), b.mean("yardstick.overhead"))
+
+
+def overhead_text(x):
+    """The overhead as words: "68.1 ms", or "within noise of 0 (-10.9 ms)"."""
+    overhead = x.mean("yardstick.overhead")
+    return f"within noise of 0 ({ms(overhead)})" if overhead_near_zero(x) else ms(overhead)
+
+
+def compare_by_seeds(a, b, figure, unit, digits=2, scale=1.0):
+    """a's figure against b's, judged against twice their combined seed spread (no verdict with one seed each);
+    the measure's words carry the noise in `unit`."""
+    sds = [s.sd for s in (a.stat(figure), b.stat(figure)) if s and s.sd is not None]
+    noise = two_sigma(*sds) if sds else None
+    return compare(a.mean(figure) * scale, b.mean(figure) * scale, None if noise is None else noise * scale,
+                   f"the seed spread, ±{noise * scale:.{digits}f}{unit}" if noise is not None else "")
+
+
+# --------------------------------------------------------------------------- loss curves
+def compare_curves(x, ref):
+    """(mean gap between the two experiments' smoothed loss curves, its Verdict against the seed-to-seed spread,
+    the noise floor; no verdict with one seed each), or None where a curve is missing."""
+    if any(r.losses is None for r in x.runs + ref.runs):
+        return None
+    grid = curves.common_grid(x, ref)
+    if grid is None:
+        return None
+    diff = curves.mean_gap(grid, x, ref)
+    floors = [f for f in (curves.seed_floor(x, grid), curves.seed_floor(ref, grid)) if f is not None]
+    return diff, compare(diff, 0.0, max(floors) if floors else None, "the seed-to-seed spread")

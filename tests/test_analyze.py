@@ -33,8 +33,23 @@ SEEDS = ("results_baseline_ddp.json", "results_baseline_ddp_seed1.json", "result
          "results_all_reduce_seed1.json")
 GUIDE_PLOTS = ("throughput_comparison.png", "training_time_comparison.png", "loss_curves.png",
                "accuracy_curves.png", "communication_overhead.png", "time_breakdown.png")
+NEGATIVE_RATIO = re.compile(r"(?<![\w.])-\d+(\.\d+)?(x|%)")  # "-16.21x", "-6.0%": a ratio across a sign change
 PERF, COMM, OWN, LINK = ("Performance comparison", "Communication per training step",
                          "Communication as each script timed it", "Communication against the link")
+
+
+def unwrap(text):
+    """The report's logical lines: a bullet or a context line that the report wrapped at 120 columns continues
+    indented two more than its first line, and is joined back to it."""
+    out = []
+    for line in text.splitlines():
+        indent = len(line) - len(line.lstrip())
+        first = len(out[-1]) - len(out[-1].lstrip()) if out else 0
+        if out and indent == first + 2 and (out[-1].lstrip().startswith("- ") or first == 2):
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def fixture(name, source=FIXTURES):
@@ -66,7 +81,8 @@ class Result:
                 self.analysis = analysis.analyze(results, self.out)
                 self.rc = 0 if self.analysis else 1
         self.stdout, self.stderr = stdout.getvalue(), stderr.getvalue()
-        self.report = (self.out / "performance_report.txt").read_text() if self.rc == 0 else ""
+        self.raw = (self.out / "performance_report.txt").read_text() if self.rc == 0 else ""
+        self.report = unwrap(self.raw)
         self.tables = md_tables(self.out) if self.rc == 0 else {}
         self.plots = self.analysis.plots if self.analysis else None
 
@@ -86,7 +102,8 @@ class Text:
         self.experiments, skipped = runs.load_folder(results)
         tables = analysis.tables.build_tables(self.experiments)
         self.tables = {t.title: {row[t.columns[0]]: row for row in t.rows} for t in tables}
-        self.report = analysis.report.build_report(self.experiments, skipped, tables, {})
+        self.raw = analysis.report.build_report(self.experiments, skipped, tables, {})
+        self.report = unwrap(self.raw)
 
     line = Result.line
 
@@ -734,7 +751,8 @@ def test_ddps_own_timers_beside_the_yardstick(hand):
     assert f"{1e3 * overlap:.1f} ms of it overlapping backward compute ({1e3 * (comm - overlap):.1f} ms exposed)" \
         in line
     assert f"the yardstick's overhead: {row['Yardstick overhead (ms/step)']} ms" in line
-    assert r.report.count("costs DDP time but no yardstick time") == 2  # the table's note and one sentence
+    assert r.report.count("costs DDP time but no yardstick time") == 1  # one sentence (the note: report_tables.md)
+    assert "costs DDP time but no yardstick time" in (r.out / "report_tables.md").read_text()
 
 
 def test_restarts_and_checkpoints_are_counted_per_run(hand):
@@ -787,17 +805,18 @@ def test_runs_without_the_new_fields_show_them_as_not_measured_once(tmp_path, gu
         assert not {"rank_compute.png", "scaling_cluster.png"} & {p.name for p in (r.out / "plots").iterdir()}
     # A guide file has no yardstick: no physical limit either (its cells are dashes, named once as the yardstick).
     assert "Physical limit," not in guide.report
-    assert guide.tables[COMM]["Baseline DDP"]["Limit / measured step"] == "-"
+    assert guide.tables[COMM]["Baseline DDP"]["Limit / step (fixed batch)"] == "-"
 
 
 def test_every_method_against_its_physical_limit(tmp_path, defaults):
-    # Loopback: no declared link, the limit is the compute alone.
+    """The limit and the step it is held against come from one measurement: the yardstick's fixed batch."""
+    # Loopback: no declared link, the limit is the compute alone (the step without communication).
     for label, name in zip(defaults.tables[COMM], DEFAULTS):
         data = fixture(name)
-        compute, step = data["comm_overhead"]["local_step_time"], data["summary"]["avg_batch_time"]
+        compute, step = data["comm_overhead"]["local_step_time"], data["comm_overhead"]["step_time"]
         row = defaults.tables[COMM][label]
-        assert row["Physical limit (ms/step)"] == f"{1e3 * compute:.1f} (compute; no declared link)"
-        assert row["Limit / measured step"] == f"{compute / step:.2f}"
+        assert row["Physical limit (ms/step)"] == f"{1e3 * compute:.1f} (compute)"
+        assert row["Limit / step (fixed batch)"] == f"{compute / step:.2f}"
         line = defaults.line(f"Physical limit, {label}")
         assert "no declared link (loopback), so the limit is the compute alone" in line
         assert f"reaches {compute / step:.2f} of the limit" in line and f"{1e3 * step:.1f} ms" in line
@@ -809,20 +828,34 @@ def test_every_method_against_its_physical_limit(tmp_path, defaults):
         sent, received = (mean_of(data["epochs"], lambda e: e["link"][f"{d}_bytes_per_step"])
                           for d in ("sent", "received"))
         link = (sent + received if "ps" in name else max(sent, received)) * 8 / data["network"]["link_rate_bits"]
-        compute = data["comm_overhead"]["local_step_time"]
+        o = data["comm_overhead"]
+        compute, step = o["local_step_time"], o["step_time"]
         limit = max(link, compute)
-        step = data["summary"]["avg_batch_time"]
         row = r.tables[COMM][label]
         assert row["Physical limit (ms/step)"] == f"{1e3 * limit:.1f} ({'link' if link >= compute else 'compute'})"
-        assert row["Limit / measured step"] == f"{limit / step:.2f}"
+        at = abs(step - limit) <= o["overhead_max"] - o["overhead_min"] if link >= compute else o["overhead_min"] <= 0
+        assert row["Limit / step (fixed batch)"] == f"{limit / step:.2f}" + (" (at it, in noise)" if at else "")
         line = r.line(f"Physical limit, {label}")
-        assert f"{1e3 * link:.1f} ms" in line and f"reaches {limit / step:.2f} of the limit" in line, line
-    # Above 1 is a measurement problem, and says so.
+        assert f"{1e3 * link:.1f} ms" in line and f"{limit / step:.2f}" in line, line
+    # The first run's DDP: the epochs' step shorter than the yardstick's step without communication, the overhead
+    # within noise of 0 (even negative): at the limit within noise, never "a measurement problem", no negative
+    # share or ratio.
+    healthy = fixture(DEFAULTS[0])
+    healthy["comm_overhead"].update(local_step_time=1.04 * healthy["summary"]["avg_batch_time"], overhead=-0.0109,
+                                    overhead_min=-0.03, overhead_max=0.012, overhead_share=-0.06)
+    healthy["comm_overhead"]["step_time"] = healthy["comm_overhead"]["local_step_time"] - 0.0109
+    r = Text(setup_dir(tmp_path / "healthy", (), {DEFAULTS[0]: healthy}))
+    row = r.tables[COMM]["Baseline DDP"]
+    assert row["Limit / step (fixed batch)"].endswith("(at it, in noise)") and row["Share of step (%)"] == "~0 (in noise)"
+    assert "is at the limit within the pairs' spread" in r.line("Physical limit, Baseline DDP")
+    assert "measurement problem" not in r.report and not NEGATIVE_RATIO.search(r.report)
+    # Faster than the limit beyond the pairs' spread is impossible, and says so.
     odd = fixture(DEFAULTS[0])
-    odd["comm_overhead"]["local_step_time"] = 1.25 * odd["summary"]["avg_batch_time"]
+    odd["comm_overhead"].update(local_step_time=1.25 * odd["comm_overhead"]["step_time"], overhead=-0.03,
+                                overhead_min=-0.04, overhead_max=-0.02)
     r = Text(setup_dir(tmp_path / "odd", (), {DEFAULTS[0]: odd}))
-    assert r.tables[COMM]["Baseline DDP"]["Limit / measured step"] == "1.25 (above 1: a measurement problem)"
-    assert "(limit / step = 1.25, above 1): no method beats the limit" in r.line("Physical limit, Baseline DDP")
+    assert r.tables[COMM]["Baseline DDP"]["Limit / step (fixed batch)"] == "1.25 (beyond noise: a measurement problem)"
+    assert "is shorter than that beyond the pairs' spread (limit / step = 1.25)" in r.line("Physical limit, Baseline DDP")
 
 
 def test_cost_against_the_number_of_nodes(tmp_path):
@@ -892,3 +925,206 @@ def test_a_flat_rings_bytes_beside_the_two_levels(tmp_path):
     r = Text(setup_dir(tmp_path / "one", ("results_baseline_ddp.json",), source=FIXTURES / "cluster"))
     assert "All-reduce pattern" not in next(iter(r.tables[LINK].values()))
     assert "Flat ring vs two-level" not in r.report
+
+
+# --------------------------------------------------------------------------- the guide's answer, the first page
+GUIDE_PERF = ["Method", "Avg throughput (img/s)", "Avg train time/epoch (s)", "Best accuracy (%)", "Relative speedup"]
+GUIDE_COMM = ["Method", "Param pull (ms)", "Grad push (ms)", "All-Reduce (ms)", "Total comm (ms)"]
+ALL_FIXTURES = tuple(sorted(p.name for p in FIXTURES.glob("results_*.json")))
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    """Every real fixture (three methods, their variants, two seeds of two), analysed through the command."""
+    tmp = tmp_path_factory.mktemp("everything")
+    return analyze(tmp, setup_dir(tmp, ALL_FIXTURES), via_main=True)
+
+
+def first_page(report):
+    return report.split("\n" + "=" * 24 + "\n")[0]
+
+
+def test_the_first_page_is_the_guides_answer(everything):
+    r = everything
+    assert r.rc == 0
+    page = first_page(r.raw)
+    xs, _ = runs.load_folder(r.out.parent / "results")
+    picks = analysis.answer.guide_rows(xs)
+    assert [picks[k].label for k in runs.KINDS] == ["Baseline DDP [2 proc] (2 seeds)",
+                                                    "Manual All-Reduce (overlap) [2 proc] (2 seeds)",
+                                                    "Parameter Server (collective) [3 proc]"]
+    perf, comm = analysis.answer.performance_table(picks), analysis.answer.comm_table(picks)
+    # The guide's two tables, its columns and rows, every cell filled or dashed as the guide does.
+    for table, columns in ((perf, GUIDE_PERF), (comm, GUIDE_COMM)):
+        assert table.columns == columns
+        assert [row["Method"] for row in table.rows] == ["Baseline DDP", "Manual All-Reduce", "Parameter Server"]
+        assert all(row[c].strip() for row in table.rows for c in columns), table.rows
+        assert analysis.tables.render_text(table) in page
+    ddp, ar, ps = ({h: row[h] for h in row} for row in perf.rows)
+    seeds = [fixture(n)["summary"]["avg_train_throughput"] for n in SEEDS[:2]]
+    assert ddp["Avg throughput (img/s)"] == f"{statistics.mean(seeds):.1f} ± {statistics.stdev(seeds):.1f}"
+    assert ddp["Relative speedup"] == "1.00x (baseline)"
+    p = fixture("results_ps.json")["summary"]
+    assert ps["Relative speedup"] == f"{p['avg_train_throughput'] / statistics.mean(seeds):.2f}x (vs DDP on 2)"
+    assert ps["Best accuracy (%)"] == f"{p['best_val_accuracy']:.2f}"
+    c = {row["Method"]: row for row in comm.rows}
+    assert [c["Baseline DDP"][h] for h in GUIDE_COMM[1:]] == ["-", "-", "-", "(implicit, handled by PyTorch)"]
+    assert c["Manual All-Reduce"]["Param pull (ms)"] == c["Manual All-Reduce"]["Grad push (ms)"] == "-"
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", c["Manual All-Reduce"]["All-Reduce (ms)"])
+    pull, push = 1e3 * p["avg_comm_time_pull"], 1e3 * p["avg_comm_time_push"]
+    assert c["Parameter Server"]["Total comm (ms)"] == f"{pull:.2f} + {push:.2f} = {pull + push:.2f}"
+    assert c["Parameter Server"]["All-Reduce (ms)"] == "-"
+    # Then one paragraph per analysis point, in the guide's order, each sentence short, with its figure.
+    starts = [page.index(f"\n{t}. ") for t in ("Throughput", "Convergence", "Communication efficiency",
+                                                 "Scalability")]
+    assert starts == sorted(starts) and page.index("Parameter Server ") < starts[0]
+    said = analysis.answer.sentences(xs)
+    for point, sentences in said.items():
+        for s in sentences:
+            pointer = re.search(r"run_all\.sh|plots/|--", s)  # what to run or look at next
+            assert len(s) < 160 and (pointer or re.search(r"\d", s)), (point, s)
+        text = " ".join(sentences)
+        assert point == "Scalability" or re.search(r"\b(beyond|within)\b", text), (point, text)
+    throughput = " ".join(said["Throughput"])
+    assert "0.31x DDP: slower, beyond the seed-to-seed spread" in throughput
+    assert "1.00x DDP: a tie within the seed-to-seed spread" in throughput
+    communication = " ".join(said["Communication efficiency"])
+    # The throughput verdict (PS slower beyond noise) and the overhead's (within the pairs' spread) are reconciled.
+    assert "DDP trains faster than the PS beyond the seed-to-seed spread; the yardstick's" in communication
+    assert "--cluster 4x1" in communication and "communication_overhead.png" in communication
+    assert 'run_all.sh --sweep "2 4"' in " ".join(said["Scalability"])
+    # The report and the terminal: the answer first, nothing over 120 columns, nothing a reader calls nonsense.
+    assert r.stdout.startswith("The guide's answer (GUIDE.md Section 4.2)")
+    assert first_page(r.stdout).strip() == page.split("\n", 3)[3].strip()
+    for text in (r.raw, r.stdout):
+        assert max(len(line) for line in text.splitlines()) <= 120
+        assert not NEGATIVE_RATIO.search(text), NEGATIVE_RATIO.search(text)
+        assert "measurement problem" not in text
+    details = r.raw.split("=" * 24)[1]
+    assert details.count("docs/reading_the_report.md") == 1 and (REPO / "docs" / "reading_the_report.md").exists()
+    for t in r.tables:  # every Details table under its title and one-line caption
+        assert re.search(rf"^{re.escape(t)}(: .+)?$\n(.+\n)?", details, re.M), t
+
+
+@pytest.mark.parametrize("folder", [GUIDE, FIXTURES / "cluster", HAND / "cluster", HAND / "hier", HAND / "loopback"])
+def test_every_fixture_folder_gives_a_first_page_that_fits(folder):
+    r = Text(folder)
+    page = first_page(r.raw)
+    assert "Performance (GUIDE.md Section 4.2, first table)" in page and "Scalability. " in page
+    assert max(len(line) for line in r.raw.splitlines()) <= 120
+    assert not NEGATIVE_RATIO.search(r.raw) and "measurement problem" not in r.raw
+    for sentences in analysis.answer.sentences(r.experiments).values():
+        assert all(len(s) < 160 for s in sentences), sentences
+
+
+def test_an_overhead_within_noise_of_zero_is_never_a_ratio(tmp_path):
+    """The first run's case: DDP's overhead -10.9 ms (its pairs straddle 0), the PS's 177.4 ms."""
+    ddp = fixture(DEFAULTS[0])
+    ddp["comm_overhead"].update(overhead=-0.0109, overhead_min=-0.03, overhead_max=0.02, overhead_share=-0.07)
+    ps = fixture(DEFAULTS[2])
+    ps["comm_overhead"].update(overhead=0.1774, overhead_min=0.15, overhead_max=0.2)
+    r = Text(setup_dir(tmp_path, (), {DEFAULTS[0]: ddp, DEFAULTS[2]: ps}))
+    assert not NEGATIVE_RATIO.search(r.raw) and "-16.2" not in r.raw
+    said = " ".join(analysis.answer.sentences(r.experiments)["Communication efficiency"])
+    assert "DDP within noise of 0 (-10.9 ms)" in said
+    assert "DDP's overhead is within noise of 0; the PS's is 177.4 ms, beyond the pairs' spread" in said
+    assert r.tables[COMM]["Baseline DDP [2 proc]"]["Share of step (%)"] == "~0 (in noise)"
+
+
+# --------------------------------------------------------------------------- modeled compute (issue 31's field)
+COMPUTE_MODEL = {"kind": "flops", "label": "modeled compute: flops at 20 TFLOP/s", "spec": "flops:20",
+                 "modeled_batch": 64, "modeled_image_size": 224, "proxy_batch": 2, "proxy_image_size": 32,
+                 "modeled_compute_per_step": 0.051, "overrun_per_step": 0.0}
+
+
+def modeled(name, factor=10.0):
+    """A real fixture as a modeled-compute run would write it: compute_model set, modeled images counted."""
+    data = fixture(name)
+    data["compute_model"] = dict(COMPUTE_MODEL)
+    data["summary"]["avg_train_throughput"] *= factor
+    for e in data["epochs"]:
+        e["train_throughput"] *= factor
+    return data
+
+
+def test_a_modeled_compute_run_is_named_and_never_compared_as_real(tmp_path):
+    extra = {"results_baseline_ddp_modeled.json": modeled(DEFAULTS[0]), "results_ps_modeled.json": modeled(DEFAULTS[2]),
+             "results_all_reduce_modeled.json": modeled(DEFAULTS[1]),
+             "results_ps_p2p.json": {**fixture("results_ps_p2p.json"), "compute_model": None}}  # null: real compute
+    other = extra["results_all_reduce_modeled.json"]["compute_model"]  # another model, told apart by its label
+    del other["spec"]
+    other["label"] = "flops at 40 TFLOP/s"
+    r = analyze(tmp_path, setup_dir(tmp_path, DEFAULTS, extra))
+    assert r.rc == 0 and r.stderr == ""
+    perf = r.tables[PERF]
+    trade = {row["Method"]: row for row in analysis.tables.tradeoff_table(r.analysis.experiments).rows}
+    labels = list(perf)
+    ddp_m, ar_m, ps_m = model_labels = [x for x in labels if "modeled compute" in x]
+    # Each label names its compute model (two here); the same seed of a real and a modeled DDP is two experiments.
+    assert model_labels == ["Baseline DDP (modeled compute flops:20) [2 proc]",
+                            "Manual All-Reduce (overlap, modeled compute flops at 40 TFLOP/s) [2 proc]",
+                            "Parameter Server (collective, modeled compute flops:20) [3 proc]"], labels
+    real = [x for x in labels if x not in model_labels]
+    assert real == ["Baseline DDP [2 proc]", "Manual All-Reduce (overlap) [2 proc]",
+                    "Parameter Server (collective) [3 proc]", "Parameter Server (p2p) [3 proc]"]
+    for label in model_labels:
+        assert perf[label]["Best accuracy (%)"] == trade[label]["Final val accuracy (%)"] == "n/a (modeled compute)"
+        assert trade[label]["Final train loss"] == "n/a (modeled compute)"
+    for label in real:
+        assert re.fullmatch(r"\d+\.\d\d", perf[label]["Best accuracy (%)"]), label
+    # Speedups only within one compute model.
+    assert perf[ddp_m]["Relative speedup"] == perf[real[0]]["Relative speedup"] == "1.00x (baseline)"
+    m = [fixture(n)["summary"]["avg_train_throughput"] * 10 for n in (DEFAULTS[0], DEFAULTS[2])]
+    assert perf[ps_m]["Relative speedup"] == f"{m[1] / m[0]:.2f}x (vs DDP on 2)"  # the modeled DDP's, not the real
+    assert perf[ar_m]["Relative speedup"] == "n/a (no DDP of its compute model)"
+    # No sentence of the analysis sets a modeled run against a real one; one says that they are mixed.
+    for line in r.report.split("Analysis (computed")[1].split("\nRun context")[0].splitlines():
+        shown = [x for x in labels if x in line]
+        if any(x in model_labels for x in shown):
+            assert not [x for x in shown if x in real and not any(x in m for m in model_labels if m in line)], line
+    assert "never against a real run" in r.line("Modeled and real compute are mixed here (flops at 40 TFLOP/s; modeled compute: flops at 20")
+    assert "Throughput at 2 processes: Manual All-Reduce (overlap) [2 proc] has the highest" in r.report
+    assert f"Throughput at 2 processes, modeled compute flops:20" not in r.report  # one run there: nothing to rank
+    assert "Loss and accuracy not compared for " + ", ".join(model_labels) in r.report
+    assert "warning: runs differ in compute" in r.report and "flops at 20 TFLOP/s" in r.report
+    # The plots leave the modeled runs out of accuracy and loss, and say why.
+    assert r.plots["accuracy_curves.png"]["left_out"] == model_labels
+    assert "modeled compute" in r.plots["accuracy_curves.png"]["note"]
+    assert set(r.plots["loss_curves.png"]["curves"]) == set(real)
+    # The answer's rows are the real runs, and it stays within 120 columns.
+    picks = analysis.answer.guide_rows(r.analysis.experiments)
+    assert [x.label for x in picks.values()] == real[:3]
+    assert max(len(line) for line in r.raw.splitlines()) <= 120
+
+
+def test_an_all_modeled_folder_names_it_on_the_first_page(tmp_path):
+    r = analyze(tmp_path, setup_dir(tmp_path, (), {n: modeled(n) for n in DEFAULTS}))
+    assert r.rc == 0
+    page = first_page(r.raw)
+    for method in ("Baseline DDP", "Manual All-Reduce", "Parameter Server"):
+        assert re.search(rf"^{method} \(modeled compute\) .*n/a \(modeled compute\)", page, re.M), method
+        assert re.search(rf"^{method} \(modeled compute\) ", page.split("second table")[1], re.M), method
+    said = analysis.answer.sentences(r.analysis.experiments)
+    for sentences in said.values():  # every method a sentence names is named with its compute
+        for s in sentences:
+            for hit in re.finditer(r"\b(DDP|the all-reduce|the PS)\b", s, re.I):
+                assert re.match(r"( on \d+)? \(modeled compute\)", s[hit.end():]), (s, hit.group())
+    convergence = " ".join(said["Convergence"])
+    assert "modeled compute trains a proxy, so its loss and accuracy mean nothing" in convergence
+    assert "loss curve" not in convergence and "Best val accuracy" in convergence  # shown as n/a, not compared
+    assert "n/a (modeled compute)" in convergence and "points" not in convergence
+    assert "DDP (modeled compute) trains" in " ".join(said["Throughput"])
+    assert r.plots["loss_curves.png"]["curves"] == {} and "modeled compute" in r.plots["loss_curves.png"]["note"]
+    check_plots(r.out)
+
+
+def test_the_docs_page_holds_every_tables_caption_and_definitions():
+    """The text report shows each table's one-line caption and links docs/reading_the_report.md once for the rest:
+    the page must hold every caption and note as the analysis writes them (regenerate its list when they change)."""
+    doc = (REPO / "docs" / "reading_the_report.md").read_text()
+    xs = runs.load_folder(HAND / "hier")[0] + runs.load_folder(HAND / "loopback")[0] + runs.load_folder(FIXTURES)[0]
+    built = analysis.tables.build_tables(xs)
+    assert {t.title for t in built} == set(analysis.tables.CAPTIONS)
+    for t in built:
+        assert f"### {t.title}\n\n{t.caption}\n\n{t.note}\n" in doc, t.title
+        assert t.caption and len(t.title) + len(t.caption) + 2 <= 120 or len(t.caption) <= 120, t.title
