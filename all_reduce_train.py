@@ -16,9 +16,12 @@ buffers before each forward, as DDP does. --sync chooses how:
                 process's shard across nodes, all-gather inside the node (Horovod's hierarchical mode): each node
                 link carries 2(M-1)/M of the gradients on M nodes, the flat ring's 2(N-1)/N on N processes
 --compress fp16|bf16 casts each bucket before the all-reduce and back after, as DDP's compression hooks do.
+In a training loop of your own every sync keeps DDP's contract (zero_grad, no_sync, unused parameters, buffers):
+docs/own_loop.md.
 Writes results_all_reduce.json (--sync overlap) or results_all_reduce_<sync>.json unless --output is given.
 """
 import collections
+import contextlib
 import queue
 import threading
 
@@ -96,43 +99,121 @@ def _grad_bucket(params, tail=0):
 
 
 
-class GradSync:
-    """Averages a plain model's gradients over all ranks with one of SYNC_MODES and keeps parameters and
-    buffers identical on all ranks the way DDP does (rank 0's copied at start, buffers before every forward).
+OVERLAPPED = ("overlap", "hierarchical", "pipelined")  # the modes whose buckets start from the gradient hooks
+_REGISTRATIONS = [0]  # parameters, buffers and modules registered on any module of this process (GradSync._check_model)
 
+
+def _registered(module, name, value):
+    _REGISTRATIONS[0] += 1  # returns None: the registered value stays
+
+
+for _hook in ("parameter", "buffer", "module"):
+    getattr(nn.modules.module, f"register_module_{_hook}_registration_hook")(_registered)
+
+
+def adopt_grad(param, view):
+    """DDP's reducer rule: a gradient that is not its bucket view any more (optimizer.zero_grad() set it to None, so
+    backward made a fresh one; or a loop assigned its own) is copied into the view, which becomes .grad again. While
+    the views stay, nothing is copied."""
+    if param.grad is not view:
+        view.copy_(param.grad)
+        param.grad = view
+
+
+class _Unused:
+    """find_unused_parameters=True, DDP's rule: this step's parameters without a gradient here take part with their
+    .grad as it is (zeros when None), and a bitmap of the parameters used here, all-reduced after the buckets (DDP's
+    local_used_map), says which got one nowhere: those keep .grad untouched (None stays None, so the optimizer skips
+    them); the others get the average, as if their gradient here were zero."""
+
+    def __init__(self, params, missing, device):
+        ids = {id(p) for p in missing}
+        self.unset = [p for p in missing if p.grad is None]
+        self.unset_ids = {id(p) for p in self.unset}
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.used = torch.tensor([float(id(p) not in ids) for p in params], device=device)
+        self.work = dist.all_reduce(self.used, async_op=True)
+
+    def grad_of(self, param, view):
+        """`param`'s .grad after the exchange: `view` (the average), or None for a parameter unused everywhere."""
+        if id(param) not in self.unset_ids:
+            return view
+        if self.work is not None:
+            self.work.wait()
+            self.used, self.work = self.used.tolist(), None
+        return view if self.used[self.index[id(param)]] > 0.5 else None
+
+
+class GradSync:
+    """Averages a plain model's gradients over all ranks with one of SYNC_MODES, keeping DDP's contract in any
+    training loop (docs/own_loop.md):
+      - construction makes every parameter (frozen ones too) and every buffer rank 0's;
+      - each forward starts from rank 0's buffers (DDP's broadcast_buffers=True; as under DDP, not the forward after
+        one under no_grad or inside no_sync()), from a forward pre-hook on the model;
+      - when backward ends (an autograd callback, as DDP's reducer uses) .grad holds the average over all ranks,
+        however the loop zeroes gradients: optimizer.zero_grad() with either set_to_none, model.zero_grad(), or not
+        at all (they accumulate, as under DDP);
+      - no_sync(): backward accumulates locally; the first backward after it synchronizes the sum;
+      - every parameter must get a gradient each step, else an error names it, unless find_unused_parameters=True
+        (then _Unused: DDP's rule); a tied parameter is one parameter; a parameter added, replaced or (un)frozen
+        after construction is an error (a buffer may be reassigned, as under DDP).
     In the bucketed modes every gradient is a view of its bucket with its parameter's strides (DDP's
-    gradient_as_bucket_view): backward accumulates straight into the buckets, nothing is copied.
-    Like DDP without find_unused_parameters, every parameter must get exactly one gradient per step.
+    gradient_as_bucket_view): backward accumulates straight into the buckets, nothing is copied while the views stay
+    (adopt_grad otherwise). The kit's loop drives the sync itself, so that its clock sees each phase: a loop that
+    calls begin() calls broadcast_buffers() before the forward and finish() after backward, as train_step does.
     """
     pipelined = False  # True: the sync applies the update itself, inside the next forward (PipelinedSync)
     group = None  # the process group of the exchanges (None: every rank)
 
-    def __init__(self, model, mode, bucket_mb=25.0, compress="none"):
+    def __init__(self, model, mode=SYNC_MODES[0], bucket_mb=25.0, compress="none", find_unused_parameters=False,
+                 broadcast_buffers=True):
         self.mode, self.world_size, self.wire_dtype = mode, dist.get_world_size(), COMPRESSION[compress]
+        self.model, self.find_unused_parameters, self.forward_buffers = model, find_unused_parameters, broadcast_buffers
+        self.layout = [(p, p.requires_grad) for p in model.parameters()]  # what may not change (_check_model)
+        self.frozen, self.checked = [p for p, grad in self.layout if not grad], _REGISTRATIONS[0]
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         reverse = self.params[::-1]  # the order backward produces gradients in
         groups = [] if mode == "per-param" else common.split_buckets(reverse, bucket_mb * 2 ** 20)
         self.buckets = [_grad_bucket(group, self._tail(len(groups), group)) for group in groups]
+        self.views = {}
         for bucket in self.buckets:
             for p, view in zip(bucket.tensors, bucket.views):
-                p.grad = view
+                p.grad = self.views[id(p)] = view
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
-        self.buffers = common.flat_by_dtype(model.buffers())
+        self.buffer_list = list(model.buffers())
+        self.buffers = common.flat_by_dtype(self.buffer_list)
         self.kind = "comm"  # the step's kind (see begin)
+        self.driven = False  # True once a loop calls begin(): it then broadcasts the buffers and finishes itself
+        # no_sync() turns sync_grads off; each forward with grad copies it into sync_backward, and says whether the
+        # next forward takes rank 0's buffers (DDP's require_backward_grad_sync and require_forward_param_sync)
+        self.sync_grads = self.sync_backward = self.buffers_due = self.syncing = True
+        self.in_backward, self.unused = False, None
         self.ready, self.filled, self.in_flight = set(), [0] * len(self.buckets), []
         for p in self.params:
-            p.register_post_accumulate_grad_hook(self._grad_ready)
-        self._broadcast(common.flat_by_dtype(self.params))
+            p.register_post_accumulate_grad_hook(lambda p, view=self.views.get(id(p)): self._grad_ready(p, view))
+        # a closure, not a bound method: a deep copy of the model (compute_model's, an EMA's) shares it, never the sync
+        model.register_forward_pre_hook(lambda module, args: self._before_model(module), prepend=True)
+        self._broadcast(common.flat_by_dtype([*model.parameters(), *model.buffers()]))
 
     def _tail(self, count, params):
         return 0  # elements after a bucket's gradients
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """DDP's no_sync(): a backward whose forward ran inside accumulates the gradients locally, with no
+        communication; the first backward after it synchronizes the accumulated sum."""
+        before, self.sync_grads = self.sync_grads, False
+        try:
+            yield
+        finally:
+            self.sync_grads = before
+
     def begin(self, kind, clock=None, lr=None):
         """A step of `kind` at learning rate `lr` starts: "comm" synchronizes as the mode says, "blocking" the same
-        buckets after backward, "local" not at all (the yardstick's kinds)."""
-        self.kind = kind
+        buckets after backward, "local" not at all (the yardstick's kinds). The kit's loop calls it."""
+        self.kind, self.driven = kind, True
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
@@ -145,18 +226,65 @@ class GradSync:
         """DDP's rule: every forward starts from rank 0's buffers (BatchNorm running statistics)."""
         self._broadcast(self.buffers)
 
-    def _grad_ready(self, param):
+    def _before_model(self, module):
+        """The model's forward pre-hook: the model must be the one the sync was built on; DDP's buffer rule."""
+        if module is not self.model:
+            return  # a copy's forward
+        self._check_model()
+        if self.buffers_due and self.forward_buffers and not self.driven:
+            self.broadcast_buffers()
+        if torch.is_grad_enabled():
+            self.sync_backward = self.sync_grads
+        self.buffers_due = torch.is_grad_enabled() and self.sync_grads
+
+    def _check_model(self):
+        """The model is the one the sync was built on (a buffer may be reassigned). One look at a counter and at the
+        frozen parameters while nothing registered a parameter, buffer or module anywhere; then a full check. (A
+        parameter frozen later gets no gradient: backward names it.)"""
+        if self.checked == _REGISTRATIONS[0] and not any(p.requires_grad for p in self.frozen):
+            return
+        self.checked = _REGISTRATIONS[0]
+        now = [(p, p.requires_grad) for p in self.model.parameters()]
+        if len(now) != len(self.layout) or any(p is not q or a != b for (p, a), (q, b) in zip(now, self.layout)):
+            before = {id(p): grad for p, grad in self.layout}
+            changed = [n for n, p in self.model.named_parameters() if before.get(id(p)) != p.requires_grad]
+            what = f"parameter {changed[0]} was added, replaced or (un)frozen" if changed else "a parameter was removed"
+            raise common.UserError(f"{what} after the gradient sync was built (build the sync on the finished model, "
+                                   "as DDP is built)")
+        buffers = list(self.model.buffers())
+        if len(buffers) != len(self.buffer_list) or any(a is not b for a, b in zip(buffers, self.buffer_list)):
+            self.buffer_list, self.buffers = buffers, common.flat_by_dtype(buffers)  # reassigned: DDP reads them anew
+
+    def _grad_ready(self, param, view):
+        """The gradient hook, after backward has accumulated into param.grad (`view`: its bucket view, if any)."""
         if self.kind == "local":
+            return
+        if not self.in_backward:
+            self.in_backward = True
+            self._backward_starts()
+        if view is not None and param.grad is not view:
+            adopt_grad(param, view)
+        if not self.syncing:
             return
         if id(param) in self.ready:
             raise common.UserError(f"parameter {self.names[id(param)]} got a second gradient before the sync: "
                                    "like DDP outside no_sync(), the manual all-reduce allows one backward per step")
         self.ready.add(id(param))
-        if self.kind == "comm" and self.mode in ("overlap", "hierarchical", "pipelined"):
+        if self.kind == "comm" and self.mode in OVERLAPPED:
             i = self.bucket_index[id(param)]
             self.filled[i] += 1
             if self.filled[i] == len(self.buckets[i].tensors):
                 self._full(i)
+
+    def _backward_starts(self):
+        self.syncing = self.sync_backward
+        if not self.driven:  # a loop of its own: the sync ends when backward does, as DDP's does
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)
+
+    def _backward_ends(self):
+        self.in_backward = False
+        if self.syncing:
+            self._finish()
 
     def _full(self, i):
         # Launch strictly in bucket order, so every rank issues the same collectives in the same order.
@@ -165,21 +293,51 @@ class GradSync:
             self.in_flight.append(self._all_reduce(self.buckets[len(self.in_flight)], async_op=True))
 
     def _end_backward(self):
-        missing = [self.names[id(p)] for p in self.params if id(p) not in self.ready]
-        self.ready, self.filled = set(), [0] * len(self.buckets)
-        if missing:
-            raise common.UserError(f"{len(missing)} parameter(s) got no gradient in this step (e.g. {missing[0]}): "
-                                   "like DDP without find_unused_parameters, the manual all-reduce needs every "
-                                   "parameter to take part in the loss (use another --arch)")
+        """The parameters this backward gave no gradient: an error naming them; with find_unused_parameters, their
+        .grad as it is (zeros if None) goes into their buckets, the buckets left unfilled start (_Unused)."""
+        missing = [p for p in self.params if id(p) not in self.ready]
+        self.ready = set()
+        if missing and not self.find_unused_parameters:
+            self.filled = [0] * len(self.buckets)
+            names = ", ".join(self.names[id(p)] for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise common.UserError(f"{len(missing)} parameter(s) got no gradient in this step ({names}): like DDP "
+                                   "without find_unused_parameters, the manual all-reduce needs every parameter to "
+                                   "take part in the loss (pass find_unused_parameters=True, or use another --arch)")
+        for p in missing:
+            view = self.views.get(id(p))
+            if view is not None and p.grad is None:
+                view.zero_()
+            elif view is not None:
+                adopt_grad(p, view)
+        if missing and self.kind == "comm" and self.mode in OVERLAPPED:
+            for i, bucket in enumerate(self.buckets):
+                if self.filled[i] < len(bucket.tensors):
+                    self.filled[i] = len(bucket.tensors)
+                    self._full(i)
+        self.filled = [0] * len(self.buckets)
+        # after every bucket has started, so that every rank issues the collectives in one order
+        return _Unused(self.params, missing, self.device) if self.find_unused_parameters else None
 
     def finish(self):
-        """Call after backward: leaves every parameter's .grad holding the average over all ranks."""
-        self._end_backward()
+        """The kit's loop, after backward: leaves every parameter's .grad holding the average over all ranks. (A loop
+        that does not call begin() needs no call: the sync ends when backward does.)"""
+        if self.driven:
+            self.in_backward = False
+            if self.sync_backward:
+                self._finish()
+
+    def _finish(self):
+        self.unused = unused = self._end_backward()
         if self.mode == "per-param":
             for p in self.params:
+                if unused is not None and unused.grad_of(p, p) is None:
+                    continue  # no gradient on any rank: .grad untouched, as under DDP
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
-        elif self.mode in ("overlap", "hierarchical") and self.kind == "comm":
+            return
+        if self.mode in ("overlap", "hierarchical") and self.kind == "comm":
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:
@@ -188,6 +346,8 @@ class GradSync:
         else:
             for bucket in self.buckets:
                 self._all_reduce(bucket, async_op=False)
+        for p in unused.unset if unused is not None else ():
+            p.grad = unused.grad_of(p, self.views[id(p)])
 
     def _wire(self, bucket):
         # Divided before summing, as DDP does; compressed: cast, divide and sum in the wire dtype, cast back.
@@ -272,10 +432,10 @@ class HierarchicalSync(GradSync):
     level, which is `overlap`.
     """
 
-    def __init__(self, model, bucket_mb=25.0, compress="none", local_size=1):
+    def __init__(self, model, bucket_mb=25.0, compress="none", local_size=1, **contract):
         world = dist.get_world_size()
         self.local_size, self.nodes = local_size, world // local_size
-        super().__init__(model, "hierarchical", bucket_mb, compress)
+        super().__init__(model, "hierarchical", bucket_mb, compress, **contract)
         sizes = torch.tensor([local_size, -local_size], device=self.device)
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
         if sizes.tolist() != [local_size, -local_size] or world % local_size:
@@ -324,18 +484,19 @@ def next_partition(remaining, ready_everywhere):
 
 
 @torch.no_grad()
-def sgd_step(optimizer, params, lr):
-    """torch's SGD step (optimizer.step()) for `params` alone, at `lr`: the same update, parameter by parameter, the
-    momentum kept in the optimizer's state (so its state_dict, the checkpoints and the yardstick's restore see it)."""
+def sgd_step(optimizer, params, lr=None):
+    """torch's SGD step (optimizer.step()) for `params` alone, at `lr` (a list: one per group; None: each group's):
+    the same update, parameter by parameter, the momentum kept in the optimizer's state (so its state_dict, the
+    checkpoints and the yardstick's restore see it); a parameter without .grad is skipped, as optimizer.step() does."""
     ids = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        mine = [p for p in group["params"] if id(p) in ids]
+    for group, lr in zip(optimizer.param_groups, lr if isinstance(lr, list) else [lr] * len(optimizer.param_groups)):
+        mine = [p for p in group["params"] if id(p) in ids and p.grad is not None]
         if not mine:
             continue
         momenta = [optimizer.state[p].get("momentum_buffer") for p in mine]
-        sgd_update(mine, [p.grad for p in mine], momenta, foreach=group["foreach"], lr=lr,
-                            weight_decay=group["weight_decay"], momentum=group["momentum"],
-                            dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
+        sgd_update(mine, [p.grad for p in mine], momenta, foreach=group["foreach"],
+                   lr=group["lr"] if lr is None else lr, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                   dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"])
         if group["momentum"]:
             for p, momentum in zip(mine, momenta):
                 optimizer.state[p]["momentum_buffer"] = momentum
@@ -343,11 +504,12 @@ def sgd_step(optimizer, params, lr):
 
 class _Job:
     """One step's exchange (pipelined): the partitions this rank's backward has filled, each started exchange's
-    (work, wire) and the order they started in, the partitions updated, and the step's learning rate."""
+    (work, wire) and the order they started in, the partitions updated, the step's learning rate (in a loop of its
+    own: each group's when backward ended, and the stand-ins' window), its parameters without a gradient (_Unused)."""
 
     def __init__(self, count, lr):
         self.lr, self.ready, self.events, self.works = lr, [False] * count, [None] * count, [None] * count
-        self.order, self.applied = [], set()
+        self.order, self.applied, self.unused, self.window = [], set(), None, None
 
 
 class PipelinedSync(GradSync):
@@ -369,12 +531,21 @@ class PipelinedSync(GradSync):
     fp16 (a GradScaler): the scaler's one inf check needs every gradient, so the next forward's first module waits
     for every partition, then scaler.step(optimizer) and scaler.update() run as in the other modes: with fp16 the
     exchange hides behind backward and the step boundary, not behind the next forward.
+
+    In a loop of its own (docs/own_loop.md) the sync owns the update: the loop calls no optimizer.step() (at the
+    optimizer's lr), and sync.flush() after its last step. Between backward and the next forward the buckets are
+    still on the wire, so .grad points at stand-ins (one more copy of the gradients' memory, made once): what the
+    loop does to them tells the update's end what to leave in .grad (nothing: the average, which the next backward
+    accumulates on; zeroed in place: zeros; set to None: None). no_sync() works as in the other modes: its
+    backwards start by taking in the update still due. With find_unused_parameters, a partition whose modules did
+    not run in the next forward is updated when the next backward starts (or by flush).
     """
     pipelined = True
 
-    def __init__(self, model, optimizer, scaler, bucket_mb=25.0, compress="none", credit=2):
-        super().__init__(model, "pipelined", bucket_mb, compress)
-        self.optimizer, self.scaler, self.credit = optimizer, scaler, credit
+    def __init__(self, model, optimizer, scaler=None, bucket_mb=25.0, compress="none", credit=2, **contract):
+        super().__init__(model, "pipelined", bucket_mb, compress, **contract)
+        scaler = scaler or torch.amp.GradScaler(self.device.type, enabled=False)
+        self.optimizer, self.scaler, self.credit, self.stand_ins = optimizer, scaler, credit, None
         self.group = dist.new_group(list(range(self.world_size)))
         self.job = self.pending = None  # this step's exchange; the one before, which this forward consumes
         self.early = None  # the buffers' broadcast started at the end of the last forward
@@ -402,13 +573,31 @@ class PipelinedSync(GradSync):
             self.last_order = self.job.order
             self.jobs.put(self.job)
 
-    def zero_grad(self):
-        if self.pending is not None:
+    def _take_in(self):
+        """Before gradients are touched again, the update the last forward took in must be complete: a partition it
+        did not ask for has a parameter used outside the forward of a module holding it, so used stale: an error;
+        unless find_unused_parameters, where its modules may have sat out the forward: updated now."""
+        if self.pending is None:
+            return
+        if not self.find_unused_parameters:
             left = [self.names[id(p)] for b in range(len(self.buckets)) if b not in self.pending.applied
                     for p in self.buckets[b].tensors]
             raise common.UserError(f"--sync pipelined: parameter {left[0]} was used before its update arrived (each "
-                                   "parameter must be used in the forward of the module that holds it; use --sync "
-                                   "overlap)")
+                                   "parameter must be used in the forward of the module that holds it, or pass "
+                                   "find_unused_parameters=True; use --sync overlap)")
+        self._apply(self.pending, range(len(self.buckets)))
+        self.pending = None
+
+    def _backward_starts(self):
+        super()._backward_starts()
+        self._take_in()
+        if self.syncing and not self.driven:  # a loop of its own: this backward's exchange
+            self.job = _Job(len(self.buckets), None)
+            self.last_order = self.job.order
+            self.jobs.put(self.job)
+
+    def zero_grad(self):
+        self._take_in()
         if self.kind == "comm":
             # The forward is over, so rank 0's buffers are already those the next forward starts from (backward and
             # the update leave them alone): their broadcast starts now, while the link is free, not behind the
@@ -425,10 +614,44 @@ class PipelinedSync(GradSync):
         for buffer in self.buffers if dist.get_rank() != 0 else ():
             buffer.unpack()
 
-    def finish(self):
+    def _finish(self):
         if self.kind != "comm":
-            return super().finish()
-        self._end_backward()  # the exchanges run on into the next forward
+            return super()._finish()
+        self.job.unused = self._end_backward()  # the exchanges run on into the next forward
+        if not self.driven:  # the learning rates of this step, whatever a scheduler does before the update
+            self.job.lr = [group["lr"] for group in self.optimizer.param_groups]
+            self.pending, self.job = self.job, None
+            self._open_window(self.pending)
+
+    def _open_window(self, job):
+        """.grad points at stand-ins until the update (see the class docstring); _settle reads them."""
+        if self.stand_ins is None:
+            self.stand_ins = [torch.empty_like(p) for p in self.params]
+        job.window = {}
+        for p, stand_in in zip(self.params, self.stand_ins):
+            job.window[id(p)] = stand_in, stand_in._version
+            p.grad = stand_in
+
+    def _step_grads(self, job, params):
+        """Points .grad at the step's averaged gradients for the update (None for a parameter unused everywhere, as
+        under DDP); returns what the loop had left in .grad, or None where nothing needs to change (the kit's loop)."""
+        if job.window is None and (job.unused is None or not job.unused.unset):
+            return None
+        left = {id(p): p.grad for p in params}
+        for p in params:
+            view = self.views[id(p)]
+            p.grad = view if job.unused is None else job.unused.grad_of(p, view)
+        return left
+
+    @staticmethod
+    def _settle(job, params, left):
+        """After the update: what the loop did to the stand-ins since backward, done to the gradients."""
+        for p in params if job.window is not None else ():
+            stand_in, version = job.window[id(p)]
+            if left[id(p)] is not stand_in:
+                p.grad = left[id(p)]  # set to None, or to a tensor of the loop's
+            elif stand_in._version != version and p.grad is not None:
+                p.grad.zero_()  # zeroed in place (zero_grad(set_to_none=False))
 
     def flush(self, clock=None):
         """Ends every exchange in flight and applies its update (inside `clock` when given: the epoch's last step)."""
@@ -465,13 +688,22 @@ class PipelinedSync(GradSync):
                 if wire.is_cuda:
                     wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
         self.clock.mark("comm")
+        params = [p for b in parts for p in self.buckets[b].tensors]
+        left = self._step_grads(job, params)
         with torch.autocast(self.device.type, enabled=False):
             if self.scaler.is_enabled():  # every partition is here: one inf check, one step
-                common.set_lr(self.optimizer, job.lr)
+                groups = self.optimizer.param_groups
+                now = [group["lr"] for group in groups]
+                for group, lr in zip(groups, job.lr if isinstance(job.lr, list) else [job.lr] * len(groups)):
+                    group["lr"] = lr
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                for group, lr in zip(groups, now if isinstance(job.lr, list) else ()):
+                    group["lr"] = lr  # a loop of its own: its scheduler's learning rate for the next step
             else:
-                sgd_step(self.optimizer, [p for b in parts for p in self.buckets[b].tensors], job.lr)
+                sgd_step(self.optimizer, params, job.lr)
+        if left is not None:
+            self._settle(job, params, left)
         job.applied.update(parts)
         self.clock.mark("update")
 

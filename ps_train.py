@@ -44,7 +44,7 @@ import common
 import data
 import driver
 import measure
-from all_reduce_train import sgd_step  # torch's SGD step for some parameters alone (the same update)
+from all_reduce_train import adopt_grad, sgd_step  # DDP's gradient-view rule; torch's SGD step for some parameters
 from modes import DEFAULT_BUCKET_MB, PARTITION_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
 
 SERVER = 0
@@ -208,9 +208,12 @@ class Layout:
         self._grads_into_push_buckets()
 
     def _grads_into_push_buckets(self):
+        # A gradient set to None (optimizer.zero_grad()) or replaced is copied back into its view by a hook that runs
+        # before the transports' own, as DDP's reducer does: what is pushed is always what backward made.
         for bucket in self.grad_buckets:
             for p, view in zip(bucket.tensors[:bucket.grads], bucket.views):
                 p.grad = view
+                p.register_post_accumulate_grad_hook(lambda p, view=view: adopt_grad(p, view))
 
     def _buckets(self, tensors, cap, grads=False):
         """Runs of one owner, each cut into buckets of about `cap` bytes."""

@@ -357,6 +357,25 @@ def test_fp16_scaler_skips_an_inf_step_like_gradscaler(three):
     assert ranks[0][0]["collective"][1] == 65536.0 / 2
 
 
+def test_a_gradient_set_to_none_is_pushed_from_its_bucket_again():
+    """DDP's reducer rule on a worker's layout: after optimizer.zero_grad() (set_to_none) backward's fresh gradients
+    are copied into the push buckets, and .grad is the bucket view again (no copy while the views stay)."""
+    model = _mlp()
+    layout = ps_train.Layout(model, bucket_mb=0.0005)
+    x = torch.randn(5, 8)
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    model(x).sum().backward()
+    fresh = [p.grad.clone() for p in layout.params]
+    views = {id(p): v for b in layout.grad_buckets for p, v in zip(b.tensors[:b.grads], b.views)}
+    assert len(layout.grad_buckets) > 1 and all(p.grad is views[id(p)] for p in layout.params)
+    reference = copy.deepcopy(model)
+    reference.zero_grad()
+    reference(x).sum().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(fresh, reference.parameters()))
+    layout.zero_grad()
+    assert all(b.flat.abs().sum() == 0 for b in layout.grad_buckets)
+
+
 def test_default_outputs_and_flags(capsys):
     assert ps_train.parse_args([]).output == "results_ps.json"
     assert ps_train.parse_args(["--servers", "all"]).output == "results_ps_sharded.json"
