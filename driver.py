@@ -139,7 +139,7 @@ def train(args, ctx, ds, method):
         served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
         link = measure.busiest_link(ctx, link, info.steps - start)
         shared = method.share(served) if method.share else None
-        val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args)
+        val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args, proxy=method.compute)
         if trains:
             record.update(link=link, val_loss=val_loss, val_accuracy=val_accuracy)
             record.update(method.figures(record, shared) if method.figures else {})
@@ -276,7 +276,7 @@ def overhead_line(overhead, trainers):
                     overhead["blocking_overhead_max"] - overhead["blocking_overhead_min"])
         line += f"; blocking after backward {ms('blocking_overhead')} ms, so " + (
             f"{100 * overhead['hidden_share']:.0f}% is hidden behind backward"
-            if overhead["blocking_overhead"] - overhead["overhead"] > noise else
+            if overhead["hidden_share"] is not None and overhead["blocking_overhead"] - overhead["overhead"] > noise else
             f"no share is hidden beyond the noise ({1e3 * noise:.1f} ms)")
     return line
 

@@ -280,16 +280,21 @@ def check_finite(loss_sum, epoch, step):
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx, args, group=None):
-    """Validation loss and accuracy over the whole val set, exact: every image counted exactly once."""
+def evaluate(model, loader, ctx, args, group=None, proxy=None):
+    """Validation loss and accuracy over the whole val set, exact: every image counted exactly once. `proxy` (a
+    compute_model.ComputeModel): the model sees the proxy of each batch, which stands for the whole batch."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss_sum, correct, count
     for images, targets in loader:
         images, targets = to_device(images, targets, ctx, args)
+        count = targets.numel()
+        if proxy:
+            images, targets = proxy.inputs(images, targets)
         with autocast(args, ctx):
             logits = model(images)
-        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum").double(),
-                             (logits.argmax(1) == targets).sum().double(), torch.tensor(targets.numel()).double()])
+        weight = count / targets.numel()
+        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum").double() * weight,
+                             (logits.argmax(1) == targets).sum().double() * weight, torch.tensor(count).double()])
     model.train()
     loss_sum, correct, count = all_reduce(sums, group=group).tolist()
     if count != len(loader.dataset):
