@@ -605,7 +605,10 @@ def test_hierarchical_on_two_nodes_of_two_trains_like_ddp_and_sends_one_model_pe
                                                reference="baseline_multi_card.py")
     assert hier["layout"] == {"nodes": 2, "procs_per_node": 2, "levels": 2}
     assert hier["network"]["nodes"] == 2 and hier["network"]["procs_per_node"] == 2
-    assert len(hier["all_losses"]) == 3 and hier["all_losses"] == pytest.approx(one["all_losses"], rel=1e-4)
+    # rel 1e-3: on this machine step 3 differs by 2.2e-4 (the same at the last landed commit: the two-level sum's
+    # order, grown through two updates of BatchNorm over 4 images of 16 px); steps 1 and 2 agree within 1e-4
+    assert len(hier["all_losses"]) == 3 and hier["all_losses"] == pytest.approx(one["all_losses"], rel=1e-3)
+    assert hier["all_losses"][:2] == pytest.approx(one["all_losses"][:2], rel=1e-4)
     link, gradients = hier["epochs"][0]["link"], hier["gradient_bytes"]
     busiest = max(link["sent_bytes_per_step"], link["received_bytes_per_step"])
     assert 0.95 * gradients < busiest < 1.12 * gradients, (busiest, gradients)  # the ring: 1.5 x gradients
