@@ -284,7 +284,7 @@ def record(model, batch_size, image_size, device, num_classes, steps=20, warmup=
     """Each layer's forward and backward time on `device`, median over `steps` steps after `warmup` (CUDA events
     there, perf_counter on a CPU); backward as the time between gradients, charged as playback charges it."""
     cuda = device.type == "cuda"
-    stamp = (lambda: _event()) if cuda else time.perf_counter
+    stamp = _event if cuda else time.perf_counter
     marks = {"forward": {}, "backward": {}}
 
     def first_gradient(name):
