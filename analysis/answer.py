@@ -306,7 +306,11 @@ def communication_point(picks, xs):
     out += limit_sentences(measured) + reconcile(picks) + communication_why(picks)
     out.append("See plots/communication_overhead.png (whiskers: min-max over the pairs).")
     if within:
-        out.append("More --overhead-pairs steady the medians, yet widen the min-max spread the verdict uses.")
+        if all(verdicts.overhead_se(x) is not None for x in measured):
+            out.append("More --overhead-pairs shrink the standard error the verdict uses (as 1 / sqrt(pairs)).")
+        else:
+            out.append("More --overhead-pairs steady the medians, yet widen the min-max spread the verdict uses; "
+                       f"with {verdicts.SE_MIN_PAIRS}+ pairs the kit judges by their standard error.")
         out.append(f"A real link separates the methods better: {CLUSTER_RUN}.")
     elif all(not x.network for x in measured):
         out.append(f"On loopback every byte is a memory copy; for a network: {CLUSTER_RUN}.")
