@@ -122,3 +122,13 @@ def test_modeled_runs_and_files_without_validation_are_left_out_and_named(tmp_pa
     assert "Not measured for the all-reduce: its file records no validation accuracy per epoch." in said
     assert "DDP 896.50 s (epoch 3)" in said  # 300.5 + 298.1 + 297.9 s to its 9.87%, above the PS's best 9.45%
     assert ttt.reach(guide[0], 9.45).steps is None
+
+
+def test_the_details_rank_every_compared_run_at_each_target(tmp_path):
+    r = Text(folder(tmp_path))
+    line = r.line("Time to 65%:")
+    assert line == ("- Time to 65%: Manual All-Reduce (overlap) [2 proc] (2 seeds) first, 10.50 ± 0.71 s; then "
+                    "Baseline DDP [2 proc] (2 seeds) 21.00 ± 1.41 s (2.00x; beyond the seed spread, ±3.16 s); never "
+                    "reached by Parameter Server (collective) [3 proc].")
+    assert r.line("Time to 60%:").endswith("Parameter Server (collective) [3 proc] 24.00 s (2.29x; one seed: not "
+                                           "judged).")
