@@ -75,6 +75,14 @@ def non_negative(kind):
     return parse
 
 
+def percent(text):
+    """An argparse type: a percentage, > 0 and <= 100."""
+    value = positive(float)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage up to 100, got {text}")
+    return value
+
+
 def make_parser(doc, default_output=None):
     """The flags every script shares; `doc` (the script's docstring) is what --help shows above them, and
     `default_output(args)` the results file when --output is not given. Each script adds its own flags and calls
@@ -129,6 +137,10 @@ def make_parser(doc, default_output=None):
                         "the host CPU free), the real model running on a 2-image proxy; communication stays real: "
                         "flops:TFLOPS (torch's FLOP counter at that effective rate) or a profile recorded by "
                         "compute_model.py. Loss and accuracy are then meaningless; see compute_model.py")
+    p.add_argument("--target-accuracy", type=percent, default=None, metavar="PERCENT",
+                   help="stop at the end of the first epoch whose validation accuracy reaches PERCENT (every rank "
+                        "stops there; the results are written as for a finished run) and record the training "
+                        "time and steps it took in the results' time_to_target")
     p.add_argument("--timeout", type=positive(float), default=10.0,
                    help="minutes a collective may wait for a peer before the run fails instead of hanging")
     p.add_argument("--log-every", type=positive(int), default=10,
@@ -149,6 +161,9 @@ def make_parser(doc, default_output=None):
 def parse(parser, argv):
     """Parses `argv`; --output defaults to the parser's `default_output(args)` (so it can follow a variant flag)."""
     args = parser.parse_args(argv)
+    if args.target_accuracy is not None and (args.synthetic or args.compute_model):
+        parser.error(f"--target-accuracy means nothing with {'--synthetic' if args.synthetic else '--compute-model'}"
+                     " (its accuracy is meaningless): drop one of them")
     args.output = args.output or parser.default_output(args)
     return args
 

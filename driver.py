@@ -19,6 +19,7 @@ import time
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import common
@@ -26,6 +27,7 @@ import compute_model
 import data
 import measure
 import modes
+import targets
 from common import log
 from results import Results
 
@@ -123,10 +125,14 @@ def train(args, ctx, ds, method):
         if trains:
             results.update(comm_overhead=overhead)
             log(ctx, overhead_line(overhead, len(method.trainers)), rank=writer)
+    # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
+    target = Target(args, ctx, results, writer, resumed=bool(resumed))
     if method.before_epochs:
         method.before_epochs()
     first = done_epochs + 1
     for epoch in range(first, args.epochs + 1):
+        if target.reached:
+            break
         cost = {"seconds": 0.0, "count": 0}
         at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer)
         link = measure.read_link_bytes(ctx)
@@ -164,8 +170,52 @@ def train(args, ctx, ds, method):
                 log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
                          f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
                     rank=writer)
+        target.check(val_accuracy)
     results.finish()
     log(ctx, f"wrote {args.output}", rank=writer)
+
+
+class Target:
+    """--target-accuracy: after each epoch's validation, whether the run stops, every rank agreeing (the
+    writer's accuracy decides, shared in one tiny all-reduce), and the results' time_to_target record (written
+    without the flag too, its target null). A resumed run recomputes the record from the epochs it continues."""
+
+    def __init__(self, args, ctx, results, writer, resumed):
+        self.goal, self.ctx, self.results, self.writer = args.target_accuracy, ctx, results, writer
+        self.reached = False
+        if ctx.rank == writer:
+            self.update(stopped=False)
+        if resumed and self.goal is not None:
+            self.reached = self._agree(bool(ctx.rank == writer and results.data["time_to_target"]["reached"]))
+            if self.reached and ctx.rank == writer:
+                self.update(stopped=True)
+                log(ctx, f"target {self.goal:g}% validation accuracy was reached in epoch "
+                         f"{results.data['time_to_target']['epoch']} of the run resumed: no epoch is trained",
+                    rank=writer)
+
+    def update(self, stopped):
+        data = self.results.data
+        self.results.update(time_to_target=targets.record(data["epochs"], self.goal, stopped,
+                                                          data.get("steps_per_epoch")))
+
+    def _agree(self, mine):
+        flag = torch.tensor([float(mine)], dtype=torch.float64, device=self.ctx.device)
+        return measure.all_reduce(flag, dist.ReduceOp.MAX).item() > 0
+
+    def check(self, val_accuracy):
+        """After an epoch's validation (every rank calls it; the writer's `val_accuracy` decides)."""
+        if self.goal is None:
+            if self.ctx.rank == self.writer:
+                self.update(stopped=False)
+            return
+        self.reached = self._agree(self.ctx.rank == self.writer and val_accuracy >= self.goal)
+        if self.ctx.rank == self.writer:
+            self.update(stopped=self.reached)
+            if self.reached:
+                r = self.results.data["time_to_target"]
+                log(self.ctx, f"target {self.goal:g}% reached: val acc {r['val_accuracy']:.2f}% after epoch "
+                              f"{r['epoch']}, {r['steps']} steps, {r['seconds']:.1f} s of training (validation "
+                              "excluded); stopping here", rank=self.writer)
 
 
 def _part(method, ctx, epoch, done, in_epoch, results, writer):

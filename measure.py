@@ -308,8 +308,13 @@ OVERHEAD_DEFINITION = (
     "and optimizer update on every trainer at once), on one fixed batch before epoch 1, in --overhead-pairs "
     "pairs after an untimed warm-up of each kind, the order alternating (ABBA), a barrier before each run of one "
     "kind, whose steps follow each other as in training; per trainer the median over pairs (min and max beside it), then the mean over trainers (and the max). "
+    "stdev: per trainer the standard deviation of the pairs' differences, mean over trainers; se = 1.2533 x stdev "
+    "/ sqrt(pairs), the standard error of the median (both null with one pair). "
     "share = overhead / step; scaling efficiency = throughput / (trainers x batch / local step). blocking: the "
     "same buckets synchronized after backward, so hidden_share = 1 - overhead / blocking overhead. Seconds.")
+
+
+MEDIAN_SE = math.sqrt(math.pi / 2)  # the standard error of a median of n normal values: 1.2533 x stdev / sqrt(n)
 
 
 def overhead_schedule(kinds, pairs, run_length=1):
@@ -350,12 +355,16 @@ def measure_overhead(ctx, args, steps, images, targets, *, group=None, run_lengt
         if kind in times:
             diffs = [a - b for a, b in zip(times[kind], local)]
             own += [statistics.median(diffs), min(diffs), max(diffs)]
+    comm_diffs = [a - b for a, b in zip(times["comm"], local)]
+    own.append(statistics.stdev(comm_diffs) if len(comm_diffs) > 1 else 0.0)  # last: the pairs' spread
     own = torch.tensor(own, dtype=torch.float64, device=ctx.device)
     slowest = all_reduce(own.clone(), dist.ReduceOp.MAX, group).tolist()
     mean = (all_reduce(own, group=group) / (dist.get_world_size(group) if dist.is_initialized() else 1)).tolist()
     out = {"definition": OVERHEAD_DEFINITION, "pairs": args.overhead_pairs, "run_length": run_length,
            "step_time": mean[0], "local_step_time": mean[1], "overhead": mean[2], "overhead_min": mean[3],
-           "overhead_max": mean[4], "overhead_slowest_trainer": slowest[2], "overhead_share": mean[2] / mean[0]}
+           "overhead_max": mean[4], "overhead_slowest_trainer": slowest[2], "overhead_share": mean[2] / mean[0],
+           "overhead_stdev": mean[-1] if args.overhead_pairs > 1 else None,
+           "overhead_se": MEDIAN_SE * mean[-1] / math.sqrt(args.overhead_pairs) if args.overhead_pairs > 1 else None}
     if "blocking" in times:
         out.update(blocking_overhead=mean[5], blocking_overhead_min=mean[6], blocking_overhead_max=mean[7],
                    hidden_share=1 - mean[2] / mean[5] if mean[5] > 0 else None)

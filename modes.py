@@ -27,7 +27,7 @@ def variant_output(stem, variant, default_variant):
 
 
 def sample_recipe(path=RECIPE_FILE):
-    """The sample dataset's first-run recipe as {name: value}: SAMPLE_EPOCHS, SAMPLE_BATCH (str) and
+    """The sample dataset's first-run recipe as {name: value}: SAMPLE_EPOCHS, SAMPLE_BATCH, SAMPLE_TARGET (str) and
     SAMPLE_RECIPE (a list of flags), read from the file run_all.sh sources."""
     values = {}
     for line in Path(path).read_text().splitlines():

@@ -17,6 +17,11 @@
 #                                     every experiment on an emulated cluster (emulate_cluster.sh, needs root):
 #                                     4 nodes x 1 process (NPROC = 4), each node on its own 1gbit link (default)
 #                                     into one switch; a --sweep count n runs on n / (processes per node) nodes
+#   bash run_all.sh --target-accuracy 75
+#                                     every run stops at the end of the first epoch whose validation accuracy
+#                                     reaches 75% and records the training time it took (the report's first answer:
+#                                     which method got there first); on the sample dataset the default is
+#                                     SAMPLE_TARGET (sample_recipe.env, 70%); "none": train every epoch
 #   bash run_all.sh --max-restarts 2  torchrun restarts a run's processes up to 2 times when one fails (default 0);
 #                                     restarted processes continue from the run's latest checkpoint
 #   bash run_all.sh --check           runs nothing: checks what these settings would use and what would fail
@@ -39,6 +44,7 @@ SWEEP="" BUCKETS="" SEEDS=""
 CLUSTER=""
 LINK_RATE=""
 MAX_RESTARTS=""
+TARGET=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=1 ;;
@@ -54,10 +60,12 @@ while [ $# -gt 0 ]; do
     --cluster=*) CLUSTER="${1#--cluster=}" ;;
     --link-rate) [ $# -ge 2 ] || die "--link-rate needs a rate, e.g. --link-rate 1gbit"; LINK_RATE="$2"; shift ;;
     --link-rate=*) LINK_RATE="${1#--link-rate=}" ;;
+    --target-accuracy) [ $# -ge 2 ] || die "--target-accuracy needs a percentage, e.g. --target-accuracy 70 (or none)"; TARGET="$2"; shift ;;
+    --target-accuracy=*) TARGET="${1#--target-accuracy=}" ;;
     --max-restarts) [ $# -ge 2 ] || die "--max-restarts needs a count, e.g. --max-restarts 1"; MAX_RESTARTS="$2"; shift ;;
     --max-restarts=*) MAX_RESTARTS="${1#--max-restarts=}" ;;
     -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --max-restarts 1, --check; settings go in the environment, see --help)" ;;
+    *) die "unknown option $1 (options: --variants, --compression, --bucket-sweep \"1 5 25\", --seeds \"0 1\", --sweep \"2 4\", --cluster 4x1, --link-rate 1gbit, --target-accuracy 70, --max-restarts 1, --check; settings go in the environment, see --help)" ;;
   esac
   shift
 done
@@ -101,6 +109,10 @@ done
 for s in $SEEDS; do
   [[ "$s" =~ ^[0-9]+$ ]] || die "seed '$s' is not a non-negative integer (--seeds)"
 done
+if [ -n "$TARGET" ] && [ "$TARGET" != none ]; then
+  [[ "$TARGET" =~ ^[0-9]+([.][0-9]+)?$ ]] && awk -v t="$TARGET" 'BEGIN { exit !(t > 0 && t <= 100) }' ||
+    die "--target-accuracy '$TARGET' is not a percentage in (0, 100] (e.g. --target-accuracy 70, or none)"
+fi
 RESTARTS=()
 if [ -n "$MAX_RESTARTS" ]; then
   [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts '$MAX_RESTARTS' is not a whole number (e.g. --max-restarts 1)"
@@ -125,7 +137,9 @@ else
     done
   fi
   ARGS+=("${RECIPE[@]}")
+  TARGET=${TARGET:-$SAMPLE_TARGET}
 fi
+if [ -n "$TARGET" ] && [ "$TARGET" != none ]; then ARGS+=(--target-accuracy "$TARGET"); fi
 [ -n "${EPOCHS:-}" ] && ARGS+=(--epochs "$EPOCHS")
 [ -n "${BATCH_SIZE:-}" ] && ARGS+=(--batch-size "$BATCH_SIZE")
 [ -n "${WORKERS:-}" ] && ARGS+=(--workers "$WORKERS")

@@ -7,6 +7,7 @@ import re
 import textwrap
 
 from . import curves, verdicts
+from . import time_to_target as ttt
 from .links import physical_limit
 from .runs import KINDS, cluster_groups, same_compute, scaling_groups, twin_ddp
 from .stats import compare, ms, two_sigma
@@ -127,7 +128,52 @@ def rows_line(picks):
         ". Every run and variant is under Details."
 
 
-# --------------------------------------------------------------------------- the four points
+# --------------------------------------------------------------------------- the points
+def time_point(picks, xs):
+    """Which reached the target accuracy first, and by how much, beyond noise or not (analysis.time_to_target)."""
+    shown = [x for x in picks.values() if x is not None]
+    _, void, unmeasured = ttt.split(shown)
+    goals, out, no_noise = ttt.choose_targets(shown), [], False
+    if goals:
+        goal = goals[0]
+        done, missed = ttt.ranking(shown, goal)
+        out.append(f"Time to {goal:g}% val accuracy, {ttt.headline_words(shown, goal)} (training seconds, validation "
+                   "excluded, to the end of the epoch that reached it).")
+        if done:
+            out.append(", ".join(f"{cap(name(g.x)) if i == 0 else name(g.x)} {g.seconds.text(2)} s (epoch "
+                                 f"{g.epochs.mean:.0f})" for i, g in enumerate(done)) + ".")
+        if len(done) > 1:
+            out.append(f"{cap(name(done[0].x))} reached {goal:g}% first.")
+        for g in done[1:]:
+            v = ttt.compare_reach(g, done[0])
+            head = f"{cap(name(g.x))} took {v.diff:.2f} s more" + (f" ({v.ratio:.2f}x)" if v.ratio else "")
+            if v.beyond is None:
+                out.append(f"{head}, not judged (one seed, no noise measure).")
+                no_noise = True
+            else:
+                out.append(f"{head}: {'beyond' if v.beyond else 'within'} {v.measure}"
+                           + ("" if v.beyond else ", no measurable lead") + ".")
+        for g in missed:
+            n = len(g.x.runs)
+            out.append(f"{cap(name(g.x))} never reached it" + (f" in {len(g.missed)} of {n} seeds" if
+                                                                 len(g.missed) < n else "") + ".")
+    if void:
+        out.append(f"Not judged for {', '.join(name(x) for x in void)}: "
+                   + ("modeled compute trains a proxy" if any(x.modeled for x in void) else "--synthetic: random images")
+                   + ", so its accuracy means nothing.")
+    if unmeasured:
+        out.append(f"Not measured for {', '.join(name(x) for x in unmeasured)}: its file records no validation "
+                   "accuracy per epoch.")
+    if not goals:
+        out.insert(0, "No run here has a meaningful validation accuracy per epoch, so no time to accuracy "
+                      "(plots/accuracy_curves.png).")
+        return out
+    if no_noise:
+        out.append(f"For a noise measure, run several seeds: {SEEDS_RUN}.")
+    out.append("Other targets are under Details; see plots/time_to_accuracy.png and plots/accuracy_vs_time.png.")
+    return out
+
+
 def throughput_point(picks, xs):
     ddp = picks["baseline_ddp"]
     out, no_noise, tie = [], False, False
@@ -260,7 +306,11 @@ def communication_point(picks, xs):
     out += limit_sentences(measured) + reconcile(picks) + communication_why(picks)
     out.append("See plots/communication_overhead.png (whiskers: min-max over the pairs).")
     if within:
-        out.append("More --overhead-pairs steady the medians, yet widen the min-max spread the verdict uses.")
+        if all(verdicts.overhead_se(x) is not None for x in measured):
+            out.append("More --overhead-pairs shrink the standard error the verdict uses (as 1 / sqrt(pairs)).")
+        else:
+            out.append("More --overhead-pairs steady the medians, yet widen the min-max spread the verdict uses; "
+                       f"with {verdicts.SE_MIN_PAIRS}+ pairs the kit judges by their standard error.")
         out.append(f"A real link separates the methods better: {CLUSTER_RUN}.")
     elif all(not x.network for x in measured):
         out.append(f"On loopback every byte is a memory copy; for a network: {CLUSTER_RUN}.")
@@ -368,7 +418,7 @@ def scalability_point(picks, xs):
     return out
 
 
-POINTS = (("Throughput", throughput_point), ("Convergence", convergence_point),
+POINTS = (("Time to accuracy", time_point), ("Throughput", throughput_point), ("Convergence", convergence_point),
           ("Communication efficiency", communication_point), ("Scalability", scalability_point))
 
 

@@ -1,7 +1,7 @@
 """The plots: the guide's five (throughput, training time, loss curves, accuracy curves, communication
 overhead) and the kit's time breakdown, scaling (against processes, and the cost against the emulated cluster's
-nodes), bucket size, speed against accuracy and each rank's compute. Colours are assigned
-here. Every plot function returns the numbers it drew ({experiment label: ...}), so a test can hold them
+nodes), bucket size, speed against accuracy, each rank's compute, and against training time: validation accuracy,
+training loss and the time to the target accuracy (analysis.time_to_target). Colours are assigned here. Every plot function returns the numbers it drew ({experiment label: ...}), so a test can hold them
 against the tables and the report."""
 import textwrap
 
@@ -13,6 +13,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import curves, ranks, verdicts  # noqa: E402
+from . import time_to_target as ttt  # noqa: E402
 from .links import cluster_name, cluster_points, link_figures  # noqa: E402
 from .runs import KINDS, baseline_for, bucket_groups, cluster_groups, run_label, scaling_groups  # noqa: E402
 from .stats import pct  # noqa: E402
@@ -157,6 +158,119 @@ def plot_accuracy(experiments, colour, path):
     drawn["note"] = "; ".join(notes) or None
     save(fig, axes[1], path, "epoch", None, "Validation accuracy", dict(NESTED_LEGEND, handles=handles)
          if handles else None, note=drawn["note"])
+    return drawn
+
+
+# --------------------------------------------------------------------------- against time
+TIME_AXIS = "training time (s, cumulative; validation excluded)"
+
+
+def epoch_ends(run):
+    """[0, end of epoch 1, end of epoch 2, ...] in cumulative training seconds."""
+    return np.concatenate([[0.0], np.cumsum([float(e["train_time"]) for e in run.epochs])])
+
+
+def loss_on_time(run):
+    """(training seconds, smoothed per-step loss) of a run: each epoch's steps spread evenly over its train_time."""
+    x, y = curves.smoothed(run)
+    return np.interp(x, np.arange(len(run.epochs) + 1), epoch_ends(run)), y
+
+
+def plot_accuracy_time(experiments, colour, path):
+    """Validation accuracy against cumulative training time, every compared experiment on one chart (mean over
+    seeds of each epoch's time and accuracy; faint: each seed), the first target dotted. Returns {"curves": {label:
+    [(seconds, %)]}, "target", "note"}."""
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    compared, void, unmeasured = ttt.split(experiments)
+    goals = ttt.choose_targets(experiments)
+    drawn = {"curves": {}, "target": goals[0] if goals else None}
+    for i, (x, width) in enumerate(zip(compared, widths(len(compared)))):
+        per_seed = [ttt.val_curve(r) for r in x.runs]
+        if len(per_seed) > 1:
+            for c in per_seed:
+                ax.plot([p[1] for p in c], [p[3] for p in c], color=colour[x.label], alpha=0.25, linewidth=0.8)
+        epochs = sorted({p[0] for c in per_seed for p in c})
+        points = [(float(np.mean([p[1] for c in per_seed for p in c if p[0] == n])),
+                   float(np.mean([p[3] for c in per_seed for p in c if p[0] == n]))) for n in epochs]
+        ax.plot(*zip(*points), marker="osD^vPX"[i % 7], markersize=2.5 * width + 2, linewidth=width,
+                color=colour[x.label], label=x.label, linestyle="-" if x.complete else "--")
+        drawn["curves"][x.label] = points
+    if goals:
+        ax.axhline(goals[0], color="black", linestyle=":", linewidth=1, label=f"target {goals[0]:g}%")
+    notes = ([f"left out, accuracy means nothing: {', '.join(x.label for x in void)}"] if void else []) + (
+        [f"no validation accuracy in: {', '.join(x.label for x in unmeasured)}"] if unmeasured else [])
+    drawn["note"] = "; ".join(notes) or None
+    if not compared:
+        ax.text(0.5, 0.5, "no run with meaningful validation accuracy", ha="center", va="center",
+                transform=ax.transAxes)
+    save(fig, ax, path, TIME_AXIS, "validation accuracy (%)", "Validation accuracy against training time (one point "
+         "per epoch; faint: each seed)", NESTED_LEGEND if compared else None, note=drawn["note"])
+    return drawn
+
+
+def plot_loss_time(experiments, colour, path):
+    """Training loss (smoothed, as loss_curves.png) against cumulative training time, every experiment with
+    per-step losses on one chart; the mean over seeds with a min-max band where there are several. Modeled compute
+    is left out (a proxy's loss). Returns {"curves": {label: {"band", "end"}}, "note"}."""
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    drawn, missing = {}, []
+    modeled = [x.label for x in experiments if x.modeled]
+    for x, width in zip(experiments, widths(len(experiments))):
+        if x.modeled:
+            continue
+        if any(r.losses is None for r in x.runs):
+            missing.append(x.label)
+            continue
+        style = dict(color=colour[x.label], linestyle="-" if x.complete else "--", linewidth=width, label=x.label)
+        lines = [loss_on_time(r) for r in x.runs]
+        lo, hi = max(t[0] for t, _ in lines), min(t[-1] for t, _ in lines)
+        if len(lines) > 1 and hi > lo:
+            grid = np.linspace(lo, hi, 200)
+            c = np.array([np.interp(grid, t, y) for t, y in lines])
+            ax.fill_between(grid, c.min(0), c.max(0), color=colour[x.label], alpha=0.2)
+            ax.plot(grid, c.mean(0), **style)
+            drawn[x.label] = {"band": True, "end": float(hi)}
+        else:
+            ax.plot(*lines[0], **style)
+            drawn[x.label] = {"band": False, "end": float(lines[0][0][-1])}
+    notes = ([f"no per-step losses in: {', '.join(missing)}"] if missing else []) + (
+        [f"left out, modeled compute (a proxy's loss means nothing): {', '.join(modeled)}"] if modeled else [])
+    note = "; ".join(notes) or None
+    band = "; band: min-max over seeds" if any(d["band"] for d in drawn.values()) else ""
+    save(fig, ax, path, TIME_AXIS, "training loss (cross-entropy)",
+         f"Training loss against training time (moving average over ~1/4 epoch{band})",
+         NESTED_LEGEND if drawn else None, note=note)
+    return {"curves": drawn, "note": note}
+
+
+def plot_time_to_target(experiments, colour, path):
+    """A bar per experiment: the training seconds to the first target (mean over seeds, whiskers ± sd); "never",
+    "n/a" or "not measured" written where there is none. Returns {"target", "bars": {label: seconds or None}}."""
+    fig, ax, y = bar_axes(experiments, colour)
+    goal = ttt.choose_targets(experiments)[0]
+    compared = ttt.split(experiments)[0]
+    drawn = {"target": goal, "bars": {}}
+    reaches = {x.label: ttt.reach(x, goal) for x in compared}
+    top = max([g.seconds.mean for g in reaches.values() if g.seconds] + [1e-9])
+    for yi, x in zip(y, experiments):
+        g = reaches.get(x.label)
+        if g is None or g.seconds is None:
+            why = f"n/a ({x.accuracy_void})" if x.accuracy_void else "no validation accuracy" if g is None else \
+                "never reached"
+            ax.text(0, yi, " " + why, va="center", fontsize=9)
+            drawn["bars"][x.label] = None
+            continue
+        est = g.seconds
+        ax.barh(yi, est.mean, color=colour[x.label], edgecolor="black", linewidth=0.6,
+                hatch=None if x.complete else "//", xerr=est.sd, capsize=4)
+        extra = f"; {len(g.missed)} seed(s) never" if g.missed else ""
+        ax.text(est.mean + (est.sd or 0) + top * 0.01, yi, f" {g.text(1)} s (epoch {g.epochs.mean:.0f}{extra})",
+                va="center", fontsize=9)
+        drawn["bars"][x.label] = est.mean
+    ax.set_xlim(0, top * 1.5)
+    save(fig, ax, path, f"training seconds until the validation accuracy first reached {goal:g}% (validation "
+         "excluded; to the end of that epoch)", None,
+         f"Time to {goal:g}% validation accuracy (lower is better; whiskers: ± sd over seeds)")
     return drawn
 
 
@@ -400,6 +514,11 @@ def make_plots(experiments, folder):
         "communication_overhead.png": plot_comm(experiments, colour, folder / "communication_overhead.png"),
         "time_breakdown.png": plot_breakdown(experiments, colour, folder / "time_breakdown.png"),
     }
+    if ttt.choose_targets(experiments):
+        drawn["accuracy_vs_time.png"] = plot_accuracy_time(experiments, colour, folder / "accuracy_vs_time.png")
+        drawn["time_to_accuracy.png"] = plot_time_to_target(experiments, colour, folder / "time_to_accuracy.png")
+    if any(not x.modeled and all(r.losses is not None for r in x.runs) for x in experiments):
+        drawn["loss_vs_time.png"] = plot_loss_time(experiments, colour, folder / "loss_vs_time.png")
     if scaling_groups(experiments):
         drawn["scaling.png"] = plot_scaling(experiments, colour, folder / "scaling.png")
     if cluster_groups(experiments):

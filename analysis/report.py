@@ -5,6 +5,7 @@ report opens with the guide's answer (analysis.answer), then the Details, groupe
 import time
 
 from . import curves, ranks, recovery, verdicts
+from . import time_to_target as ttt
 from .answer import answer_lines, fill
 from .links import cluster_name, cluster_points, link_figures, physical_limit
 from .runs import KINDS, baseline_for, cluster_groups, plain_variant, run_label, same_compute, scaling_groups, twin_ddp
@@ -89,6 +90,27 @@ def throughput_lines(xs):
                      "step_time_stdev in the files), so the ranking is not judged against noise")
         elif judged[0][1].within:
             text += f"; its lead over {judged[0][0].label} is within noise: no measurable ranking between the two"
+        out.append(text + ".")
+    return out
+
+
+def time_lines(xs):
+    """Per target, every compared experiment's time to it against the first to get there, each gap judged against
+    the seeds' spread (the table "Time to accuracy" has the figures; the first page the guide rows')."""
+    out = []
+    for goal in ttt.choose_targets(xs):
+        done, missed = ttt.ranking(xs, goal)
+        if not done:
+            continue
+        first = done[0]
+        parts = []
+        for g in done[1:]:
+            v = ttt.compare_reach(g, first)
+            parts.append(f"{g.x.label} {g.text(2)} s ({v.ratio:.2f}x; " +
+                         (v.words if v.beyond is not None else "one seed: not judged") + ")")
+        text = f"- Time to {goal:g}%: {first.x.label} first, {first.text(2)} s"
+        text += ("; then " + "; ".join(parts)) if parts else ""
+        text += (f"; never reached by {', '.join(g.x.label for g in missed)}") if missed else ""
         out.append(text + ".")
     return out
 
@@ -487,7 +509,7 @@ def note_lines(xs):
 
 
 ANALYSIS_GROUPS = (
-    ("Speed", (throughput_lines, ranking_lines, mixed_compute_lines, tradeoff_lines)),
+    ("Speed", (time_lines, throughput_lines, ranking_lines, mixed_compute_lines, tradeoff_lines)),
     ("Communication", (overhead_lines, limit_lines, ddp_timer_lines, ps_lines, link_lines, hierarchy_lines)),
     ("Convergence", (convergence_lines,)),
     ("Scale", (scaling_lines, cluster_lines)),

@@ -88,6 +88,7 @@ class Yardstick:
     blocking_min: float = None
     blocking_max: float = None
     hidden_share: float = None
+    overhead_se: float = None  # the standard error of the median over the pairs (kit files since issue 35)
 
     @classmethod
     def read(cls, d):
@@ -100,7 +101,8 @@ class Yardstick:
                    overhead=get("overhead"), overhead_min=get("overhead_min"), overhead_max=get("overhead_max"),
                    share=share if share is not None else get("overhead") / get("step_time"),
                    blocking=get("blocking_overhead"), blocking_min=get("blocking_overhead_min"),
-                   blocking_max=get("blocking_overhead_max"), hidden_share=get("hidden_share"))
+                   blocking_max=get("blocking_overhead_max"), hidden_share=get("hidden_share"),
+                   overhead_se=get("overhead_se"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ import dataclasses
 import textwrap
 
 from . import ranks, recovery, verdicts
+from . import time_to_target as ttt
 from .links import link_figures, physical_limit
 from .runs import baseline_for, run_label, twin_ddp
 from .stats import number
@@ -280,12 +281,54 @@ def tradeoff_table(xs):
        "a variant paid off is judged in the analysis against its plain variant.")
 
 
+TIME_NOTE = (
+    "Time to X%: the training seconds (the sum of the epochs' train_time: validation, epoch-end checkpoints, the "
+    "yardstick and start-up excluded) until the end of the first epoch whose validation accuracy reached X% "
+    "(validation runs once per epoch), mean ± spread over the seeds; from the run's time_to_target record where it "
+    "was given that target (--target-accuracy), else from its epochs the same way. Targets: the runs' "
+    "--target-accuracy, the highest accuracy every compared run reached, and round values below it. never: no "
+    "epoch reached it (best: the run's best). n/a: accuracy means nothing (modeled compute, --synthetic); -: no "
+    "validation accuracy recorded. Steps and epoch: to the first target; steps are unknown in the guide's files.")
+
+
+def time_table(xs):
+    goals = ttt.choose_targets(xs)
+    compared = ttt.split(xs)[0]
+
+    def at(x, goal):
+        if x.accuracy_void:
+            return f"n/a ({x.accuracy_void})"
+        if x not in compared:
+            return "-"
+        g = ttt.reach(x, goal)
+        if g.seconds is None:
+            return f"never (best {x.mean('best_val_accuracy'):.1f}%)"
+        return g.text(2)
+
+    def first(x, what):
+        g = ttt.reach(x, goals[0]) if x in compared else None
+        est = None if g is None else getattr(g, what)
+        if est is None:
+            return "-"
+        return f"{est.mean:.0f}" if not est.sd else est.text(1)  # the same in every seed: a whole number
+
+    cells = {"Method": lambda x: x.label}
+    for goal in goals:
+        cells[f"Time to {goal:g}% (s)"] = lambda x, goal=goal: at(x, goal)
+    if goals:
+        cells[f"Steps to {goals[0]:g}%"] = lambda x: first(x, "steps")
+        cells[f"Epoch to {goals[0]:g}%"] = lambda x: first(x, "epochs")
+    return make_table("Time to accuracy", xs, cells, TIME_NOTE)
+
+
 def has_tradeoffs(xs):
     return any(x.compressed or x.asynchronous for x in xs)
 
 
 # title: (the Details group, the one-line caption of the text report)
 CAPTIONS = {
+    "Time to accuracy": ("Speed and accuracy", "Training seconds (validation excluded) until the validation "
+                         "accuracy first reached each target; ± over seeds."),
     "Performance comparison": ("Speed and accuracy", "Every experiment; ± is the spread over seeds; speedup "
                                "against DDP of the same size (a PS: DDP on its trainers)."),
     "Speed and accuracy": ("Speed and accuracy", "Compression and the asynchronous PS against their plain "
@@ -309,6 +352,8 @@ def build_tables(xs):
     """Every table the analysis shows, in order, each with its group and caption; the link, DDP timer, rank,
     recovery and trade-off tables only where some run measured what they show."""
     tables = [performance_table(xs)]
+    if ttt.choose_targets(xs):
+        tables.append(time_table(xs))
     if has_tradeoffs(xs):
         tables.append(tradeoff_table(xs))
     tables += [yardstick_table(xs), own_timers_table(xs)]

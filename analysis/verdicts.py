@@ -41,8 +41,27 @@ def overhead_range(x):
     return None if lo is None else (lo, hi)
 
 
+SE_MIN_PAIRS = 3  # fewer pairs give no usable standard error: the min-max rule stays
+
+
+def overhead_se(x):
+    """The standard error of the experiment's yardstick median (from the pairs' own spread; the mean over seeds),
+    or None where a run lacks it (older files) or measured fewer than SE_MIN_PAIRS pairs."""
+    ys = [r.yardstick for r in x.runs]
+    if not all(y and y.overhead_se is not None and (y.pairs or 0) >= SE_MIN_PAIRS for y in ys):
+        return None
+    return x.mean("yardstick.overhead_se")
+
+
 def compare_overhead(a, b):
-    """a's communication overhead against b's, judged against the larger of their pairs' spreads (max - min)."""
+    """a's communication overhead against b's: judged against twice the combined standard error of the two medians
+    where both yardsticks record it over SE_MIN_PAIRS pairs or more, else against the larger of their pairs'
+    spreads (max - min), which grows with the pairs instead of shrinking."""
+    sa, sb = overhead_se(a), overhead_se(b)
+    if sa is not None and sb is not None:
+        noise = two_sigma(sa, sb)
+        return compare(a.mean("yardstick.overhead"), b.mean("yardstick.overhead"), noise,
+                       f"2 standard errors of the pairs' medians, {ms(noise)}")
     (alo, ahi), (blo, bhi) = overhead_range(a), overhead_range(b)
     noise = max(ahi - alo, bhi - blo)
     return compare(a.mean("yardstick.overhead"), b.mean("yardstick.overhead"), noise,

@@ -1128,3 +1128,22 @@ def test_the_docs_page_holds_every_tables_caption_and_definitions():
     for t in built:
         assert f"### {t.title}\n\n{t.caption}\n\n{t.note}\n" in doc, t.title
         assert t.caption and len(t.title) + len(t.caption) + 2 <= 120 or len(t.caption) <= 120, t.title
+
+
+# --------------------------------------------------------------------------- the yardstick's standard error (issue 35)
+@pytest.mark.parametrize("pairs,beyond", [(4, True), (2, False)])
+def test_the_overhead_verdict_uses_the_pairs_standard_error_where_recorded(tmp_path, pairs, beyond):
+    """DDP 68 ms and the PS 584 ms are within their min-max spread (611 ms) over 2 pairs; with 4 pairs and each
+    median's standard error 50 ms recorded, 516 ms apart is beyond 2 x hypot(50, 50) = 141 ms."""
+    files = {}
+    for name in (DEFAULTS[0], DEFAULTS[2]):
+        data = fixture(name)
+        data["comm_overhead"].update(pairs=pairs, overhead_se=0.05, overhead_stdev=0.05 * pairs ** 0.5 / 1.2533)
+        files[name] = data
+    xs, _ = runs.load_folder(setup_dir(tmp_path, (), files))
+    v = analysis.verdicts.compare_overhead(xs[1], xs[0])
+    assert v.beyond is beyond
+    if beyond:
+        assert v.noise == pytest.approx(2 * math.hypot(0.05, 0.05)) and "2 standard errors" in v.measure
+    else:
+        assert "the pairs' spread" in v.measure

@@ -218,6 +218,9 @@ def test_one_process_has_about_no_overhead():
     for method, (overhead, _, _, same) in out.items():
         assert same
         assert abs(overhead["overhead"]) < max(0.003, 0.15 * overhead["local_step_time"]), (method, overhead)
+        # the pairs' spread, for a standard-error rule: 1.2533 x stdev / sqrt(pairs)
+        assert overhead["overhead_stdev"] >= 0 and overhead["overhead_se"] == pytest.approx(
+            1.2533 * overhead["overhead_stdev"] / overhead["pairs"] ** 0.5, rel=1e-3)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,25 @@ def test_the_shell_scripts_plan_every_variant_the_scripts_have():
         assert f"modes.py {name})" in smoke, name
 
 
+def test_the_target_accuracy_goes_to_every_run_with_the_sample_recipes_default(tmp_path):
+    """On the sample dataset every run gets SAMPLE_TARGET unless --target-accuracy says another (or none); on a
+    dataset of the user's, only the one given."""
+    target = modes.sample_recipe()["SAMPLE_TARGET"]
+    sample = planned(run_all(tmp_path, DRY_RUN="1", NPROC="2"))
+    assert len(sample) == 3 and all(f"--target-accuracy {target} " in c for c in sample)
+    given = planned(run_all(tmp_path, "--target-accuracy", "55.5", DRY_RUN="1", NPROC="2"))
+    assert all("--target-accuracy 55.5 " in c and f"--target-accuracy {target} " not in c for c in given)
+    assert not any("--target-accuracy" in c for c in planned(run_all(tmp_path, "--target-accuracy=none",
+                                                                     DRY_RUN="1", NPROC="2")))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    mine = dict(DRY_RUN="1", NPROC="2", DATA_DIR=str(tmp_path / "data"))
+    assert not any("--target-accuracy" in c for c in planned(run_all(tmp_path, **mine)))
+    assert all("--target-accuracy 76 " in c for c in planned(run_all(tmp_path, "--target-accuracy", "76", **mine)))
+
+
 @pytest.mark.parametrize("args,env", [(["--bogus"], {}), (["--sweep"], {}), ([], {"NPROC": "two"}),
-                                      (["--seeds", "a"], {}), (["--bucket-sweep", "0"], {})])
+                                      (["--seeds", "a"], {}), (["--bucket-sweep", "0"], {}),
+                                      (["--target-accuracy", "101"], {}), (["--target-accuracy"], {})])
 def test_bad_options_are_one_line_errors(tmp_path, args, env):
     one_error_line(run_all(tmp_path, *args, DRY_RUN="1", **env), prefix="run_all.sh: error: ", code=2)
