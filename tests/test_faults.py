@@ -1,0 +1,83 @@
+"""The faults of docs/faults.md with real processes and real gloo groups: a stop signal (SIGTERM, SIGINT) ends every
+rank at one agreed step with a checkpoint there, and --resume continues to the per-step losses of a run that was
+never stopped; a full or read-only disk under the checkpoints or the results; a hang that names the rank it waits
+for."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from dist_helpers import FAST_ARGS, Forked, killed_at_exit, run_forked, start_script, wait_until
+
+ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
+
+
+def _progress(out):
+    try:
+        return int((out.with_name(out.stem + ".ckpt") / "progress").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _losses(path):
+    return json.loads(path.read_text())["all_losses"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_ends_every_rank_at_one_step_and_resume_gives_the_same_losses(tmp_path, tiny_data, sig):
+    """Every rank gets the signal (as from a scheduler, or Ctrl-C in a terminal) mid-epoch 2; every rank ends within
+    seconds with 128 + the signal, one `stopped by` line, the finished epoch in valid JSON and a checkpoint at the
+    agreed step; --resume then ends with an uninterrupted run's per-step losses."""
+    whole, cut = tmp_path / "whole" / "r.json", tmp_path / "cut" / "r.json"
+    whole.parent.mkdir()
+    cut.parent.mkdir()
+    common = [*ARGS, "--data-dir", tiny_data, "--checkpoint-every", "100", "--resume"]
+    run = Forked("baseline_multi_card.py", *common, "--epochs", "50", "--output", cut, nproc=2, cwd=cut.parent)
+    with killed_at_exit(run):
+        wait_until(run, lambda: _progress(cut) >= 8, "step 8")
+        for pid in run.pids.values():
+            os.kill(pid, sig)
+        signalled = time.time()
+        done = run.wait(timeout=60)
+        took = time.time() - signalled
+    assert done.returncode == 128 + sig, (done.returncode, done.stderr[-3000:])
+    assert took < 15, f"{took:.1f}s to stop"
+    lines = [line for line in done.stderr.splitlines() if line.startswith("stopped by")]
+    assert len(lines) == 1 and sig.name in lines[0] and "--resume" in lines[0], done.stderr[-3000:]
+    data = json.loads(cut.read_text())
+    step = data["stopped"]["after_step"]
+    assert 8 < step <= 12 and data["stopped"]["signal"] == sig.name
+    assert data["status"] == "incomplete" and [e["epoch"] for e in data["epochs"]] == list(range(1, step // 6 + 1))
+    latest = cut.with_name("r.ckpt") / "latest"
+    assert latest.read_text() == f"step{step:08d}"
+    resumed = run_forked("baseline_multi_card.py", *common, "--epochs", "3", "--output", cut, nproc=2,
+                         cwd=cut.parent, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed after epoch {step // 6}" in resumed.stdout
+    reference = run_forked("baseline_multi_card.py", *common, "--epochs", "3", "--output", whole, nproc=2,
+                           cwd=whole.parent, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert _losses(cut) == _losses(whole) and len(_losses(whole)) == 18
+    print(f"\n{sig.name}: stopped after step {step} in {took:.2f}s; {lines[0]}")
+
+
+def test_sigterm_to_torchrun_stops_its_workers_within_seconds(tmp_path, tiny_data):
+    """What SLURM does: SIGTERM to torchrun, which passes it to its workers: they stop within seconds, one line says
+    so, and the results say where it stopped. (torchrun itself then exits 1 with its own SignalException report:
+    its status is torchrun's, not the kit's.)"""
+    out = tmp_path / "r.json"
+    agent = start_script("all_reduce_train.py", *ARGS, "--data-dir", tiny_data, "--epochs", "50", "--resume",
+                         "--output", out, nproc=2, cwd=tmp_path)
+    with killed_at_exit(agent):
+        wait_until(agent, lambda: _progress(out) >= 8, "step 8")
+        agent.send_signal(signal.SIGTERM)
+        signalled = time.time()
+        _, err = agent.communicate(timeout=60)
+        took = time.time() - signalled
+    assert took < 15 and agent.returncode != 0, (agent.returncode, err[-3000:])
+    assert len([line for line in err.splitlines() if "stopped by SIGTERM" in line]) == 1, err[-3000:]
+    assert json.loads(out.read_text())["stopped"]["signal"] == "SIGTERM"
+    print(f"\ntorchrun SIGTERM: exit {agent.returncode} in {took:.2f}s")
