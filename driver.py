@@ -170,7 +170,10 @@ def train(args, ctx, ds, method):
         if stopping:
             _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
     stop.restore()
-    results.finish()
+    unwritten = results.finish()
+    if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
+        common.cleanup_distributed(barrier=True)
+        raise common.UserError(unwritten)
     log(ctx, f"wrote {args.output}", rank=writer)
 
 

@@ -81,3 +81,89 @@ def test_sigterm_to_torchrun_stops_its_workers_within_seconds(tmp_path, tiny_dat
     assert len([line for line in err.splitlines() if "stopped by SIGTERM" in line]) == 1, err[-3000:]
     assert json.loads(out.read_text())["stopped"]["signal"] == "SIGTERM"
     print(f"\ntorchrun SIGTERM: exit {agent.returncode} in {took:.2f}s")
+
+
+# --------------------------------------------------------------------------- a full or read-only disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 MiB tmpfs the test mounts at tmp_path/disk and unmounts (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _while_stopped(run, action):
+    """`action()` with every rank stopped (SIGSTOP), so the fault lands between two known checkpoints."""
+    for pid in run.pids.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        action()
+    finally:
+        for pid in run.pids.values():
+            os.kill(pid, signal.SIGCONT)
+
+
+def _fill(disk):
+    """Leaves 512 KiB free on `disk`: room for the results file, not for a checkpoint."""
+    st = os.statvfs(disk)
+    subprocess.run(["fallocate", "-l", str(st.f_bavail * st.f_frsize - 512 * 1024), str(disk / "filler")],
+                   check=True)
+
+
+def _checkpoint_ok(folder):
+    """The part `latest` names is whole: its checksum matches."""
+    import hashlib
+    part = folder / (folder / "latest").read_text() / "rank0.pt"
+    return hashlib.sha256(part.read_bytes()).hexdigest() == part.with_suffix(".sha256").read_text().strip()
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_goes_on(small_disk, tiny_data):
+    """The disk fills after the step-4 checkpoint: the step-8 one fails on every rank; one line names the path and
+    the cause, the step-4 checkpoint stays whole and `latest`, and the run ends complete without checkpoints."""
+    out = small_disk / "r.json"
+    run = Forked("baseline_multi_card.py", *ARGS, "--data-dir", tiny_data, "--epochs", "2", "--checkpoint-every",
+                 "4", "--output", out, nproc=2, cwd=small_disk)
+    folder = small_disk / "r.ckpt"
+    with killed_at_exit(run):
+        wait_until(run, lambda: (folder / "latest").exists(), "the step-4 checkpoint")
+        _while_stopped(run, lambda: _fill(small_disk))
+        done = run.wait(timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("warning: checkpoint not written")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and str(folder) in lines[0], done.stdout[-3000:]
+    assert (folder / "latest").read_text() == "step00000004" and _checkpoint_ok(folder)
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")] and not (folder / "step00000008").exists()
+    data = json.loads(out.read_text())
+    assert data["status"] == "complete" and len(data["all_losses"]) == 12
+    print(f"\nfull disk: {lines[0]}")
+
+
+def test_a_read_only_disk_keeps_the_last_good_results(small_disk, tiny_data):
+    """The disk turns read-only after epoch 1: checkpoints and results fail from then on, each said once; the results
+    file keeps epoch 1 as valid JSON, and the run's end is one error line (exit 2)."""
+    out = small_disk / "r.json"
+    run = Forked("all_reduce_train.py", *ARGS, "--data-dir", tiny_data, "--epochs", "2", "--resume", "--output", out,
+                 nproc=2, cwd=small_disk)
+    with killed_at_exit(run):
+        wait_until(run, lambda: json.loads(out.read_text() or "{}").get("epochs") if out.exists() else False,
+                   "epoch 1 written")
+        _while_stopped(run, lambda: subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True))
+        done = run.wait(timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    said = [line for line in done.stdout.splitlines() if line.startswith("warning: ")]
+    assert len([s for s in said if s.startswith("warning: results not written")]) == 1, done.stdout[-3000:]
+    assert all("Read-only file system" in s for s in said), said
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "could not be written" in errors[0], done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["status"] == "incomplete" and [e["epoch"] for e in data["epochs"]] == [1]
+    print("\nread-only disk:", *said, errors[0], sep="\n")
