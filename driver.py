@@ -15,6 +15,7 @@ backward, the same exchange blocking after backward. The yardstick times these k
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -127,7 +128,31 @@ def train(args, ctx, ds, method):
     if method.before_epochs:
         method.before_epochs()
     first = done_epochs + 1
-    stop = faults.StopOnSignal()  # SIGTERM / SIGINT: every rank stops at one agreed step (faults.py)
+    # SIGTERM / SIGINT: every rank stops at one agreed step; and where each rank is, for a hang's report (faults.py)
+    stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
+    try:
+        _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
+                writer, first, stop)
+    except Exception as e:
+        if not common.is_peer_failure(e):
+            raise
+        report, line = faults.hang_report(ctx, method.kind, stop, e)
+        print(line, file=sys.stderr, flush=True)
+        if ctx.rank == writer:
+            results.update(hang=report)
+        faults.linger(ctx, report, 60 * args.timeout + 5)
+        raise
+    stop.restore()
+    unwritten = results.finish()
+    if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
+        common.cleanup_distributed(barrier=True)
+        raise common.UserError(unwritten)
+    log(ctx, f"wrote {args.output}", rank=writer)
+
+
+def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,
+            first, stop):
+    """The epochs from `first` on: training, validation, link counters, checkpoints, the epoch line."""
     for epoch in range(first, args.epochs + 1):
         cost = {"seconds": 0.0, "count": 0}
         at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop)
@@ -169,12 +194,6 @@ def train(args, ctx, ds, method):
                     rank=writer)
         if stopping:
             _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
-    stop.restore()
-    unwritten = results.finish()
-    if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
-        common.cleanup_distributed(barrier=True)
-        raise common.UserError(unwritten)
-    log(ctx, f"wrote {args.output}", rank=writer)
 
 
 def _part(method, ctx, epoch, done, in_epoch, results, writer):

@@ -167,3 +167,30 @@ def test_a_read_only_disk_keeps_the_last_good_results(small_disk, tiny_data):
     data = json.loads(out.read_text())
     assert data["status"] == "incomplete" and [e["epoch"] for e in data["epochs"]] == [1]
     print("\nread-only disk:", *said, errors[0], sep="\n")
+
+
+# --------------------------------------------------------------------------- a hang that names its rank
+HANGS = [("baseline_multi_card.py", 2, 1, "baseline_ddp"), ("all_reduce_train.py", 2, 1, "all_reduce"),
+         ("ps_train.py", 3, 2, "ps")]  # the PS: a worker that does not write the results
+
+
+@pytest.mark.parametrize("script,nproc,victim,kind", HANGS, ids=[k for *_, k in HANGS])
+def test_a_hang_names_the_rank_that_never_arrived(tmp_path, tiny_data, script, nproc, victim, kind):
+    """Rank `victim` stops itself (SIGSTOP) just before global step 9 (epoch 2, step 3): every surviving rank ends
+    within --timeout (6 s) plus slack, with one `hang:` line naming the method, its step and the stopped rank, and
+    the results JSON records it."""
+    out = tmp_path / "r.json"
+    run = Forked(script, *ARGS, "--timeout", "0.1", "--epochs", "3", "--data-dir", tiny_data, "--output", out,
+                 nproc=nproc, cwd=tmp_path, env={"KIT_STOP_RANK_AT": f"{victim}:9"})
+    with killed_at_exit(run):
+        survivors = [proc for rank, (proc, _, _) in enumerate(run.procs) if rank != victim]
+        wait_until(run, lambda: not any(p.is_alive() for p in survivors), "the survivors' end", limit=90)
+        os.kill(run.pids[victim], signal.SIGKILL)
+        done = run.wait(timeout=30)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("hang: ")]
+    assert len(lines) == nproc - 1, done.stderr[-3000:]
+    for line in lines:
+        assert f"in {kind} step 9" in line and f"had not arrived: rank {victim} (still at step 8)" in line, line
+    hang = json.loads(out.read_text())["hang"]
+    assert hang["not_arrived"] == [victim] and hang["step"] == 9 and hang["method"] == kind
+    print("", *lines, sep="\n")
