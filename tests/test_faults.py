@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from dist_helpers import FAST_ARGS, Forked, killed_at_exit, run_forked, start_script, wait_until
+from dist_helpers import FAST_ARGS, REPO, Forked, killed_at_exit, run_forked, start_script, wait_until
 
 ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
 
@@ -194,3 +194,46 @@ def test_a_hang_names_the_rank_that_never_arrived(tmp_path, tiny_data, script, n
     hang = json.loads(out.read_text())["hang"]
     assert hang["not_arrived"] == [victim] and hang["step"] == 9 and hang["method"] == kind
     print("", *lines, sep="\n")
+
+
+# --------------------------------------------------------------------------- a link that goes down or slows
+def _emu(*args, timeout=60):
+    return subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _qdisc(ns, dev):
+    return subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev], capture_output=True,
+                          text=True).stdout
+
+
+def _port_up(name, node):
+    out = subprocess.run(["ip", "-n", f"{name}-switch", "-br", "link", "show", f"sw-p{node}"], capture_output=True,
+                         text=True).stdout
+    return out.split()[1] if out.split() else "?"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="emulate_cluster.sh needs root (network namespaces, tc)")
+def test_link_down_and_link_rate_are_injected_and_undone():
+    """On a 2-node emulated cluster of its own: link-down takes node 1's link down for its seconds, then up;
+    link-rate shapes it both ways to the rate given and, after its seconds, back to the cluster's."""
+    name = f"kitf{os.getpid() % 100000}"
+    assert _emu("up", "--nodes", 2, "--rate", "100mbit", "--name", name).returncode == 0
+    try:
+        down = subprocess.Popen(["bash", str(REPO / "emulate_cluster.sh"), "link-down", "--name", name, "1", "1.5"],
+                                stdout=subprocess.PIPE, text=True)
+        time.sleep(0.7)
+        during = _port_up(name, 1)
+        down.wait(timeout=30)
+        assert down.returncode == 0 and during == "DOWN" and _port_up(name, 1) in ("UP", "LOWERLAYERDOWN")
+        slow = subprocess.Popen(["bash", str(REPO / "emulate_cluster.sh"), "link-rate", "--name", name, "1", "10mbit",
+                                 "1.5"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.7)
+        during = _qdisc(f"{name}-node1", "eth-n1") + _qdisc(f"{name}-switch", "sw-p1")
+        slow.wait(timeout=30)
+        after = _qdisc(f"{name}-node1", "eth-n1") + _qdisc(f"{name}-switch", "sw-p1")
+        assert slow.returncode == 0 and during.count("rate 10Mbit") == 2 and after.count("rate 100Mbit") == 2
+        bad = _emu("link-rate", "--name", name, 5, "10mbit")
+        assert bad.returncode == 2 and "not a node of cluster" in bad.stderr
+    finally:
+        _emu("down", "--name", name)
