@@ -123,7 +123,7 @@ def hang_report(ctx, kind, watch, error):
         who = ", ".join(f"rank {r} (still at step {steps[r]})" for r in behind)
         said = f"had not arrived: {who}"
     elif unread:
-        said = "the store (hosted by rank 0) did not answer: rank 0 is stopped or gone"
+        said = "the store (hosted by rank 0) did not answer: rank 0, or this rank's link to it, is stopped or gone"
     else:
         said = "every rank had reached this step: the one that failed is in the exchange itself"
     line = f"hang: rank {ctx.rank} timed out in {where}: {operation}; {said}"
