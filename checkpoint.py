@@ -60,11 +60,15 @@ def _write(path, obj):
     blob = buffer.getbuffer()
     for name, content in ((path, blob), (path.with_suffix(".sha256"), hashlib.sha256(blob).hexdigest().encode())):
         tmp = name.with_name(f".{name.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(content)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)  # a full disk keeps no torn temporary file
+            raise OSError(e.errno, e.strerror, str(name)) from e
 
 
 def _read(path, device):
@@ -111,27 +115,68 @@ class Checkpoints:
         checkpoint counts once `latest` names it, after every rank has written its part."""
         start = time.perf_counter()
         here = self.root / f"step{step:08d}"
+        failed = self._agree(lambda: _write(self._mkdir(here) / f"rank{self.ctx.rank}.pt",
+                                            {**part, "step": step, "rng": _rng()}))
+        if not failed:
+            failed = self._agree(lambda: self._point_to(here) if self.ctx.is_main else None)
+        if failed:  # `latest` still names the checkpoint before: it and the results stay valid
+            if self.ctx.is_main:
+                shutil.rmtree(here, ignore_errors=True)
+            self.saving = False
+        return time.perf_counter() - start
+
+    @staticmethod
+    def _mkdir(here):
         here.mkdir(parents=True, exist_ok=True)
-        _write(here / f"rank{self.ctx.rank}.pt", {**part, "step": step, "rng": _rng()})
-        dist.barrier()
-        if self.ctx.is_main:
-            (self.root / "run.json").write_text(json.dumps(self.sign, indent=1))
-            pointer = self.root / "latest"
-            before = pointer.read_text().strip() if pointer.exists() else None
-            tmp = self.root / ".latest.tmp"
+        return here
+
+    def _agree(self, write):
+        """Runs this rank's `write()`; every rank learns whether any failed (one all-reduce, in place of the barrier
+        a checkpoint needs anyway), and the lowest failing rank says in one line which path and why, once: the run
+        goes on without checkpoints (docs/faults.md). True when one failed."""
+        try:
+            write()
+            mine = float(self.ctx.world_size)
+        except OSError as e:
+            mine, cause = float(self.ctx.rank), e
+        first = int(measure.all_reduce(torch.tensor([mine], device=self.ctx.device), dist.ReduceOp.MIN).item())
+        if first == self.ctx.rank:
+            print(f"warning: checkpoint not written: {cause.filename or self.root}: {cause.strerror or cause}; the "
+                  f"run goes on without checkpoints (the last one, {self._latest() or 'none'}, and the results stay "
+                  "valid)", flush=True)
+        return first < self.ctx.world_size
+
+    def _latest(self):
+        try:
+            return self.root / (self.root / "latest").read_text().strip()
+        except OSError:
+            return None
+
+    def _point_to(self, here):
+        """Rank 0, once every part is written: `latest` names `here`; older ones but the one before are removed."""
+        (self.root / "run.json").write_text(json.dumps(self.sign, indent=1))
+        pointer = self.root / "latest"
+        before = pointer.read_text().strip() if pointer.exists() else None
+        tmp = self.root / ".latest.tmp"
+        try:
             tmp.write_text(here.name)
             os.replace(tmp, pointer)
-            for old in self.root.glob("step*"):  # keep this one and the complete one before it; a newer one is
-                if old.name < here.name and old.name != before:  # being written by a rank that went on already
-                    shutil.rmtree(old, ignore_errors=True)
-        return time.perf_counter() - start
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        for old in self.root.glob("step*"):  # keep this one and the complete one before it; a newer one is
+            if old.name < here.name and old.name != before:  # being written by a rank that went on already
+                shutil.rmtree(old, ignore_errors=True)
 
     def mark_progress(self, step):
         """The writer notes how far the run has got (a tiny file, every --log-every steps)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / ".progress.tmp"
-        tmp.write_text(f"{step} {time.time()}")
-        os.replace(tmp, self.root / "progress")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{step} {time.time()}")
+            os.replace(tmp, self.root / "progress")
+        except OSError:  # a full or read-only disk: only a restart's count of redone steps needs it
+            tmp.unlink(missing_ok=True)
 
     def last_progress(self):
         """(global step, unix time) of the last progress mark, or None."""

@@ -49,6 +49,15 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class Stopped(Exception):
+    """Raised on every rank at the step the ranks agreed to stop at after SIGTERM or SIGINT (faults.py): one line,
+    then exit 128 + the signal."""
+
+    def __init__(self, signum, step, line):
+        super().__init__(line)
+        self.signum, self.step = signum, step
+
+
 def positive(kind):
     """An argparse type: a number of `kind` that must be > 0."""
     def parse(text):
@@ -216,7 +225,8 @@ def is_peer_failure(e):
 
 
 def run_main(main):
-    """Runs `main()`: a user error is one line (exit 2), a dead peer one line (exit 1), Ctrl-C a notice (130).
+    """Runs `main()`: a user error is one line (exit 2), a dead peer one line (exit 1), a stop signal one line
+    (143 SIGTERM, 130 SIGINT), Ctrl-C before training a notice (130).
     A run that finished under torchrun leaves with os._exit(0) once its output is flushed: at interpreter teardown
     a backend's C++ destructors have aborted a finished run ("terminate called without an active exception",
     seen once in ~20 runs), which made torchrun, and run_all.sh, report a failure after the results were written."""
@@ -231,6 +241,11 @@ def run_main(main):
         text = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
         report_error(text.split("UserError: ", 1)[-1])
         sys.exit(2)
+    except Stopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{chr(10) if sys.stderr.isatty() else ''}{e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + e.signum)  # 143 for SIGTERM, 130 for SIGINT, as a shell reports a process the signal ended
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             print("\ninterrupted: results written so far are kept, marked \"status\": \"incomplete\"",

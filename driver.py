@@ -15,6 +15,7 @@ backward, the same exchange blocking after backward. The yardstick times these k
 import contextlib
 import dataclasses
 import os
+import sys
 import time
 from typing import Callable, Optional
 
@@ -25,6 +26,7 @@ import checkpoint
 import common
 import compute_model
 import data
+import faults
 import measure
 import modes
 import targets
@@ -130,11 +132,36 @@ def train(args, ctx, ds, method):
     if method.before_epochs:
         method.before_epochs()
     first = done_epochs + 1
+    # SIGTERM / SIGINT: every rank stops at one agreed step; and where each rank is, for a hang's report (faults.py)
+    stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
+    try:
+        _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
+                writer, first, stop, target)
+    except Exception as e:
+        if not common.is_peer_failure(e):
+            raise
+        report, line = faults.hang_report(ctx, method.kind, stop, e)
+        print(line, file=sys.stderr, flush=True)
+        if ctx.rank == writer:
+            results.update(hang=report)
+        faults.linger(ctx, report, 60 * args.timeout + 5)
+        raise
+    stop.restore()
+    unwritten = results.finish()
+    if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
+        common.cleanup_distributed(barrier=True)
+        raise common.UserError(unwritten)
+    log(ctx, f"wrote {args.output}", rank=writer)
+
+
+def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,
+            first, stop, target):
+    """The epochs from `first` on: training, validation, link counters, checkpoints, the epoch line."""
     for epoch in range(first, args.epochs + 1):
         if target.reached:
             break
         cost = {"seconds": 0.0, "count": 0}
-        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer)
+        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop)
         link = measure.read_link_bytes(ctx)
         start = resumed["done"] if resumed and epoch == first else 0
         if trains:
@@ -156,7 +183,8 @@ def train(args, ctx, ds, method):
             if method.compute:
                 results.data["compute_model"] = method.compute.summary()
             results.add_epoch(record)
-        if ckpt.saving and (not args.checkpoint_every or epoch * info.steps % args.checkpoint_every == 0):
+        stopping = stop.due(epoch * info.steps)
+        if ckpt.saving and (stopping or not args.checkpoint_every or epoch * info.steps % args.checkpoint_every == 0):
             cost["seconds"] += ckpt.save(epoch * info.steps, _part(method, ctx, epoch, 0, None, results, writer))
             cost["count"] += 1
         if ckpt.saving and ctx.rank == writer:
@@ -170,9 +198,9 @@ def train(args, ctx, ds, method):
                 log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
                          f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
                     rank=writer)
+        if stopping:
+            _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
         target.check(val_accuracy)
-    results.finish()
-    log(ctx, f"wrote {args.output}", rank=writer)
 
 
 class Target:
@@ -224,7 +252,7 @@ def _part(method, ctx, epoch, done, in_epoch, results, writer):
             "results": results.data if ctx.rank == writer else None}
 
 
-def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer):
+def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop):
     """What runs after each training step of `epoch`: the progress mark a restart counts redone steps from,
     and the --checkpoint-every checkpoints (every rank at the same step; `snapshot()` the epoch so far)."""
     def at_step(done, snapshot):
@@ -233,15 +261,31 @@ def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, write
             restart.reached(step)
         if ckpt.saving and ctx.rank == writer and done % args.log_every == 0:
             ckpt.mark_progress(step)
-        if args.checkpoint_every and step % args.checkpoint_every == 0:
+        stopping = stop.due(step)
+        wrote = False
+        if ckpt.saving and (stopping or args.checkpoint_every and step % args.checkpoint_every == 0):
             if method.flush:  # a pipelined step's exchange ends first: the checkpoint holds every update of it
                 method.flush()
             state = dataclasses.asdict(snapshot()) if snapshot else None
             cost["seconds"] += ckpt.save(step, _part(method, ctx, epoch - 1, done, state, results, writer))
             cost["count"] += 1
-            return True
-        return False
+            wrote = True
+        if stopping:
+            _stop(args, ctx, stop, step, epoch, done, info, ckpt, results, writer)
+        return wrote
     return at_step
+
+
+def _stop(args, ctx, stop, step, epoch, done, info, ckpt, results, writer):
+    """Every rank, at the agreed step after a stop signal: the results say where it stopped, then Stopped."""
+    saved = ckpt.root / f"step{step:08d}" if ckpt.saving else None
+    if ctx.rank == writer:
+        results.update(stopped={"signal": stop.name, "after_step": step, "checkpoint": str(saved) if saved else None})
+    raise common.Stopped(stop.signum, step, (
+        f"stopped by {stop.name} after step {step} (epoch {epoch}, step {done} of {info.steps}): "
+        + (f"checkpoint {saved}, rerun with --resume to continue; " if saved else "no checkpoint (--resume or "
+           "--checkpoint-every writes them); ")
+        + f"the {len(results.data['epochs'])} finished epoch(s) are kept in {args.output}"))
 
 
 class Restart:

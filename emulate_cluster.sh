@@ -12,6 +12,8 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
        emulate_cluster.sh run [up options] [--nproc-per-node P] [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
        emulate_cluster.sh status [--name NAME]
        emulate_cluster.sh down [--name NAME]
+       emulate_cluster.sh link-down [--name NAME] NODE SECONDS
+       emulate_cluster.sh link-rate [--name NAME] NODE RATE [SECONDS]
 
   up        create cluster NAME (default kit; a stale one of that name is removed first): N nodes (default 4),
             each on its own link of RATE (default 1gbit; tc's bit units: kbit, mbit, gbit, ...) both ways.
@@ -26,6 +28,9 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
             failed, else the first failure's.
   run       up + torchrun + down in one command; the cluster is removed however it ends (also on Ctrl-C).
   status    nodes, addresses and each link's shaping.    down: kill whatever runs in the nodes, remove them.
+  link-down node NODE's link goes down (its switch port: the cable pulled) for SECONDS, then up again; to
+            rehearse a fault while a run is in progress, from another shell (docs/faults.md).
+  link-rate node NODE's link (both ways) shaped to RATE; after SECONDS, when given, back to the cluster's rate.
 
 Each node's environment: GLOO_SOCKET_IFNAME (its interface); for NCCL each node is a host of its own, reached
 only through its link: NCCL_HOSTID (one per node), NCCL_SOCKET_IFNAME, NCCL_NET=Socket, NCCL_IB_DISABLE=1,
@@ -312,13 +317,49 @@ cluster_torchrun() {
   [[ " ${failed[*]} " == *" 0 "* ]] && return "${rcs[0]}" || return "${rcs[first]}"
 }
 
+# ----------------------------------------------------------------------------------------------- injected faults
+check_node() {
+  [[ ${1:-} =~ ^[0-9]{1,3}$ ]] && [ "$1" -lt "$NODES" ] || die "node '${1:-}' is not a node of cluster '$NAME'" "nodes 0 to $((NODES - 1))"
+}
+check_seconds() {
+  [[ ${1:-} =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "'${1:-}' is not a number of seconds" "e.g. 20"
+}
+link_down() {  # NODE SECONDS
+  check_node "${1:-}"; check_seconds "${2:-}"
+  try ip -n "$SW" link set "sw-p$1" down
+  echo "$PROG: $(date +%T) node $1's link down for $2 s"
+  trap 'ip -n "$SW" link set "sw-p$1" up' EXIT  # never left down
+  sleep "$2"
+  try ip -n "$SW" link set "sw-p$1" up
+  trap - EXIT
+  echo "$PROG: $(date +%T) node $1's link up again"
+}
+set_rate() {  # NODE RATE: the tbf of both directions (under netem with --delay)
+  local parent=(root) 
+  [ -z "$DELAY" ] || parent=(parent 1:1 handle 10:)
+  try ip netns exec "$NAME-node$1" tc qdisc change dev "eth-n$1" "${parent[@]}" tbf rate "$2" burst 1mb latency 100ms
+  try ip netns exec "$SW" tc qdisc change dev "sw-p$1" root tbf rate "$2" burst 1mb latency 100ms
+}
+link_rate() {  # NODE RATE [SECONDS]
+  local usual=$RATE
+  check_node "${1:-}"; RATE=${2:-}; parse_rate; [ -z "${3:-}" ] || check_seconds "$3"
+  set_rate "$1" "$RATE"
+  echo "$PROG: $(date +%T) node $1's link at $RATE${3:+ for $3 s}"
+  [ -n "${3:-}" ] || return 0
+  trap 'set_rate "$1" "$usual"' EXIT
+  sleep "$3"
+  set_rate "$1" "$usual"
+  trap - EXIT
+  echo "$PROG: $(date +%T) node $1's link back at $usual"
+}
+
 # ----------------------------------------------------------------------------------------------- command line
 CMD=${1:-}; [ $# -gt 0 ] && shift
 case "$CMD" in
   -h|--help|help) usage; exit 0 ;;
-  up|down|status|torchrun|run) ;;
+  up|down|status|torchrun|run|link-down|link-rate) ;;
   '') usage >&2; exit 2 ;;
-  *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down; see --help" ;;
+  *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down, link-down, link-rate; see --help" ;;
 esac
 NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 ARGS=()
 while [ $# -gt 0 ]; do
@@ -333,6 +374,8 @@ while [ $# -gt 0 ]; do
         *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
       esac
       shift ;;
+    link-*:-*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;
+    link-*:*) break ;;  # NODE ...
     torchrun:-*|run:-*|up:*|down:*|status:*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;
     *) break ;;  # torchrun / run: the script
   esac
@@ -364,4 +407,8 @@ case "$CMD" in
   status) load_state; cluster_status ;;
   torchrun) load_state; cluster_torchrun ;;
   run) cluster_up; rc=0; cluster_torchrun || rc=$?; exit "$rc" ;;  # cluster_up's EXIT trap removes it
+  link-down) load_state; [ $# -eq 2 ] || die "link-down takes NODE SECONDS" "e.g. $PROG link-down --name $NAME 1 20"
+             link_down "$@" ;;
+  link-rate) load_state; [ $# -eq 2 ] || [ $# -eq 3 ] || die "link-rate takes NODE RATE [SECONDS]" "e.g. $PROG link-rate --name $NAME 1 100mbit 30"
+             link_rate "$@" ;;
 esac

@@ -33,8 +33,11 @@ class StepClock:
     """Per-step phase timer: CUDA events on GPU (no host sync until read), perf_counter on CPU.
     `begin()` starts a step; each `mark(name)` closes the phase `name` that ran since the previous mark."""
 
+    current = None  # the latest clock made: a hang's report reads the phase its step was in (faults.py)
+
     def __init__(self, device):
         self.device, self.cuda, self.steps = device, device.type == "cuda", []
+        StepClock.current = self
 
     def _stamp(self):
         if not self.cuda:

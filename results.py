@@ -22,11 +22,15 @@ def write_json_atomic(path, data):
     """Writes JSON to a temporary file in the same folder, then renames it: never a half-written file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the last good file stays as it was
+        raise
 
 
 def move_aside(path):
@@ -59,7 +63,7 @@ class Results:
     ones. Otherwise a results file already at the path is moved aside first (and said so by the caller)."""
 
     def __init__(self, path, method, ctx, args, info, *, writer, saved=None):
-        self.path, self.writer, self.moved = path, writer, None
+        self.path, self.writer, self.moved, self.failed = path, writer, None, None
         if saved is not None:
             self.data = {**saved, "status": "incomplete"}
             self.save()
@@ -91,13 +95,32 @@ class Results:
         self.save()
 
     def finish(self):
+        """Marks the run complete and writes it; returns the one-line error when that last write failed, else None."""
         self.data["status"] = "complete"
         self.data["end_time"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.save()
+        if self.failed is None:
+            return None
+        kept = self.path if Path(self.path).exists() else "nothing"
+        return (f"the results could not be written to {self.path} ({self.failed.strerror or self.failed}); the last "
+                f"good file ({kept}) holds fewer epochs than were run (free the disk, or choose another --output)")
 
     def save(self):
-        if self.writer:
+        """Writes the file; a write that fails (full or read-only disk) keeps the last good file, is said once, and
+        is tried again at the next save; the run's last save failing is an error (see finish)."""
+        if not self.writer:
+            return
+        try:
             write_json_atomic(self.path, self.data)
+        except OSError as e:
+            if self.failed is None:
+                print(f"warning: results not written: {self.path}: {e.strerror or e}; the last good file is kept "
+                      f"and the write is tried again after each epoch", flush=True)
+            self.failed = e
+            return
+        if self.failed is not None:
+            print(f"notice: results written again to {self.path}", flush=True)
+        self.failed = None
 
 
 def summarize(epochs, previous=None):
