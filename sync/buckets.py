@@ -1,6 +1,8 @@
-"""What both hand-written methods share about gradients in flat buffers: DDP's gradient-view rule, torch's SGD
-step for some parameters alone, and the CUDA event one stream leaves for another."""
+"""What both hand-written methods share: DDP's gradient-view rule, torch's SGD step for some parameters alone, and
+the two pipelined engines' machinery (a communication thread's loop, the CUDA event one stream leaves another)."""
 import torch
+
+import common
 from torch.optim.sgd import sgd as sgd_update
 
 
@@ -39,3 +41,18 @@ def record_event(device):
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def run_jobs(engine, jobs, work, stream=None):
+    """A communication thread: `work(job)` for each job from the queue `jobs`, on `stream` (or a new one; nothing on a
+    CPU); the first error goes to engine.error under engine.changed, where the training thread's wait raises it."""
+    with common.comm_stream(engine.device, stream):
+        while True:
+            job = jobs.get()
+            try:
+                work(job)
+            except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
+                with engine.changed:
+                    engine.error = e
+                    engine.changed.notify_all()
+                return

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import common
 import measure
 from sync.allreduce import GradSync
-from sync.buckets import sgd_step
+from sync.buckets import record_event, run_jobs, sgd_step
 
 
 def next_partition(remaining, ready_everywhere):
@@ -21,7 +21,7 @@ def next_partition(remaining, ready_everywhere):
     return max(ready) if ready else min(remaining)
 
 
-class _Job:
+class _AllReduceJob:
     """One step's exchange (pipelined): the partitions this rank's backward has filled, each started exchange's
     (work, wire) and the order they started in, the partitions updated, the step's learning rate (in a loop of its
     own: each group's when backward ended, and the stand-ins' window), its parameters without a gradient (_Unused)."""
@@ -77,7 +77,8 @@ class PipelinedSync(GradSync):
             if needs:
                 needs = everything if scaler.is_enabled() else needs
                 module.register_forward_pre_hook(lambda m, a, needs=needs: self._before_forward(needs))
-        threading.Thread(target=self._serve, daemon=True).start()
+        # _exchange looked up per job, as a test that holds the exchanges back replaces it after construction
+        threading.Thread(target=run_jobs, args=(self, self.jobs, lambda job: self._exchange(job)), daemon=True).start()
 
     def _tail(self, count, params):
         return count  # the readiness vector
@@ -88,7 +89,7 @@ class PipelinedSync(GradSync):
             self.flush()  # "local" and "blocking" start with nothing in flight
         super().begin(kind)
         if kind == "comm":
-            self.pending, self.job = self.job, _Job(len(self.buckets), lr)
+            self.pending, self.job = self.job, _AllReduceJob(len(self.buckets), lr)
             self.last_order = self.job.order
             self.jobs.put(self.job)
 
@@ -111,7 +112,7 @@ class PipelinedSync(GradSync):
         super()._backward_starts()
         self._take_in()
         if self.syncing and not self.driven:  # a loop of its own: this backward's exchange
-            self.job = _Job(len(self.buckets), None)
+            self.job = _AllReduceJob(len(self.buckets), None)
             self.last_order = self.job.order
             self.jobs.put(self.job)
 
@@ -227,27 +228,12 @@ class PipelinedSync(GradSync):
         self.clock.mark("update")
 
     def _full(self, i):  # in the gradient hook (autograd's thread)
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()  # the communication thread's stream waits for it
+        event = record_event(self.device)  # the communication thread's stream waits for it
         with self.changed:
             self.job.events[i], self.job.ready[i] = event, True
             self.changed.notify_all()
 
-    # the communication thread
-    def _serve(self):
-        with common.comm_stream(self.device):
-            while True:
-                job = self.jobs.get()
-                try:
-                    self._exchange(job)
-                except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
-                    with self.changed:
-                        self.error = e
-                        self.changed.notify_all()
-                    return
-
+    # the communication thread (run_jobs)
     def _exchange(self, job):
         remaining, everywhere, flights = set(range(len(self.buckets))), set(), collections.deque()
         while remaining:

@@ -7,14 +7,13 @@ import time
 import torch
 import torch.distributed as dist
 
-import common
 import measure
-from sync.buckets import record_event, sgd_step
+from sync.buckets import record_event, run_jobs, sgd_step
 from sync.ps_collective import Transport
 from sync.ps_server import ServerStats
 
 
-class _Job:
+class _PushPullJob:
     """One step's pipelined exchange on this rank: the partitions its backward has filled (and, on a GPU, the event
     after each); on an owner, each own partition's receives once posted and its update once made (True, or the
     event after it on a GPU); each partition's pull once posted (a trainer's receive, or None on its owner) with
@@ -71,7 +70,8 @@ class Pipelined(Transport):
         # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.owned:
-            threading.Thread(target=self._run, args=(self.updates, self._update_owned), daemon=True).start()
+            threading.Thread(target=run_jobs, args=(self, self.updates, self._update_owned, self.stream),
+                             daemon=True).start()
         if not self.trains:
             return
         part_of = {id(t): i for i, b in enumerate(layout.pull) for t in b.tensors}
@@ -83,7 +83,7 @@ class Pipelined(Transport):
         self.push_of = {id(p): i for i, b in enumerate(layout.push) for p in b.tensors[:b.grads]}
         for p in layout.params:
             p.register_post_accumulate_grad_hook(self._grad_ready)
-        threading.Thread(target=self._run, args=(self.jobs, self._exchange), daemon=True).start()
+        threading.Thread(target=run_jobs, args=(self, self.jobs, self._exchange, self.stream), daemon=True).start()
 
     def blocking_twin(self):
         return self  # inactive, push() runs the whole exchange after backward
@@ -93,7 +93,7 @@ class Pipelined(Transport):
         if self.active:  # the exchange the last step left in flight is taken in by this forward, module by module
             if self.pending is not None:
                 self.flush()
-            self.pending, self.job = self.job, _Job(self.count, self.lr)
+            self.pending, self.job = self.job, _PushPullJob(self.count, self.lr)
             self.jobs.put(self.job)
 
     def _before_forward(self, needs):
@@ -125,7 +125,7 @@ class Pipelined(Transport):
             self._ready(self.job, [p for p in range(self.count) if not self.job.ready[p]])
             return
         self.flush()
-        job = _Job(self.count, self.lr)
+        job = _PushPullJob(self.count, self.lr)
         self._ready(job, range(self.count))
         self.jobs.put(job)
         self._end(job)
@@ -186,18 +186,6 @@ class Pipelined(Transport):
             bucket.unpack()
 
     # the communication thread (on a server that does not train: serve_step) and the owner's updater
-    def _run(self, jobs, work):
-        with common.comm_stream(self.device, self.stream):
-            while True:
-                job = jobs.get()
-                try:
-                    work(job)
-                except BaseException as e:  # noqa: BLE001 - raised again by the training thread's wait
-                    with self.changed:
-                        self.error = e
-                        self.changed.notify_all()
-                    return
-
     @torch.no_grad()
     def _exchange(self, job, clock=None):
         """This rank's part of the sequence (see the class): the step's pushes, then its pulls. The updates of its
@@ -278,7 +266,7 @@ class Pipelined(Transport):
 
     # a server that does not train
     def serve_step(self, optimizer, scaler, lr, clock):
-        job = _Job(self.count, lr)
+        job = _PushPullJob(self.count, lr)
         self._exchange(job, clock)
         return job
 
