@@ -98,6 +98,13 @@ def make_parser(doc, default_output=None):
     `parse(parser, argv)`."""
     p = OneLineParser(description=doc)
     p.default_output = default_output
+    for add in (_add_run_args, _add_optimizer_args, _add_measure_args, _add_output_args):
+        add(p)
+    return p
+
+
+def _add_run_args(p):
+    """The run: epochs, batches, data, backend and model."""
     p.add_argument("--epochs", type=positive(int), default=3, help="training epochs")
     p.add_argument("--batch-size", type=positive(int), default=64, help="images per step per training process")
     p.add_argument("--workers", type=non_negative(int), default=16,
@@ -115,6 +122,10 @@ def make_parser(doc, default_output=None):
                    help="allow downloading torchvision's default weights when no local file is found")
     p.add_argument("--image-size", type=positive(int), default=None,
                    help="training crop in pixels (default 224, or the built-in sample dataset's own size)")
+
+
+def _add_optimizer_args(p):
+    """SGD and its learning-rate schedule; the seed."""
     p.add_argument("--lr", type=positive(float), default=0.01, help="peak SGD learning rate")
     p.add_argument("--lr-scheduler", choices=("constant", "step", "cosine"), default="constant",
                    help="learning rate after warm-up: constant, x --lr-gamma every --lr-step-size epochs, or "
@@ -128,6 +139,10 @@ def make_parser(doc, default_output=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, data order and augmentation")
+
+
+def _add_measure_args(p):
+    """What is timed and how: steps, the yardstick, profiling, precision, the compute model."""
     p.add_argument("--max-steps", type=positive(int), default=None, help="cap on training steps per epoch")
     p.add_argument("--warmup-steps", type=non_negative(int), default=1,
                    help="first steps of epoch 1 left out of throughput and step-time averages")
@@ -154,6 +169,10 @@ def make_parser(doc, default_output=None):
                    help="minutes a collective may wait for a peer before the run fails instead of hanging")
     p.add_argument("--log-every", type=positive(int), default=10,
                    help="steps between progress updates (each is one host sync on every training rank)")
+
+
+def _add_output_args(p):
+    """The results file and the checkpoints."""
     p.add_argument("--output", default=None,
                    help="results JSON path; default results_<method>[_<variant>].json in the current folder, named "
                         "after the variant flags (a finished run already there is moved to previous/, not replaced)")
@@ -164,7 +183,6 @@ def make_parser(doc, default_output=None):
                    help="write a checkpoint every STEPS training steps (counted over the whole run) instead of "
                         "after each epoch. Checkpoints are written with --resume, with this flag, or under torchrun "
                         "--max-restarts, whose restarted processes continue from the latest one by themselves")
-    return p
 
 
 def parse(parser, argv):

@@ -255,7 +255,8 @@ def scaling_table(experiments, args, out):
     return "\n".join(lines)
 
 
-def main():
+def parse_args():
+    """The command line; --suite scaling brings its own cluster and rate."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds",
@@ -279,6 +280,11 @@ def main():
     if args.suite == "scaling":  # one cluster of the most nodes; each run takes its first N
         args.cluster = args.cluster or f"{max(args.nodes)}x1"
         args.rate = args.rate if "--rate" in sys.argv else SCALING_RATE
+    return args
+
+
+def main():
+    args = parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     experiments = suite(args.suite, args)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import all_reduce_train as ar
 import common
 from dist_helpers import FAST_ARGS, run_forked, run_in_group
+from sync import allreduce, hierarchical, pipelined_allreduce
+from sync.ring import ring_all_reduce
 
 TINY_MB = 600 / 2 ** 20  # 600 bytes: less than the largest tensor (conv2 weight, 315 floats = 1260 bytes); 3 buckets
 BUCKETED = ("overlap", "bucketed", "ring", "pipelined", "hierarchical")
@@ -52,11 +54,11 @@ def _views_of_buckets(sync):
 def make_sync(model, mode, bucket_mb, compress="none", optimizer=None, scaler=None):
     """Our sync as the script builds it (pipelined owns the update: it gets the optimizer and the scaler)."""
     if mode == "pipelined":
-        return ar.PipelinedSync(model, optimizer, scaler or torch.amp.GradScaler("cpu", enabled=False), bucket_mb,
-                                compress)
+        return pipelined_allreduce.PipelinedSync(model, optimizer, scaler or torch.amp.GradScaler("cpu", enabled=False),
+                                                 bucket_mb, compress)
     if mode == "hierarchical":
-        return ar.HierarchicalSync(model, bucket_mb, compress, local_size=PER_NODE)
-    return ar.GradSync(model, mode, bucket_mb, compress)
+        return hierarchical.HierarchicalSync(model, bucket_mb, compress, local_size=PER_NODE)
+    return allreduce.GradSync(model, mode, bucket_mb, compress)
 
 
 def ours_step(sync, model, opt, x, y, lr=0.1, scaler=None, autocast=None):
@@ -145,7 +147,7 @@ def _match_ddp(rank, world_size, configs, steps=3):
         x = torch.randn(n, generator=torch.Generator().manual_seed(n + 17 * rank), dtype=torch.float64)
         expected = x.clone()
         dist.all_reduce(expected)
-        ar.ring_all_reduce(x)
+        ring_all_reduce(x)
         ring[n] = (x - expected).abs().max().item() / expected.abs().max().item()
     return out, ring
 
@@ -414,10 +416,10 @@ def test_pipelined_sends_first_what_the_next_forward_needs_first(features):
 
 def test_next_partition_is_agreed_from_shared_knowledge_only():
     """Ready everywhere: the one the next forward needs first (highest index); none: the next backward fills."""
-    assert ar.next_partition({0, 1, 2, 3}, set()) == 0
-    assert ar.next_partition({1, 2, 3}, {0, 1, 2}) == 2
-    assert ar.next_partition({3, 4}, {0, 1, 2}) == 3
-    assert ar.next_partition({2, 4}, {0, 1, 2, 3, 4}) == 4
+    assert pipelined_allreduce.next_partition({0, 1, 2, 3}, set()) == 0
+    assert pipelined_allreduce.next_partition({1, 2, 3}, {0, 1, 2}) == 2
+    assert pipelined_allreduce.next_partition({3, 4}, {0, 1, 2}) == 3
+    assert pipelined_allreduce.next_partition({2, 4}, {0, 1, 2, 3, 4}) == 4
 
 
 # --------------------------------------------------------------------------- command line and end to end

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import all_reduce_train as ar
 import common
 from dist_helpers import run_in_group
+from sync import allreduce, hierarchical, pipelined_allreduce
 
 MODES = ("per-param", "bucketed", "overlap", "ring", "hierarchical", "pipelined")
 ZEROING = ("optimizer", "optimizer-in-place", "model", "none")
@@ -65,10 +65,10 @@ def _rel_err(ours, ref):
 
 def make_sync(model, mode, optimizer, **contract):
     if mode == "pipelined":
-        return ar.PipelinedSync(model, optimizer, None, BUCKET_MB, **contract)
+        return pipelined_allreduce.PipelinedSync(model, optimizer, None, BUCKET_MB, **contract)
     if mode == "hierarchical":
-        return ar.HierarchicalSync(model, BUCKET_MB, local_size=PER_NODE, **contract)
-    return ar.GradSync(model, mode, BUCKET_MB, **contract)
+        return hierarchical.HierarchicalSync(model, BUCKET_MB, local_size=PER_NODE, **contract)
+    return allreduce.GradSync(model, mode, BUCKET_MB, **contract)
 
 
 def _zero(how, model, optimizer):

@@ -1,0 +1,285 @@
+"""--comm pipelined: BytePS's push-sum-pull per partition, each updated by its owner as soon as its pushes are in and
+pulled in the order the next forward needs it (Pipelined)."""
+import queue
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+import measure
+from sync.buckets import record_event, run_jobs, sgd_step
+from sync.ps_collective import Transport
+from sync.ps_server import ServerStats
+
+
+class _PushPullJob:
+    """One step's pipelined exchange on this rank: the partitions its backward has filled (and, on a GPU, the event
+    after each); on an owner, each own partition's receives once posted and its update once made (True, or the
+    event after it on a GPU); each partition's pull once posted (a trainer's receive, or None on its owner) with
+    the event after its update; the partitions the training thread has taken in, whether every send has ended,
+    the step's lr and the seconds its updates took."""
+
+    def __init__(self, count, lr, ready=False):
+        self.lr, self.ready, self.events, self.filled = lr, [ready] * count, [None] * count, [0] * count
+        self.receives, self.updated, self.update_seconds = [None] * count, [None] * count, 0.0
+        self.pulled, self.applied, self.finished = [None] * count, set(), False
+
+
+class Pipelined(Transport):
+    """--comm pipelined (BytePS's push-sum-pull per partition, P3's order), on the Partitions layout. A partition is
+    pushed (its gradients and its modules' buffers, one message) point-to-point to its owner as soon as backward has
+    filled it; its owner sums the pushes in the trainers' order (p2p's exact sum), averages and updates that
+    partition alone (torch's SGD step for its parameters: the same math as one optimizer.step()) and sends it back
+    to every trainer, as soon as every push to it has arrived; each module of the next forward waits, in a
+    pre-hook, only for the partitions holding its own tensors. A "comm" step returns with its exchange in flight:
+    the next forward, flush() or end_epoch() ends it; the yardstick's "blocking" kind runs the same exchange
+    whole after backward.
+
+    Bytes: a trainer sends every partition it does not own once and receives it back once; an owner receives its
+    own from each other trainer and sends it back to each. With N trainers that all own a balanced share, that is
+    2(N-1)/N x state through every link, each way at once, the all-reduce's bytes (gloo's reduce is not this
+    pattern and moved 28% more); with one server, a star of the same messages.
+
+    The order: every rank issues its sends and receives in one sequence fixed by the layout alone: the pushes in
+    partition order (the order backward fills them), then the pulls in reverse (the order the next forward needs
+    them), each owner's sends to its peers in rank order. A pair of ranks therefore issues its matching sends and
+    receives in the same order (NCCL matches them by order and has no any-source receive), and every operation
+    comes after every earlier one in the sequence on both sides, so none can wait for one that comes after it.
+    Rank-local timing (which partition a rank's backward filled first) only delays when a rank issues its part,
+    never the order: there is nothing to agree on while running. A communication thread issues them, on a process
+    group of its own (the training thread's collectives never interleave with them), waiting where the sequence
+    needs its own backward (before a push) or the update of a partition it owns (before that pull). An owner's
+    updater thread sums, updates and packs each of its partitions as soon as its pushes are in (during backward,
+    for all but the last few), so the pulls find them ready. On a GPU both threads issue on one stream of their
+    own, ordered against the training stream by events only, never a host sync. A server that does not train
+    (one server) runs the same sequence in serve_step, with its updater beside it.
+    """
+    overlaps, updates_itself = True, True
+
+    def __init__(self, layout, rank, trainers, model, optimizer=None):
+        super().__init__(layout, rank, trainers)
+        self.optimizer, self.device = optimizer, layout.params[0].device
+        self.group = dist.new_group()  # every rank must call new_group
+        self.count = len(layout.push)
+        self.inbox = {p: [torch.empty_like(b.flat) for _ in self.peers(rank)]
+                      for p, b in enumerate(layout.push) if b.owner == rank}  # the others' pushes to my partitions
+        self.pending = self.job = None  # the exchange the next forward takes in; the one this step started
+        self.changed, self.jobs, self.updates, self.error = threading.Condition(), queue.Queue(), queue.Queue(), None
+        self.owned = [p for p, b in enumerate(layout.push) if b.owner == rank]
+        # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.owned:
+            threading.Thread(target=run_jobs, args=(self, self.updates, self._update_owned, self.stream),
+                             daemon=True).start()
+        if not self.trains:
+            return
+        part_of = {id(t): i for i, b in enumerate(layout.pull) for t in b.tensors}
+        for m in model.modules():
+            needs = sorted({part_of[id(t)] for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+                            if id(t) in part_of}, reverse=True)
+            if needs:
+                m.register_forward_pre_hook(lambda module, inputs, needs=needs: self._before_forward(needs))
+        self.push_of = {id(p): i for i, b in enumerate(layout.push) for p in b.tensors[:b.grads]}
+        for p in layout.params:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+        threading.Thread(target=run_jobs, args=(self, self.jobs, self._exchange, self.stream), daemon=True).start()
+
+    def blocking_twin(self):
+        return self  # inactive, push() runs the whole exchange after backward
+
+    # the training thread
+    def pull(self):
+        if self.active:  # the exchange the last step left in flight is taken in by this forward, module by module
+            if self.pending is not None:
+                self.flush()
+            self.pending, self.job = self.job, _PushPullJob(self.count, self.lr)
+            self.jobs.put(self.job)
+
+    def _before_forward(self, needs):
+        if self.active and self.pending is not None:
+            self._apply(self.pending, needs)
+
+    def finish_pull(self):
+        if self.pending is not None:  # partitions no module asked for (parameters unused in forward)
+            self._apply(self.pending, range(self.count))
+            self.pending = None
+
+    def _grad_ready(self, param):  # autograd's thread
+        if not self.active:
+            return
+        job, p = self.job, self.push_of[id(param)]
+        job.filled[p] += 1
+        if job.filled[p] == self.layout.push[p].grads:
+            self._ready(job, [p])
+
+    def _ready(self, job, parts):
+        events = {p: record_event(self.device) for p in parts}  # the communication stream waits for the gradients
+        with self.changed:
+            for p in parts:
+                job.events[p], job.ready[p] = events[p], True
+            self.changed.notify_all()
+
+    def push(self):
+        if self.active:  # partitions whose gradients never all arrived (unused parameters: zeros) go too
+            self._ready(self.job, [p for p in range(self.count) if not self.job.ready[p]])
+            return
+        self.flush()
+        job = _PushPullJob(self.count, self.lr)
+        self._ready(job, range(self.count))
+        self.jobs.put(job)
+        self._end(job)
+
+    def flush(self):
+        for job in (self.pending, self.job):
+            if job is not None:
+                self._end(job)
+        self.pending = self.job = None
+
+    def end_epoch(self, scaler):
+        self.flush()
+
+    def _end(self, job):
+        """Takes in every partition of `job` and waits until its last send has ended (nothing of it in flight)."""
+        self._apply(job, range(self.count))
+        self._wait(lambda: job.finished)
+
+    def _wait(self, condition):
+        with self.changed:
+            self.changed.wait_for(lambda: condition() or self.error is not None)
+        if self.error is not None:
+            raise self.error
+
+    def _apply(self, job, parts):
+        """Waits for the pulls of `parts` (once each) and takes them into the model."""
+        parts = [p for p in parts if p not in job.applied]
+        if not parts:
+            return
+        self.clock.mark("compute")
+        for p in parts:
+            self._wait(lambda: job.pulled[p] is not None)
+            work, event = job.pulled[p]
+            if work is not None:  # a trainer: the owner's partition arrives
+                work.wait()
+                self.layout.pull[p].unpack()
+            elif event is not None:  # the owner: its own update, made on the communication stream
+                torch.cuda.current_stream().wait_event(event)
+            job.applied.add(p)
+        self.clock.mark("pull")
+
+    def final_pull(self, scaler):
+        """Every rank, nothing in flight after it: each owner sends its partitions to every trainer."""
+        self.flush()
+        sends, receives = [], []
+        for p in reversed(range(self.count)):
+            bucket = self.layout.pull[p]
+            if bucket.owner == self.rank:
+                bucket.pack()
+                sends += [dist.isend(bucket.flat, peer, group=self.group, tag=self.count + p)
+                          for peer in self.peers(self.rank)]
+            elif self.trains:
+                receives.append((dist.irecv(bucket.flat, bucket.owner, group=self.group, tag=self.count + p), bucket))
+        for work in sends:
+            work.wait()
+        for work, bucket in receives:
+            work.wait()
+            bucket.unpack()
+
+    # the communication thread (on a server that does not train: serve_step) and the owner's updater
+    @torch.no_grad()
+    def _exchange(self, job, clock=None):
+        """This rank's part of the sequence (see the class): the step's pushes, then its pulls. The updates of its
+        own partitions run beside it, in the updater, as soon as their pushes are in."""
+        clock = clock or measure.NoClock()
+        sends, peers = [], self.peers(self.rank)
+        if self.owned:
+            self.updates.put(job)
+        for p, bucket in enumerate(self.layout.push):
+            if bucket.owner == self.rank:
+                receives = [dist.irecv(box, peer, group=self.group, tag=p) for box, peer in zip(self.inbox[p], peers)]
+                with self.changed:
+                    job.receives[p] = receives
+                    self.changed.notify_all()
+            elif self.trains:
+                self._ready_here(job, p)
+                sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
+        clock.mark("push")
+        for p in reversed(range(self.count)):
+            bucket, work, event = self.layout.pull[p], None, None
+            if bucket.owner == self.rank:
+                self._wait(lambda: job.updated[p] is not None)
+                event = None if job.updated[p] is True else job.updated[p]
+                clock.mark("push_wait")
+                sends += [dist.isend(bucket.flat, peer, group=self.group, tag=self.count + p) for peer in peers]
+                clock.mark("serve")
+            elif self.trains:
+                work = dist.irecv(bucket.flat, bucket.owner, group=self.group, tag=self.count + p)
+            with self.changed:
+                job.pulled[p] = work, event
+                self.changed.notify_all()
+        for work in sends:
+            work.wait()
+        clock.mark("serve")
+        with self.changed:
+            job.finished = True
+            self.changed.notify_all()
+
+    @torch.no_grad()
+    def _update_owned(self, job):
+        """The updater: each partition this rank owns, in the order its pushes arrive, summed, averaged, updated
+        and packed for its pull, so that the pull phase finds them ready (only the last one waits)."""
+        for p in self.owned:
+            self._wait(lambda: job.receives[p] is not None)
+            if self.trains:
+                self._ready_here(job, p)
+            for received in job.receives[p]:
+                received.wait()
+            start = time.perf_counter()
+            self._update(job, p)
+            self.layout.pull[p].pack()
+            job.update_seconds += time.perf_counter() - start
+            event = record_event(self.device)  # the owner's next forward, and this partition's pull, wait for it
+            with self.changed:
+                job.updated[p] = True if event is None else event
+                self.changed.notify_all()
+
+    def _ready_here(self, job, p):
+        """Waits until this rank's backward has filled partition p, then packs its buffers behind the gradients."""
+        self._wait(lambda: job.ready[p])
+        if job.events[p] is not None:
+            torch.cuda.current_stream().wait_event(job.events[p])
+        self.layout.push[p].pack_buffers()
+
+    def _update(self, job, p):
+        """The owner: the sum of the pushes in the trainers' order (its own at its place: the sum p2p and the
+        reference make, exactly), the mean, the update of that partition's parameters alone."""
+        bucket, boxes = self.layout.push[p], iter(self.inbox[p])
+        terms = [bucket.flat if trainer == self.rank else next(boxes) for trainer in self.trainers]
+        total = terms[0]  # the first trainer's own buffer, or the received one (scratch until the next step)
+        for term in terms[1:]:
+            total.add_(term)
+        if total is not bucket.flat:
+            bucket.flat.copy_(total)
+        bucket.flat.div_(len(self.trainers))
+        bucket.unpack_buffers()
+        sgd_step(self.optimizer, bucket.tensors[:bucket.grads], job.lr)
+
+    # a server that does not train
+    def serve_step(self, optimizer, scaler, lr, clock):
+        job = _PushPullJob(self.count, lr)
+        self._exchange(job, clock)
+        return job
+
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+        """The single server's epoch: one exchange per step, each ending with the trainers' pulls (the epoch's
+        final pull is its last step's). Its update time is the updater's, its wait the rest until a pull."""
+        lrs, updates = [lr_at(step) for step in range(steps)], []
+        for step in range(start, steps):
+            clock.begin()
+            updates.append(self.serve_step(optimizer, scaler, lrs[step], clock).update_seconds)
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
+        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
+        update = sum(updates[warmup:]) / timed
+        return ServerStats(sums.get("serve", 0.0) / timed, sums.get("push_wait", 0.0) / timed - update, update,
+                           lrs=lrs)

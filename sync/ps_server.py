@@ -1,0 +1,54 @@
+"""The guide's parameter server, one step: serve the parameters, gather the workers' gradients, average them,
+update; and the single server's figures, shared with the trainers."""
+import dataclasses
+
+import torch
+
+import common
+import measure
+
+
+def server_step(comm, optimizer, scaler, lr, clock):
+    """The single server's step: serve the parameters, gather the workers' gradients, average them, update."""
+    serve(comm, scaler)
+    clock.mark("serve")
+    comm.push()
+    clock.mark("push_wait")  # includes the workers' forward and backward
+    update(comm, optimizer, scaler, lr, len(comm.trainers))
+    clock.mark("update")
+
+
+def serve(comm, scaler):
+    """The server: puts the loss scale (1 without fp16) into the served state, then serves a pull."""
+    comm.layout.scale.copy_(scaler.scale(torch.ones((), device=comm.layout.scale.device)))
+    comm.pull()
+    comm.finish_pull()
+
+
+def update(comm, optimizer, scaler, lr, trainers):
+    """An owner: averages the sums pushed to it and steps its optimizer (fp16: unscales once, skips on inf)."""
+    comm.layout.average(comm.rank, trainers)
+    common.set_lr(optimizer, lr)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+@dataclasses.dataclass
+class ServerStats:
+    """The single server's epoch, per step: serving the pull, waiting for the pushes (the workers' compute
+    included), averaging and updating; async: staleness; and the learning rate it applied at each step."""
+    serve: float = 0.0
+    push_wait: float = 0.0
+    update: float = 0.0
+    staleness_mean: float = 0.0
+    staleness_max: float = 0.0
+    lrs: list = dataclasses.field(default_factory=list)
+
+    SCALARS = ("serve", "push_wait", "update", "staleness_mean", "staleness_max")
+
+    def share(self, ctx, steps):
+        """Every rank calls it (the trainers with zeros): the server's figures, on every rank."""
+        packed = torch.tensor([*(getattr(self, k) for k in self.SCALARS), *(self.lrs or [0.0] * steps)],
+                              dtype=torch.float64, device=ctx.device)
+        values = measure.all_reduce(packed).tolist()
+        return ServerStats(*values[:len(self.SCALARS)], lrs=values[len(self.SCALARS):])
