@@ -1,0 +1,92 @@
+"""Reading cost: the lines a reader opens to follow one variant end to end (issue 37's measure).
+
+    python bench/reading_cost.py            # the table, as the README's map carries it
+    python bench/reading_cost.py --check    # exit 1 if a listed definition no longer exists
+
+Counted as issue 37 counts it: the definitions of the variant's script that the variant runs, its room in sync/,
+and what it calls in the shared loop (common.py, driver.py, measure.py); the shared pieces called by name (data,
+checkpoints, results, faults, the compute model) are not opened. Each entry is `file:qualname`, a whole function or
+class (`Class.method` for one method), its lines from `def`/`class` to its end, docstring included. The lists are
+written by hand, so the table says exactly what was counted; --check keeps them from naming what is gone.
+"""
+import argparse
+import ast
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOOP = ["driver.py:train", "driver.py:_epochs", "measure.py:run_epoch", "measure.py:StepClock"]
+DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
+       "baseline_multi_card.py:make_method", "baseline_multi_card.py:main"]
+AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
+      "all_reduce_train.py:make_method", "all_reduce_train.py:main"]
+PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:make_transport",
+      "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:main",
+      "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:update",
+      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
+
+VARIANTS = {
+    "DDP": DDP + LOOP,
+    "DDP `--comm-hook powersgd`": DDP + ["baseline_multi_card.py:register_hook",
+                                         "baseline_multi_card.py:PowerSGDSnapshot"] + LOOP,
+    "all-reduce `--sync overlap`": AR + ["sync/allreduce.py:GradSync"] + LOOP,
+    "all-reduce `--sync ring`": AR + ["sync/allreduce.py:GradSync", "sync/ring.py:ring_all_reduce",
+                                      "sync/ring.py:_exchange"] + LOOP,
+    "all-reduce `--sync hierarchical`": AR + ["sync/allreduce.py:GradSync", "sync/hierarchical.py:HierarchicalSync",
+                                              "sync/hierarchical.py:_Relay"] + LOOP,
+    "all-reduce `--sync pipelined`": AR + ["sync/allreduce.py:GradSync", "sync/pipelined_allreduce.py:PipelinedSync",
+                                           "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
+                                           "sync/buckets.py:sgd_step"] + LOOP,
+    "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
+    "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
+    "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:Pipelined",
+                                   "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
+    "PS `--mode async`": PS + ["sync/ps_async.py:Async"] + LOOP,
+}
+
+
+def definitions(path):
+    """{qualname: lines} of the module-level functions and classes in `path`, and of each class's methods."""
+    out = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = node.end_lineno - node.lineno + 1
+            for sub in getattr(node, "body", []):
+                if isinstance(node, ast.ClassDef) and isinstance(sub, ast.FunctionDef):
+                    out[f"{node.name}.{sub.name}"] = sub.end_lineno - sub.lineno + 1
+    return out
+
+
+def cost(entries, cache):
+    """(files, lines, missing) of one variant's list."""
+    files, lines, missing = set(), 0, []
+    for entry in dict.fromkeys(entries):  # each definition once
+        file, name = entry.split(":")
+        defs = cache.setdefault(file, definitions(REPO / file) if (REPO / file).exists() else {})
+        if name not in defs:
+            missing.append(entry)
+            continue
+        files.add(file)
+        lines += defs[name]
+    return files, lines, missing
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only check that every listed definition exists")
+    args = p.parse_args()
+    cache, gone = {}, []
+    rows = ["| variant | files | lines |", "| --- | --- | ---: |"]
+    for variant, entries in VARIANTS.items():
+        files, lines, missing = cost(entries, cache)
+        gone += missing
+        rows.append(f"| {variant} | {len(files)}: {', '.join(f'`{f}`' for f in sorted(files))} | {lines} |")
+    if gone:
+        sys.exit("reading_cost.py names definitions that no longer exist: " + ", ".join(gone))
+    if not args.check:
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
