@@ -138,7 +138,7 @@ class _DdpContract:
                 view.zero_()
             elif view is not None:
                 adopt_grad(p, view)
-        if missing and self.kind == "comm" and self.mode in OVERLAPPED:
+        if missing and self.overlapped:
             for i, bucket in enumerate(self.buckets):
                 if self.filled[i] < len(bucket.tensors):
                     self.filled[i] = len(bucket.tensors)
@@ -196,7 +196,7 @@ class GradSync(_DdpContract):
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
         self.buffer_list = list(model.buffers())
         self.buffers = common.flat_by_dtype(self.buffer_list)
-        self.kind = "comm"  # the step's kind (see begin)
+        self._take_kind("comm")  # a loop of its own never calls begin(): every step is a "comm" one
         self.driven = False  # True once a loop calls begin(): it then broadcasts the buffers and finishes itself
         # no_sync() turns sync_grads off; each forward with grad copies it into sync_backward, and says whether the
         # next forward takes rank 0's buffers (DDP's require_backward_grad_sync and require_forward_param_sync)
@@ -215,7 +215,14 @@ class GradSync(_DdpContract):
     def begin(self, kind, clock=None, lr=None):
         """A step of `kind` at learning rate `lr` starts: "comm" synchronizes as the mode says, "blocking" the same
         buckets after backward, "local" not at all (the yardstick's kinds). The kit's loop calls it."""
-        self.kind, self.driven = kind, True
+        self._take_kind(kind)
+        self.driven = True
+
+    def _take_kind(self, kind):
+        """The step's kind in the exchange's own terms, so that no test of `kind` sits inside it: whether this step
+        communicates at all, and whether its buckets start from the gradient hooks (else after backward)."""
+        self.kind = kind  # PipelinedSync still reads it
+        self.communicates, self.overlapped = kind != "local", kind == "comm" and self.mode in OVERLAPPED
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
@@ -226,7 +233,7 @@ class GradSync(_DdpContract):
 
     def _grad_ready(self, param, view):
         """The gradient hook, after backward has accumulated into param.grad (`view`: its bucket view, if any)."""
-        if self.kind == "local":
+        if not self.communicates:
             return
         if not self.in_backward:
             self.in_backward = True
@@ -239,7 +246,7 @@ class GradSync(_DdpContract):
             raise common.UserError(f"parameter {self.names[id(param)]} got a second gradient before the sync: "
                                    "like DDP outside no_sync(), the manual all-reduce allows one backward per step")
         self.ready.add(id(param))
-        if self.kind == "comm" and self.mode in OVERLAPPED:
+        if self.overlapped:
             i = self.bucket_index[id(param)]
             self.filled[i] += 1
             if self.filled[i] == len(self.buckets[i].tensors):
@@ -270,7 +277,7 @@ class GradSync(_DdpContract):
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
             return
-        if self.mode in ("overlap", "hierarchical") and self.kind == "comm":
+        if self.overlapped:  # overlap, hierarchical (a pipelined "comm" step ends in PipelinedSync._finish)
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:
