@@ -112,21 +112,9 @@ def train(args, ctx, ds, method):
     restart = Restart(ckpt, resumed, attempt, results) if attempt > 0 and ctx.rank == writer else None
     done_epochs, in_epoch = 0, None
     if resumed:
-        for name, obj in method.state.items():
-            obj.load_state_dict(resumed["state"][name])
-        if method.after_resume:
-            method.after_resume()
-        done_epochs, in_epoch = resumed["epoch"], resumed.get("in_epoch")
-        if not attempt:
-            results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), done_epochs])
-        log(ctx, f"{'restarted' if attempt else 'resumed'} after epoch {done_epochs}"
-                 + (f", step {resumed['done']} of epoch {done_epochs + 1}" if resumed["done"] else "")
-                 + f" from {ckpt.root}", rank=writer)
+        done_epochs, in_epoch = _restore(ctx, method, ckpt, resumed, attempt, results, writer)
     elif args.overhead_pairs:
-        overhead = yardstick(args, ctx, info, method)
-        if trains:
-            results.update(comm_overhead=overhead)
-            log(ctx, overhead_line(overhead, len(method.trainers)), rank=writer)
+        _record_yardstick(args, ctx, info, method, results, trains, writer)
     # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
     target = Target(args, ctx, results, writer, resumed=bool(resumed))
     if method.before_epochs:
@@ -138,13 +126,8 @@ def train(args, ctx, ds, method):
         _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
                 writer, first, stop, target)
     except Exception as e:
-        if not common.is_peer_failure(e):
-            raise
-        report, line = faults.hang_report(ctx, method.kind, stop, e)
-        print(line, file=sys.stderr, flush=True)
-        if ctx.rank == writer:
-            results.update(hang=report)
-        faults.linger(ctx, report, 60 * args.timeout + 5)
+        if common.is_peer_failure(e):
+            _report_hang(args, ctx, method, stop, results, writer, e)
         raise
     stop.restore()
     unwritten = results.finish()
@@ -152,6 +135,40 @@ def train(args, ctx, ds, method):
         common.cleanup_distributed(barrier=True)
         raise common.UserError(unwritten)
     log(ctx, f"wrote {args.output}", rank=writer)
+
+
+def _restore(ctx, method, ckpt, resumed, attempt, results, writer):
+    """The checkpoint's state put back on this rank, the resume recorded and said; (epochs done, the epoch in
+    progress's saved state or None)."""
+    for name, obj in method.state.items():
+        obj.load_state_dict(resumed["state"][name])
+    if method.after_resume:
+        method.after_resume()
+    done_epochs, in_epoch = resumed["epoch"], resumed.get("in_epoch")
+    if not attempt:
+        results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), done_epochs])
+    log(ctx, f"{'restarted' if attempt else 'resumed'} after epoch {done_epochs}"
+             + (f", step {resumed['done']} of epoch {done_epochs + 1}" if resumed["done"] else "")
+             + f" from {ckpt.root}", rank=writer)
+    return done_epochs, in_epoch
+
+
+def _record_yardstick(args, ctx, info, method, results, trains, writer):
+    """A fresh run's yardstick, into the results and the log (by the trainers)."""
+    overhead = yardstick(args, ctx, info, method)
+    if trains:
+        results.update(comm_overhead=overhead)
+        log(ctx, overhead_line(overhead, len(method.trainers)), rank=writer)
+
+
+def _report_hang(args, ctx, method, stop, results, writer, error):
+    """A peer failed or hung: this rank's line on stderr and the report in the results (the writer); rank 0, which
+    hosts the store, waits for the others to have read it (faults.linger). The caller raises the error again."""
+    report, line = faults.hang_report(ctx, method.kind, stop, error)
+    print(line, file=sys.stderr, flush=True)
+    if ctx.rank == writer:
+        results.update(hang=report)
+    faults.linger(ctx, report, 60 * args.timeout + 5)
 
 
 def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,

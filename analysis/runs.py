@@ -39,7 +39,7 @@ KIT_DEFAULTS = {"comm_hook": (("baseline_ddp",), modes.COMM_HOOKS[0]),
 EPOCH_KEYS = ("epoch", "train_loss", "train_accuracy", "train_time", "train_throughput", "avg_batch_time")
 
 # figure (a Run property): (its words in the report's "not measured" lines, the kinds it applies to). A run whose
-# property is None is named once for it; a new figure is one line here and one property below.
+# property is None is named once for it; a new figure is one line here and one property in _RunFigures.
 FIGURES = {
     "seed": ("seed", ALL_KINDS),
     "best_val_accuracy": ("validation accuracy", ALL_KINDS),
@@ -133,13 +133,9 @@ class DdpTimers:
         return cls(**{name: float(records[-1][key]) for name, key in cls.KEYS.items()})
 
 
-@dataclasses.dataclass
-class Run:
-    """One results file. Settings and figures are properties; None means the file does not record it."""
-    data: dict
-    path: Path
-    kind: str
-    told_by: str  # how the method was recognised: "kind", "method" or "file name"
+class _RunSettings:
+    """Run's settings: how the run was made (its method's flags, its processes, its data and compute) and whether its
+    accuracy means anything; read from self.data, for self.kind."""
 
     @property
     def guide_format(self):
@@ -245,7 +241,11 @@ class Run:
         A modeled run's loss means nothing too (the proxy's); a synthetic run's loss still shows learning."""
         return "modeled compute" if self.modeled else "synthetic" if self.synthetic else None
 
-    # ---- figures: the summary's value when it states one, else from the epochs
+
+class _RunFigures:
+    """Run's figures: the summary's value when it states one, else from the epochs; None when the file does not
+    record it (FIGURES names the ones the report says are not measured)."""
+
     def _summary(self, key):
         summary = self.data.get("summary")
         value = summary.get(key) if isinstance(summary, dict) else None
@@ -368,6 +368,16 @@ class Run:
                " (--overhead-pairs 0, or a resumed run)"}
         return [words + why.get(name, "") for name, (words, kinds) in FIGURES.items()
                 if self.kind in kinds and getattr(self, name) is None]
+
+
+@dataclasses.dataclass
+class Run(_RunSettings, _RunFigures):
+    """One results file. Settings and figures are properties (_RunSettings, _RunFigures); None means the file does
+    not record it."""
+    data: dict
+    path: Path
+    kind: str
+    told_by: str  # how the method was recognised: "kind", "method" or "file name"
 
 
 # --------------------------------------------------------------------------- reading files

@@ -28,7 +28,7 @@ def _grad_bucket(params, tail=0):
 
 
 OVERLAPPED = ("overlap", "hierarchical", "pipelined")  # the modes whose buckets start from the gradient hooks
-_REGISTRATIONS = [0]  # parameters, buffers and modules registered on any module of this process (GradSync._check_model)
+_REGISTRATIONS = [0]  # parameters, buffers and modules registered on any module here (_DdpContract._check_model)
 
 
 def _registered(module, name, value):
@@ -63,9 +63,102 @@ class _Unused:
         return view if self.used[self.index[id(param)]] > 0.5 else None
 
 
-class GradSync:
+class _DdpContract:
+    """GradSync's half that keeps DDP's contract around the exchange (the rules in GradSync's docstring): no_sync(),
+    rank 0's buffers before a forward, the model unchanged since construction, the end of backward in a loop of its
+    own, the parameters a backward gave no gradient. It reads the state GradSync.__init__ sets."""
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """DDP's no_sync(): a backward whose forward ran inside accumulates the gradients locally, with no
+        communication; the first backward after it synchronizes the accumulated sum."""
+        before, self.sync_grads = self.sync_grads, False
+        try:
+            yield
+        finally:
+            self.sync_grads = before
+
+    def broadcast_buffers(self):
+        """DDP's rule: every forward starts from rank 0's buffers (BatchNorm running statistics)."""
+        self._broadcast(self.buffers)
+
+    def _before_model(self, module):
+        """The model's forward pre-hook: the model must be the one the sync was built on; DDP's buffer rule."""
+        if module is not self.model:
+            return  # a copy's forward
+        self._check_model()
+        if self.buffers_due and self.forward_buffers and not self.driven:
+            self.broadcast_buffers()
+        if torch.is_grad_enabled():
+            self.sync_backward = self.sync_grads
+        self.buffers_due = torch.is_grad_enabled() and self.sync_grads
+
+    def _check_model(self):
+        """The model is the one the sync was built on (a buffer may be reassigned). One look at a counter and at the
+        frozen parameters while nothing registered a parameter, buffer or module anywhere; then a full check. (A
+        parameter frozen later gets no gradient: backward names it.)"""
+        if self.checked == _REGISTRATIONS[0] and not any(p.requires_grad for p in self.frozen):
+            return
+        self.checked = _REGISTRATIONS[0]
+        now = [(p, p.requires_grad) for p in self.model.parameters()]
+        if len(now) != len(self.layout) or any(p is not q or a != b for (p, a), (q, b) in zip(now, self.layout)):
+            before = {id(p): grad for p, grad in self.layout}
+            changed = [n for n, p in self.model.named_parameters() if before.get(id(p)) != p.requires_grad]
+            what = f"parameter {changed[0]} was added, replaced or (un)frozen" if changed else "a parameter was removed"
+            raise common.UserError(f"{what} after the gradient sync was built (build the sync on the finished model, "
+                                   "as DDP is built)")
+        buffers = list(self.model.buffers())
+        if len(buffers) != len(self.buffer_list) or any(a is not b for a, b in zip(buffers, self.buffer_list)):
+            self.buffer_list, self.buffers = buffers, common.flat_by_dtype(buffers)  # reassigned: DDP reads them anew
+
+    def _backward_starts(self):
+        self.syncing = self.sync_backward
+        if not self.driven:  # a loop of its own: the sync ends when backward does, as DDP's does
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)
+
+    def _backward_ends(self):
+        self.in_backward = False
+        if self.syncing:
+            self._finish()
+
+    def _end_backward(self):
+        """The parameters this backward gave no gradient: an error naming them; with find_unused_parameters, their
+        .grad as it is (zeros if None) goes into their buckets, the buckets left unfilled start (_Unused)."""
+        missing = [p for p in self.params if id(p) not in self.ready]
+        self.ready = set()
+        if missing and not self.find_unused_parameters:
+            self.filled = [0] * len(self.buckets)
+            names = ", ".join(self.names[id(p)] for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise common.UserError(f"{len(missing)} parameter(s) got no gradient in this step ({names}): like DDP "
+                                   "without find_unused_parameters, the manual all-reduce needs every parameter to "
+                                   "take part in the loss (pass find_unused_parameters=True, or use another --arch)")
+        for p in missing:
+            view = self.views.get(id(p))
+            if view is not None and p.grad is None:
+                view.zero_()
+            elif view is not None:
+                adopt_grad(p, view)
+        if missing and self.overlapped:
+            for i, bucket in enumerate(self.buckets):
+                if self.filled[i] < len(bucket.tensors):
+                    self.filled[i] = len(bucket.tensors)
+                    self._full(i)
+        self.filled = [0] * len(self.buckets)
+        # after every bucket has started, so that every rank issues the collectives in one order
+        return _Unused(self.params, missing, self.device) if self.find_unused_parameters else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _broadcast(flats):
+        for buffer in flats:
+            dist.broadcast(buffer.pack(), src=0)
+            if dist.get_rank() != 0:
+                buffer.unpack()
+
+
+class GradSync(_DdpContract):
     """Averages a plain model's gradients over all ranks with one of SYNC_MODES, keeping DDP's contract in any
-    training loop (docs/own_loop.md):
+    training loop (docs/own_loop.md; _DdpContract keeps it):
       - construction makes every parameter (frozen ones too) and every buffer rank 0's;
       - each forward starts from rank 0's buffers (DDP's broadcast_buffers=True; as under DDP, not the forward after
         one under no_grad or inside no_sync()), from a forward pre-hook on the model;
@@ -103,7 +196,7 @@ class GradSync:
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
         self.buffer_list = list(model.buffers())
         self.buffers = common.flat_by_dtype(self.buffer_list)
-        self.kind = "comm"  # the step's kind (see begin)
+        self._take_kind("comm")  # a loop of its own never calls begin(): every step is a "comm" one
         self.driven = False  # True once a loop calls begin(): it then broadcasts the buffers and finishes itself
         # no_sync() turns sync_grads off; each forward with grad copies it into sync_backward, and says whether the
         # next forward takes rank 0's buffers (DDP's require_backward_grad_sync and require_forward_param_sync)
@@ -119,20 +212,17 @@ class GradSync:
     def _tail(self, count, params):
         return 0  # elements after a bucket's gradients
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        """DDP's no_sync(): a backward whose forward ran inside accumulates the gradients locally, with no
-        communication; the first backward after it synchronizes the accumulated sum."""
-        before, self.sync_grads = self.sync_grads, False
-        try:
-            yield
-        finally:
-            self.sync_grads = before
-
     def begin(self, kind, clock=None, lr=None):
         """A step of `kind` at learning rate `lr` starts: "comm" synchronizes as the mode says, "blocking" the same
         buckets after backward, "local" not at all (the yardstick's kinds). The kit's loop calls it."""
-        self.kind, self.driven = kind, True
+        self._take_kind(kind)
+        self.driven = True
+
+    def _take_kind(self, kind):
+        """The step's kind in the exchange's own terms, so that no test of `kind` sits inside it: whether this step
+        communicates at all, and whether its buckets start from the gradient hooks (else after backward)."""
+        self.kind = kind  # PipelinedSync still reads it
+        self.communicates, self.overlapped = kind != "local", kind == "comm" and self.mode in OVERLAPPED
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
@@ -141,42 +231,9 @@ class GradSync:
         for p in self.params if not self.buckets else ():
             p.grad = None
 
-    def broadcast_buffers(self):
-        """DDP's rule: every forward starts from rank 0's buffers (BatchNorm running statistics)."""
-        self._broadcast(self.buffers)
-
-    def _before_model(self, module):
-        """The model's forward pre-hook: the model must be the one the sync was built on; DDP's buffer rule."""
-        if module is not self.model:
-            return  # a copy's forward
-        self._check_model()
-        if self.buffers_due and self.forward_buffers and not self.driven:
-            self.broadcast_buffers()
-        if torch.is_grad_enabled():
-            self.sync_backward = self.sync_grads
-        self.buffers_due = torch.is_grad_enabled() and self.sync_grads
-
-    def _check_model(self):
-        """The model is the one the sync was built on (a buffer may be reassigned). One look at a counter and at the
-        frozen parameters while nothing registered a parameter, buffer or module anywhere; then a full check. (A
-        parameter frozen later gets no gradient: backward names it.)"""
-        if self.checked == _REGISTRATIONS[0] and not any(p.requires_grad for p in self.frozen):
-            return
-        self.checked = _REGISTRATIONS[0]
-        now = [(p, p.requires_grad) for p in self.model.parameters()]
-        if len(now) != len(self.layout) or any(p is not q or a != b for (p, a), (q, b) in zip(now, self.layout)):
-            before = {id(p): grad for p, grad in self.layout}
-            changed = [n for n, p in self.model.named_parameters() if before.get(id(p)) != p.requires_grad]
-            what = f"parameter {changed[0]} was added, replaced or (un)frozen" if changed else "a parameter was removed"
-            raise common.UserError(f"{what} after the gradient sync was built (build the sync on the finished model, "
-                                   "as DDP is built)")
-        buffers = list(self.model.buffers())
-        if len(buffers) != len(self.buffer_list) or any(a is not b for a, b in zip(buffers, self.buffer_list)):
-            self.buffer_list, self.buffers = buffers, common.flat_by_dtype(buffers)  # reassigned: DDP reads them anew
-
     def _grad_ready(self, param, view):
         """The gradient hook, after backward has accumulated into param.grad (`view`: its bucket view, if any)."""
-        if self.kind == "local":
+        if not self.communicates:
             return
         if not self.in_backward:
             self.in_backward = True
@@ -189,53 +246,17 @@ class GradSync:
             raise common.UserError(f"parameter {self.names[id(param)]} got a second gradient before the sync: "
                                    "like DDP outside no_sync(), the manual all-reduce allows one backward per step")
         self.ready.add(id(param))
-        if self.kind == "comm" and self.mode in OVERLAPPED:
+        if self.overlapped:
             i = self.bucket_index[id(param)]
             self.filled[i] += 1
             if self.filled[i] == len(self.buckets[i].tensors):
                 self._full(i)
-
-    def _backward_starts(self):
-        self.syncing = self.sync_backward
-        if not self.driven:  # a loop of its own: the sync ends when backward does, as DDP's does
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_ends)
-
-    def _backward_ends(self):
-        self.in_backward = False
-        if self.syncing:
-            self._finish()
 
     def _full(self, i):
         # Launch strictly in bucket order, so every rank issues the same collectives in the same order.
         while len(self.in_flight) < len(self.buckets) and \
                 self.filled[len(self.in_flight)] == len(self.buckets[len(self.in_flight)].tensors):
             self.in_flight.append(self._all_reduce(self.buckets[len(self.in_flight)], async_op=True))
-
-    def _end_backward(self):
-        """The parameters this backward gave no gradient: an error naming them; with find_unused_parameters, their
-        .grad as it is (zeros if None) goes into their buckets, the buckets left unfilled start (_Unused)."""
-        missing = [p for p in self.params if id(p) not in self.ready]
-        self.ready = set()
-        if missing and not self.find_unused_parameters:
-            self.filled = [0] * len(self.buckets)
-            names = ", ".join(self.names[id(p)] for p in missing[:3]) + (", ..." if len(missing) > 3 else "")
-            raise common.UserError(f"{len(missing)} parameter(s) got no gradient in this step ({names}): like DDP "
-                                   "without find_unused_parameters, the manual all-reduce needs every parameter to "
-                                   "take part in the loss (pass find_unused_parameters=True, or use another --arch)")
-        for p in missing:
-            view = self.views.get(id(p))
-            if view is not None and p.grad is None:
-                view.zero_()
-            elif view is not None:
-                adopt_grad(p, view)
-        if missing and self.kind == "comm" and self.mode in OVERLAPPED:
-            for i, bucket in enumerate(self.buckets):
-                if self.filled[i] < len(bucket.tensors):
-                    self.filled[i] = len(bucket.tensors)
-                    self._full(i)
-        self.filled = [0] * len(self.buckets)
-        # after every bucket has started, so that every rank issues the collectives in one order
-        return _Unused(self.params, missing, self.device) if self.find_unused_parameters else None
 
     def finish(self):
         """The kit's loop, after backward: leaves every parameter's .grad holding the average over all ranks. (A loop
@@ -256,7 +277,7 @@ class GradSync:
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
             return
-        if self.mode in ("overlap", "hierarchical") and self.kind == "comm":
+        if self.overlapped:  # overlap, hierarchical (a pipelined "comm" step ends in PipelinedSync._finish)
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:
@@ -284,11 +305,3 @@ class GradSync:
         if not async_op and wire is not bucket.flat:
             bucket.grads.copy_(wire[:bucket.grads.numel()])
         return work, wire, bucket
-
-    @staticmethod
-    @torch.no_grad()
-    def _broadcast(flats):
-        for buffer in flats:
-            dist.broadcast(buffer.pack(), src=0)
-            if dist.get_rank() != 0:
-                buffer.unpack()

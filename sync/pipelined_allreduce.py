@@ -31,12 +31,23 @@ class _AllReduceJob:
         self.order, self.applied, self.unused, self.window = [], set(), None, None
 
 
-class PipelinedSync(GradSync):
-    """--sync pipelined (P3, ByteScheduler): the buckets are partitions of <= --bucket-mb, each all-reduced as backward
-    fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
-    same math as one optimizer.step(). A "comm" step returns with exchanges in flight; the next forward waits, in a
-    forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
-    update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
+def _optimizer_step(optimizer, scaler, params, lr):
+    """The update of `params` at the step's learning rate `lr` (a list, one per group: a loop of its own's)."""
+    if scaler.is_enabled():  # every partition is here: one inf check, one step
+        groups = optimizer.param_groups
+        now = [group["lr"] for group in groups]
+        for group, step_lr in zip(groups, lr if isinstance(lr, list) else [lr] * len(groups)):
+            group["lr"] = step_lr
+        scaler.step(optimizer)
+        scaler.update()
+        for group, step_lr in zip(groups, now if isinstance(lr, list) else ()):
+            group["lr"] = step_lr  # a loop of its own: its scheduler's learning rate for the next step
+    else:
+        sgd_step(optimizer, params, lr)
+
+
+class _Exchanges:
+    """PipelinedSync's exchanges, in an order every rank agrees on.
 
     The order: every rank must start the same collectives in the same order, but which partition is ready when is
     each rank's own. So the order is decided only from what every rank knows. Each exchange carries, after the
@@ -46,6 +57,91 @@ class PipelinedSync(GradSync):
     (the same on every rank): next_partition's rule. The first exchange of a step knows nothing yet: partition 0.
     A communication thread decides, starts and ends the exchanges, on a process group of its own, so the training
     thread's collectives (buffers, the loss sums, validation) never interleave with them.
+    The gradient hook (_full) tells the thread that a partition is full."""
+
+    def _full(self, i):  # in the gradient hook (autograd's thread)
+        event = record_event(self.device)  # the communication thread's stream waits for it
+        with self.changed:
+            self.job.events[i], self.job.ready[i] = event, True
+            self.changed.notify_all()
+
+    def _exchange(self, job):
+        """The communication thread's work for one step (run_jobs): every partition's exchange, in the agreed order."""
+        remaining, everywhere, flights = set(range(len(self.buckets))), set(), collections.deque()
+        while remaining:
+            if len(flights) == self.credit:
+                everywhere |= self._land(*flights.popleft())
+            b = next_partition(remaining, everywhere)
+            with self.changed:
+                self.changed.wait_for(lambda: job.ready[b])
+                flags = [float(r) for r in job.ready]
+            remaining.discard(b)
+            flights.append(self._start(job, b, flags))
+        while flights:
+            self._land(*flights.popleft())
+
+    def _start(self, job, b, flags):
+        bucket = self.buckets[b]
+        if job.events[b] is not None:
+            torch.cuda.current_stream().wait_event(job.events[b])
+        bucket.tail.copy_(torch.tensor(flags))
+        work, wire, _ = self._all_reduce(bucket, async_op=True)
+        with self.changed:
+            job.works[b] = work, wire
+            job.order.append(b)
+            self.changed.notify_all()
+        return work, wire
+
+    def _land(self, work, wire):
+        """Waits for an exchange; the partitions its readiness vector says were ready on every rank."""
+        work.wait()
+        counts = wire[-len(self.buckets):].tolist()
+        return {i for i, n in enumerate(counts) if n > self.world_size - 0.5}
+
+
+class _StandIns:
+    """PipelinedSync in a loop of its own: between backward and the update .grad points at stand-ins, and what the
+    loop did to them is done to the gradients after the update (PipelinedSync's docstring)."""
+
+    def _open_window(self, job):
+        """.grad points at stand-ins until the update (see PipelinedSync's docstring); _settle reads them."""
+        if self.stand_ins is None:
+            self.stand_ins = [torch.empty_like(p) for p in self.params]
+        job.window = {}
+        for p, stand_in in zip(self.params, self.stand_ins):
+            job.window[id(p)] = stand_in, stand_in._version
+            p.grad = stand_in
+
+    def _step_grads(self, job, params):
+        """Points .grad at the step's averaged gradients for the update (None for a parameter unused everywhere, as
+        under DDP); returns what the loop had left in .grad, or None where nothing needs to change (the kit's loop)."""
+        if job.window is None and (job.unused is None or not job.unused.unset):
+            return None
+        left = {id(p): p.grad for p in params}
+        for p in params:
+            view = self.views[id(p)]
+            p.grad = view if job.unused is None else job.unused.grad_of(p, view)
+        return left
+
+    @staticmethod
+    def _settle(job, params, left):
+        """After the update: what the loop did to the stand-ins since backward, done to the gradients."""
+        for p in params if job.window is not None else ():
+            stand_in, version = job.window[id(p)]
+            if left[id(p)] is not stand_in:
+                p.grad = left[id(p)]  # set to None, or to a tensor of the loop's
+            elif stand_in._version != version and p.grad is not None:
+                p.grad.zero_()  # zeroed in place (zero_grad(set_to_none=False))
+
+
+class PipelinedSync(_Exchanges, _StandIns, GradSync):
+    """--sync pipelined (P3, ByteScheduler): the buckets are partitions of <= --bucket-mb, each all-reduced as backward
+    fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
+    same math as one optimizer.step(). A "comm" step returns with exchanges in flight; the next forward waits, in a
+    forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
+    update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
+
+    The order of the exchanges, which every rank agrees on, and the thread that starts them: _Exchanges.
 
     fp16 (a GradScaler): the scaler's one inf check needs every gradient, so the next forward's first module waits
     for every partition, then scaler.step(optimizer) and scaler.update() run as in the other modes: with fp16 the
@@ -143,36 +239,6 @@ class PipelinedSync(GradSync):
             self.pending, self.job = self.job, None
             self._open_window(self.pending)
 
-    def _open_window(self, job):
-        """.grad points at stand-ins until the update (see the class docstring); _settle reads them."""
-        if self.stand_ins is None:
-            self.stand_ins = [torch.empty_like(p) for p in self.params]
-        job.window = {}
-        for p, stand_in in zip(self.params, self.stand_ins):
-            job.window[id(p)] = stand_in, stand_in._version
-            p.grad = stand_in
-
-    def _step_grads(self, job, params):
-        """Points .grad at the step's averaged gradients for the update (None for a parameter unused everywhere, as
-        under DDP); returns what the loop had left in .grad, or None where nothing needs to change (the kit's loop)."""
-        if job.window is None and (job.unused is None or not job.unused.unset):
-            return None
-        left = {id(p): p.grad for p in params}
-        for p in params:
-            view = self.views[id(p)]
-            p.grad = view if job.unused is None else job.unused.grad_of(p, view)
-        return left
-
-    @staticmethod
-    def _settle(job, params, left):
-        """After the update: what the loop did to the stand-ins since backward, done to the gradients."""
-        for p in params if job.window is not None else ():
-            stand_in, version = job.window[id(p)]
-            if left[id(p)] is not stand_in:
-                p.grad = left[id(p)]  # set to None, or to a tensor of the loop's
-            elif stand_in._version != version and p.grad is not None:
-                p.grad.zero_()  # zeroed in place (zero_grad(set_to_none=False))
-
     def flush(self, clock=None):
         """Ends every exchange in flight and applies its update (inside `clock` when given: the epoch's last step)."""
         self.clock = clock or self.clock
@@ -211,57 +277,8 @@ class PipelinedSync(GradSync):
         params = [p for b in parts for p in self.buckets[b].tensors]
         left = self._step_grads(job, params)
         with torch.autocast(self.device.type, enabled=False):
-            if self.scaler.is_enabled():  # every partition is here: one inf check, one step
-                groups = self.optimizer.param_groups
-                now = [group["lr"] for group in groups]
-                for group, lr in zip(groups, job.lr if isinstance(job.lr, list) else [job.lr] * len(groups)):
-                    group["lr"] = lr
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                for group, lr in zip(groups, now if isinstance(job.lr, list) else ()):
-                    group["lr"] = lr  # a loop of its own: its scheduler's learning rate for the next step
-            else:
-                sgd_step(self.optimizer, params, job.lr)
+            _optimizer_step(self.optimizer, self.scaler, params, job.lr)
         if left is not None:
             self._settle(job, params, left)
         job.applied.update(parts)
         self.clock.mark("update")
-
-    def _full(self, i):  # in the gradient hook (autograd's thread)
-        event = record_event(self.device)  # the communication thread's stream waits for it
-        with self.changed:
-            self.job.events[i], self.job.ready[i] = event, True
-            self.changed.notify_all()
-
-    # the communication thread (run_jobs)
-    def _exchange(self, job):
-        remaining, everywhere, flights = set(range(len(self.buckets))), set(), collections.deque()
-        while remaining:
-            if len(flights) == self.credit:
-                everywhere |= self._land(*flights.popleft())
-            b = next_partition(remaining, everywhere)
-            with self.changed:
-                self.changed.wait_for(lambda: job.ready[b])
-                flags = [float(r) for r in job.ready]
-            remaining.discard(b)
-            flights.append(self._start(job, b, flags))
-        while flights:
-            self._land(*flights.popleft())
-
-    def _start(self, job, b, flags):
-        bucket = self.buckets[b]
-        if job.events[b] is not None:
-            torch.cuda.current_stream().wait_event(job.events[b])
-        bucket.tail.copy_(torch.tensor(flags))
-        work, wire, _ = self._all_reduce(bucket, async_op=True)
-        with self.changed:
-            job.works[b] = work, wire
-            job.order.append(b)
-            self.changed.notify_all()
-        return work, wire
-
-    def _land(self, work, wire):
-        """Waits for an exchange; the partitions its readiness vector says were ready on every rank."""
-        work.wait()
-        counts = wire[-len(self.buckets):].tolist()
-        return {i for i, n in enumerate(counts) if n > self.world_size - 0.5}

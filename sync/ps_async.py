@@ -16,86 +16,9 @@ from sync.ps_server import ServerStats
 PULL, PUSH = 0, 1
 
 
-class Async(Transport):
-    """--mode async: each worker asks for the newest state (a PULL ticket) before computing and sends its
-    gradients (a PUSH ticket, with the version it computed on) after; the server applies every push at once, in
-    the order the tickets arrive, and is full duplex: a reader thread takes the tickets (any-source, on a gloo
-    group: NCCL has none), a sender thread answers the pulls while the server's own thread receives and applies
-    the pushes, each direction on a process group of its own (the state out on `pulls`, the gradients in on
-    `pushes`, the small replies on gloo groups of their own), so one worker's pull never waits behind another's
-    push through the server's link. The rules that keep it exact:
-      - every push is received and applied once, one at a time, in ticket order, by the server's thread;
-      - a pull is a snapshot of the state and its version taken under the same lock as the updates (never half
-        updated), that includes every push the server had wholly received when the pull's ticket arrived (it
-        waits for their update, not for a transfer), and a worker's push returns only once the server has it
-        (a one-element receipt), so a pull that comes after a push ended sees it: serialized workers are never
-        stale, and staleness (updates between a worker's pull and its push) counts as before.
-    The epoch's final pull is a collective one."""
-
-    def __init__(self, layout, rank, num_workers):
-        super().__init__(layout, rank, range(1, num_workers + 1))
-        self.num_workers = num_workers
-        self.tickets, self.replies, self.receipts = (dist.new_group(backend="gloo") for _ in range(3))
-        self.pulls, self.pushes = dist.new_group(), dist.new_group()  # every rank must call new_group
-        self.final = Collective(layout, rank, self.trainers)
-        self.version = 0
-        self.latest = {}  # server: each worker's latest buffers, whose mean it serves
-        self.changed = threading.Condition()  # server: guards the state, the version and the counts below
-        self.received = self.applied = 0
-        self.device = layout.params[0].device
-        self.updated = self.packed = None  # server, on a GPU: the last update's and the last snapshot's events
-
-    def state_dict(self):
-        return {"version": self.version, "latest": {str(w): b for w, b in self.latest.items()}}
-
-    def load_state_dict(self, state):
-        self.version, self.latest = state["version"], {int(w): b for w, b in state["latest"].items()}
-
-    def _ticket(self, kind):
-        dist.send(torch.tensor([kind, self.version]), dst=SERVER, group=self.tickets)
-
-    @torch.no_grad()
-    def pull(self):  # worker
-        self._ticket(PULL)
-        version = torch.zeros(1, dtype=torch.int64)
-        dist.recv(version, src=SERVER, group=self.replies)
-        self.version = int(version)
-        for bucket in self.layout.pull:
-            dist.recv(bucket.flat, src=SERVER, group=self.pulls)
-            bucket.unpack()
-
-    @torch.no_grad()
-    def push(self):  # worker
-        self._ticket(PUSH)
-        for bucket in self.layout.push:
-            bucket.pack_buffers()
-            dist.send(bucket.flat, dst=SERVER, group=self.pushes)
-        dist.recv(torch.zeros(1), src=SERVER, group=self.receipts)  # the server has it all
-
-    def final_pull(self, scaler):
-        self.final.fresh = False
-        self.final.final_pull(scaler)
-
-    def serve_step(self, optimizer, scaler, lr, clock):
-        self.serve(self.num_workers, optimizer, lambda i: lr, clock)
-
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
-        """A step's worth of gradients (one per worker) between checkpoints, so that a checkpoint after step k
-        finds every worker's k-th gradient applied: each worker stops there, after its k-th push, and the server
-        writes its part once it has applied k x workers of them."""
-        w = self.num_workers
-
-        def at(applied):
-            if after_step and applied % w == 0 and start + applied // w < steps:
-                after_step(start + applied // w)
-
-        clock.begin()
-        stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), clock, at)
-        self.final_pull(scaler)  # the epoch's model, to everyone
-        sums, served = clock.phase_sums(), steps - start
-        return ServerStats(self.sent_seconds / served, sums.get("wait", 0.0) / served,
-                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / served,
-                           sum(stale) / len(stale), max(stale), [lr_at(s) for s in range(steps)])
+class _AsyncServer:
+    """Async's server: its own thread receives and applies the pushes (serve), a reader thread takes the tickets
+    (_read_tickets) and a sender thread answers the pulls (_send_pulls), under Async's rules."""
 
     @torch.no_grad()
     def serve(self, pushes, optimizer, lr_of, clock, after_push=None):
@@ -180,3 +103,85 @@ class Async(Transport):
                     self.sent_seconds += time.perf_counter() - start
         except BaseException as e:  # noqa: BLE001 - raised again by the server's thread
             inbox.put(e)
+
+
+class Async(_AsyncServer, Transport):
+    """--mode async: each worker asks for the newest state (a PULL ticket) before computing and sends its
+    gradients (a PUSH ticket, with the version it computed on) after; the server applies every push at once, in
+    the order the tickets arrive, and is full duplex: a reader thread takes the tickets (any-source, on a gloo
+    group: NCCL has none), a sender thread answers the pulls while the server's own thread receives and applies
+    the pushes, each direction on a process group of its own (the state out on `pulls`, the gradients in on
+    `pushes`, the small replies on gloo groups of their own), so one worker's pull never waits behind another's
+    push through the server's link. The rules that keep it exact:
+      - every push is received and applied once, one at a time, in ticket order, by the server's thread;
+      - a pull is a snapshot of the state and its version taken under the same lock as the updates (never half
+        updated), that includes every push the server had wholly received when the pull's ticket arrived (it
+        waits for their update, not for a transfer), and a worker's push returns only once the server has it
+        (a one-element receipt), so a pull that comes after a push ended sees it: serialized workers are never
+        stale, and staleness (updates between a worker's pull and its push) counts as before.
+    The epoch's final pull is a collective one."""
+
+    def __init__(self, layout, rank, num_workers):
+        super().__init__(layout, rank, range(1, num_workers + 1))
+        self.num_workers = num_workers
+        self.tickets, self.replies, self.receipts = (dist.new_group(backend="gloo") for _ in range(3))
+        self.pulls, self.pushes = dist.new_group(), dist.new_group()  # every rank must call new_group
+        self.final = Collective(layout, rank, self.trainers)
+        self.version = 0
+        self.latest = {}  # server: each worker's latest buffers, whose mean it serves
+        self.changed = threading.Condition()  # server: guards the state, the version and the counts below
+        self.received = self.applied = 0
+        self.device = layout.params[0].device
+        self.updated = self.packed = None  # server, on a GPU: the last update's and the last snapshot's events
+
+    def state_dict(self):
+        return {"version": self.version, "latest": {str(w): b for w, b in self.latest.items()}}
+
+    def load_state_dict(self, state):
+        self.version, self.latest = state["version"], {int(w): b for w, b in state["latest"].items()}
+
+    def _ticket(self, kind):
+        dist.send(torch.tensor([kind, self.version]), dst=SERVER, group=self.tickets)
+
+    @torch.no_grad()
+    def pull(self):  # worker
+        self._ticket(PULL)
+        version = torch.zeros(1, dtype=torch.int64)
+        dist.recv(version, src=SERVER, group=self.replies)
+        self.version = int(version)
+        for bucket in self.layout.pull:
+            dist.recv(bucket.flat, src=SERVER, group=self.pulls)
+            bucket.unpack()
+
+    @torch.no_grad()
+    def push(self):  # worker
+        self._ticket(PUSH)
+        for bucket in self.layout.push:
+            bucket.pack_buffers()
+            dist.send(bucket.flat, dst=SERVER, group=self.pushes)
+        dist.recv(torch.zeros(1), src=SERVER, group=self.receipts)  # the server has it all
+
+    def final_pull(self, scaler):
+        self.final.fresh = False
+        self.final.final_pull(scaler)
+
+    def serve_step(self, optimizer, scaler, lr, clock):
+        self.serve(self.num_workers, optimizer, lambda i: lr, clock)
+
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+        """A step's worth of gradients (one per worker) between checkpoints, so that a checkpoint after step k
+        finds every worker's k-th gradient applied: each worker stops there, after its k-th push, and the server
+        writes its part once it has applied k x workers of them."""
+        w = self.num_workers
+
+        def at(applied):
+            if after_step and applied % w == 0 and start + applied // w < steps:
+                after_step(start + applied // w)
+
+        clock.begin()
+        stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), clock, at)
+        self.final_pull(scaler)  # the epoch's model, to everyone
+        sums, served = clock.phase_sums(), steps - start
+        return ServerStats(self.sent_seconds / served, sums.get("wait", 0.0) / served,
+                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / served,
+                           sum(stale) / len(stale), max(stale), [lr_at(s) for s in range(steps)])
