@@ -134,9 +134,10 @@ def train(args, ctx, ds, method):
     first = done_epochs + 1
     # SIGTERM / SIGINT: every rank stops at one agreed step; and where each rank is, for a hang's report (faults.py)
     stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
+    meter = measure.LinkMeter(ctx)  # each node's link time, on its local rank 0 (a thread sampling its counters)
     try:
         _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
-                writer, first, stop, target)
+                writer, first, stop, target, meter)
     except Exception as e:
         if not common.is_peer_failure(e):
             raise
@@ -146,6 +147,8 @@ def train(args, ctx, ds, method):
             results.update(hang=report)
         faults.linger(ctx, report, 60 * args.timeout + 5)
         raise
+    finally:
+        meter.close()
     stop.restore()
     unwritten = results.finish()
     if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
@@ -155,14 +158,15 @@ def train(args, ctx, ds, method):
 
 
 def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,
-            first, stop, target):
+            first, stop, target, meter):
     """The epochs from `first` on: training, validation, link counters, checkpoints, the epoch line."""
     for epoch in range(first, args.epochs + 1):
         if target.reached:
             break
         cost = {"seconds": 0.0, "count": 0}
-        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop)
+        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter)
         link = measure.read_link_bytes(ctx)
+        meter.start_epoch()
         start = resumed["done"] if resumed and epoch == first else 0
         if trains:
             record = measure.run_epoch(
@@ -170,11 +174,13 @@ def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, 
                 end_of_epoch=method.end_of_epoch, cold=epoch == first,
                 state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None, proxy=method.compute)
         served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
+        meter.mark()
         link = measure.busiest_link(ctx, link, info.steps - start)
+        node_links = meter.epoch(ctx.rank // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         shared = method.share(served) if method.share else None
         val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args, proxy=method.compute)
         if trains:
-            record.update(link=link, val_loss=val_loss, val_accuracy=val_accuracy)
+            record.update(link=link, node_links=node_links, val_loss=val_loss, val_accuracy=val_accuracy)
             record.update(method.figures(record, shared) if method.figures else {})
             overhead = results.data.get("comm_overhead")
             if overhead:  # measured throughput against trainers x the no-communication throughput of one
@@ -198,6 +204,8 @@ def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, 
                 log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
                          f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
                     rank=writer)
+            if node_links and node_links["slow"]:
+                log(ctx, slow_link_line(node_links["slow"]), rank=writer)
         if stopping:
             _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
         target.check(val_accuracy)
@@ -252,10 +260,11 @@ def _part(method, ctx, epoch, done, in_epoch, results, writer):
             "results": results.data if ctx.rank == writer else None}
 
 
-def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop):
+def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter):
     """What runs after each training step of `epoch`: the progress mark a restart counts redone steps from,
     and the --checkpoint-every checkpoints (every rank at the same step; `snapshot()` the epoch so far)."""
     def at_step(done, snapshot):
+        meter.mark()
         step = (epoch - 1) * info.steps + done
         if restart:
             restart.reached(step)
@@ -384,6 +393,15 @@ def epoch_line(record):
     if "val_accuracy" in record:
         line += f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2f}%"
     return line
+
+
+def slow_link_line(slow):
+    """The epoch's slow link in one line: its node, its rate against the others', what it cost each step."""
+    mb = lambda v: f"{v / 1e6:.2f}"  # noqa: E731
+    return (f"slow link: node {slow['node']} moved {mb(slow['bytes_per_step'])} MB per step at {mb(slow['rate'])} MB/s, "
+            f"{slow['ratio']:.1f}x slower than the others' median ({mb(slow['others_rate'])} MB/s); its link was busy "
+            f"{1e3 * slow['link_time_per_step']:.0f} ms per step, ~{1e3 * slow['cost_per_step']:.0f} ms more than its "
+            "bytes take at the others' rate")
 
 
 def warn_if_data_bound(ctx, record, rank=0, share=0.3):

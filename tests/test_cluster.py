@@ -684,3 +684,50 @@ def test_sharded_pipelined_ps_moves_the_ideal_bytes_and_trains_as_on_one_machine
     link, ideal = emulated["epochs"][0]["link"], 2 * 2 / 3 * emulated["state_bytes"]
     busiest = max(link["sent_bytes_per_step"], link["received_bytes_per_step"])
     assert 0.98 * ideal < busiest < 1.05 * ideal, (busiest, ideal)
+
+
+# ------------------------------------------------------------------------------------ a slow link named (issue 36)
+SLOW_LINK_ARGS = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4",
+                  "--workers", "0", "--epochs", "1", "--max-steps", "8", "--overhead-pairs", "0", "--log-every", "4",
+                  "--timeout", "1"]
+
+
+def _node_links(tmp_path, name, slow_node=None):
+    """DDP on 3 emulated nodes at 1 Gbit/s (node `slow_node` set to 100 Mbit/s both ways with link-rate): the
+    epoch's node_links record and the run's output. MobileNetV3-small: 8.2 MB through each link per step."""
+    assert emu("up", "--name", name, "--nodes", 3, "--rate", "1gbit").returncode == 0
+    try:
+        if slow_node is not None:
+            assert emu("link-rate", "--name", name, slow_node, "100mbit").returncode == 0
+        out = tmp_path / "r.json"
+        run = emu("torchrun", "--name", name, "--logs", tmp_path / "logs", "--", REPO / "baseline_multi_card.py",
+                  *SLOW_LINK_ARGS, "--output", out, cwd=tmp_path, timeout=120)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    finally:
+        emu("down", "--name", name)
+    assert_nothing_left(name)
+    return json.loads(out.read_text())["epochs"][0]["node_links"], run.stdout
+
+
+def test_a_slow_link_is_named_with_what_it_cost(tmp_path):
+    """Node 1's link at a tenth of the others' rate: the epoch line names it, and the results record each node's
+    bytes and the time its link was busy for them; the slow node's link was busy about as long as its bytes take at
+    100 Mbit/s (the counters, sampled, measure what the shaper did), the others' moved their faster direction at
+    several times its rate."""
+    links, stdout = _node_links(tmp_path, f"{PREFIX}l", slow_node=1)
+    said = [line for line in stdout.splitlines() if line.startswith("slow link:")]
+    assert len(said) == 1 and said[0].startswith("slow link: node 1 moved "), stdout[-3000:]
+    assert links["nodes"] == [0, 1, 2] and links["slow"]["node"] == 1 and links["slow"]["ratio"] > 3, links
+    moved = max(links["sent_bytes_per_step"][1], links["received_bytes_per_step"][1])
+    at_rate = moved * 8 / 100e6  # tbf lets 1 MB through at once after a pause, so a little less than this
+    assert 0.6 * at_rate < links["link_time_per_step"][1] < 1.5 * at_rate, (links, at_rate)
+    assert 0 < links["slow"]["cost_per_step"] < links["link_time_per_step"][1]
+    print(f"\n{said[0]}")
+
+
+def test_equal_links_name_none(tmp_path):
+    """Every link at 1 Gbit/s: no slow link is named, in the output or the results."""
+    links, stdout = _node_links(tmp_path, f"{PREFIX}e")
+    assert links["slow"] is None and "slow link:" not in stdout, links
+    assert all(r > 0 for r in links["rate"]), links
+    print(f"\nequal links: rates {[round(r / 1e6) for r in links['rate']]} MB/s")
