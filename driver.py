@@ -90,9 +90,10 @@ def train(args, ctx, ds, method):
     info, trains, writer = ds.info, ctx.rank in method.trainers, method.trainers[0]
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    restarted = attempt > 0 or checkpoint.from_this_launch(args)
     ckpt = checkpoint.Checkpoints(args, ctx, checkpoint.signature(args, ctx, info, method),
                                   owner=0 if method.replicated else ctx.rank, writer=writer,
-                                  load=args.resume or attempt > 0,
+                                  load=args.resume or restarted,
                                   save=args.resume or args.checkpoint_every > 0 or restarts_allowed)
     ckpt.check()  # a checkpoint of another run is refused before anything is touched
     resumed = ckpt.load()
@@ -109,7 +110,7 @@ def train(args, ctx, ds, method):
         torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on the cores comm needs
         results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
     log(ctx, start_line(args, ctx, info, method), rank=writer)
-    restart = Restart(ckpt, resumed, attempt, results) if attempt > 0 and ctx.rank == writer else None
+    restart = Restart(ckpt, resumed, attempt, results) if restarted and ctx.rank == writer else None
     done_epochs, in_epoch = 0, None
     if resumed:
         for name, obj in method.state.items():
@@ -117,9 +118,9 @@ def train(args, ctx, ds, method):
         if method.after_resume:
             method.after_resume()
         done_epochs, in_epoch = resumed["epoch"], resumed.get("in_epoch")
-        if not attempt:
+        if not restarted:
             results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), done_epochs])
-        log(ctx, f"{'restarted' if attempt else 'resumed'} after epoch {done_epochs}"
+        log(ctx, f"{'restarted' if restarted else 'resumed'} after epoch {done_epochs}"
                  + (f", step {resumed['done']} of epoch {done_epochs + 1}" if resumed["done"] else "")
                  + f" from {ckpt.root}", rank=writer)
     elif args.overhead_pairs:

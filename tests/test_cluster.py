@@ -731,3 +731,43 @@ def test_equal_links_name_none(tmp_path):
     assert links["slow"] is None and "slow link:" not in stdout, links
     assert all(r > 0 for r in links["rate"]), links
     print(f"\nequal links: rates {[round(r / 1e6) for r in links['rate']]} MB/s")
+
+
+def test_a_link_down_mid_run_restarts_and_ends_as_an_uninterrupted_one(tmp_path):
+    """DDP on 2 nodes x 1 with --max-restarts 1 and --checkpoint-every 2: node 1's link goes down for 10 s after the
+    first checkpoint; both ranks time out (--timeout 6 s), both nodes' torchruns restart their workers once the link
+    is back, from the latest checkpoint, and the run ends with the losses of the same run, uninterrupted, on one
+    machine. (A node's round started for the re-joining node is a restart too: its checkpoints are this launch's.)"""
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=2, size=16)  # 10 steps
+    args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
+            "0.1", "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir", data]
+    ref = run_forked("baseline_multi_card.py", *args, "--output", tmp_path / "ref.json", nproc=2, cwd=tmp_path,
+                     timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    name, out, start = f"{PREFIX}d", tmp_path / "down.json", time.time()
+    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--rate", "100mbit", "--max-restarts", "1",
+           "--logs", str(tmp_path / "logs"), "--", str(REPO / "baseline_multi_card.py"), *map(str, args),
+           "--checkpoint-every", "2", "--output", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        while not list(tmp_path.glob("down.ckpt*/**/*.pt")):  # the first checkpoint (step 2) is being written
+            assert proc.poll() is None and time.time() - start < 120, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(0.3)
+        down = emu("link-down", "--name", name, 1, 10)
+        assert down.returncode == 0, down.stderr
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.time() - start
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    node0 = (tmp_path / "logs" / "node0.log").read_text()
+    assert "restarted after epoch 0, step " in node0 and f"wrote {out}" in node0
+    one, cut = (json.loads(p.read_text()) for p in (tmp_path / "ref.json", out))
+    assert cut["status"] == "complete" and len(cut["all_losses"]) == len(one["all_losses"]) == 10
+    assert cut["all_losses"] == pytest.approx(one["all_losses"], rel=1e-6)
+    assert cut["restarts"], cut.get("restarts")
+    assert_nothing_left(name)
+    print(f"\nlink down 10 s: the run took {took:.1f} s; restarts {json.dumps(cut['restarts'])}")
