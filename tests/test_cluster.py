@@ -771,3 +771,24 @@ def test_a_link_down_mid_run_restarts_and_ends_as_an_uninterrupted_one(tmp_path)
     assert cut["restarts"], cut.get("restarts")
     assert_nothing_left(name)
     print(f"\nlink down 10 s: the run took {took:.1f} s; restarts {json.dumps(cut['restarts'])}")
+
+
+def test_node_rate_sets_one_node_s_link_at_creation():
+    """up --node-rate 1=50mbit: node 1's link at 50 Mbit/s both ways, the others at the cluster's rate; a bad spec
+    or node is one line and leaves nothing."""
+    name = f"{PREFIX}n"
+    up = emu("up", "--name", name, "--nodes", 2, "--rate", "1gbit", "--node-rate", "1=50mbit")
+    try:
+        assert up.returncode == 0 and "(--node-rate 1=50mbit)" in up.stdout, up.stderr
+        qdiscs = {(ns, dev): subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev],
+                                            capture_output=True, text=True).stdout
+                  for ns, dev in ((f"{name}-node0", "eth-n0"), (f"{name}-switch", "sw-p0"), (f"{name}-node1", "eth-n1"),
+                                  (f"{name}-switch", "sw-p1"))}
+        assert [("rate 1Gbit" in q, "rate 50Mbit" in q) for q in qdiscs.values()] == \
+            [(True, False), (True, False), (False, True), (False, True)], qdiscs
+    finally:
+        emu("down", "--name", name)
+    assert_nothing_left(name)
+    assert "is not NODE=RATE" in one_line_error(emu("up", "--name", name, "--nodes", 2, "--node-rate", "x"))
+    assert "is not a node of cluster" in one_line_error(emu("up", "--name", name, "--nodes", 2, "--node-rate", "5=1mbit"))
+    assert_nothing_left(name)
