@@ -658,8 +658,8 @@ def test_a_training_run_killed_mid_epoch_restarts_and_ends_as_an_uninterrupted_o
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    # Each node restarts at least once. (Today a node restarted for the re-joining one sees TORCHELASTIC_RESTART_COUNT
-    # 0, refuses the checkpoint as an earlier run's, and costs the group one more round: README, the emulated cluster.)
+    # Each node restarts at least once. (A node restarted for the re-joining one sees TORCHELASTIC_RESTART_COUNT 0; it
+    # knows the checkpoints as this launch's by their run.json, so no further round is needed.)
     assert "workers restarted" in stderr and "node 0: 0" not in stderr and "node 1: 0" not in stderr
     node0 = (tmp_path / "logs" / "node0.log").read_text()  # node 0 (rank 0) writes the results
     assert "restarted after epoch 0, step " in node0 and f"wrote {out}" in node0
@@ -737,7 +737,8 @@ def test_a_link_down_mid_run_restarts_and_ends_as_an_uninterrupted_one(tmp_path)
     """DDP on 2 nodes x 1 with --max-restarts 1 and --checkpoint-every 2: node 1's link goes down for 10 s after the
     first checkpoint; both ranks time out (--timeout 6 s), both nodes' torchruns restart their workers once the link
     is back, from the latest checkpoint, and the run ends with the losses of the same run, uninterrupted, on one
-    machine. (A node's round started for the re-joining node is a restart too: its checkpoints are this launch's.)"""
+    machine. (When node 0's torchrun also starts a round for the re-joining node, a race, that round's workers see
+    TORCHELASTIC_RESTART_COUNT 0 and continue from the checkpoints as this launch's: test_resume tests that rule.)"""
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=2, size=16)  # 10 steps
     args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
             "0.1", "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir", data]
