@@ -455,9 +455,10 @@ class LinkMeter:
     """How long this node's link was busy, measured: on the node's local rank 0 (KIT_NET_IFNAME set), a thread
     reads the interface's byte counters every LINK_SAMPLE_S and counts a sample's interval as busy in a direction
     when bytes moved that way (at least LINK_FLOOR_BYTES, and not only the ACKs of the other direction's transfer).
-    Per direction it sums the busy seconds and the bytes moved in them; `mark()` (after each step) keeps the sums,
-    so an epoch has each node's per-step link time and rate (bytes / busy seconds) and their step-to-step spread.
-    A busy interval is whole-or-nothing: each burst is over-counted by up to one period, so rates are lower bounds."""
+    A pause under LINK_GAP_S between busy samples is counted busy: the counters move a packet (up to a 64 KB GSO
+    segment) at a time, and the pause was its wire time. Per direction it sums the busy seconds and the bytes moved
+    in them; `mark()` (after each step) keeps the sums, so an epoch has each node's per-step link time and rate
+    (bytes / busy seconds) and their step-to-step spread (docs/faults.md, "The link meter")."""
 
     def __init__(self, ctx, period=LINK_SAMPLE_S):
         import threading
