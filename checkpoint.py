@@ -82,6 +82,25 @@ def _read(path, device):
         return None
 
 
+def launch():
+    """This torchrun launch's id (its --rdzv-id, a fresh uuid under --standalone), the same in every rendezvous round
+    of it; None outside torchrun or where it is torchrun's default "none" (the same for every launch)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run if run and run != "none" else None
+
+
+def from_this_launch(args):
+    """Whether the checkpoints at --output were written by this torchrun launch, under --max-restarts: then this
+    process is a restart, also where torchrun says it is not (a node's round started because another node re-joined
+    counts TORCHELASTIC_RESTART_COUNT 0)."""
+    if not launch() or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return False
+    try:
+        return json.loads((folder(args) / "run.json").read_text()).get("launch") == launch()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class Checkpoints:
     """This run's checkpoints. `owner`: the rank whose training state this rank restores (0 when every rank
     holds the same model, itself when each owns a shard); `writer`: the rank whose part holds the results.
@@ -154,7 +173,7 @@ class Checkpoints:
 
     def _point_to(self, here):
         """Rank 0, once every part is written: `latest` names `here`; older ones but the one before are removed."""
-        (self.root / "run.json").write_text(json.dumps(self.sign, indent=1))
+        (self.root / "run.json").write_text(json.dumps({**self.sign, "launch": launch()}, indent=1))
         pointer = self.root / "latest"
         before = pointer.read_text().strip() if pointer.exists() else None
         tmp = self.root / ".latest.tmp"

@@ -90,9 +90,10 @@ def train(args, ctx, ds, method):
     info, trains, writer = ds.info, ctx.rank in method.trainers, method.trainers[0]
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    restarted = attempt > 0 or checkpoint.from_this_launch(args)
     ckpt = checkpoint.Checkpoints(args, ctx, checkpoint.signature(args, ctx, info, method),
                                   owner=0 if method.replicated else ctx.rank, writer=writer,
-                                  load=args.resume or attempt > 0,
+                                  load=args.resume or restarted,
                                   save=args.resume or args.checkpoint_every > 0 or restarts_allowed)
     ckpt.check()  # a checkpoint of another run is refused before anything is touched
     resumed = ckpt.load()
@@ -109,10 +110,10 @@ def train(args, ctx, ds, method):
         torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on the cores comm needs
         results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
     log(ctx, start_line(args, ctx, info, method), rank=writer)
-    restart = Restart(ckpt, resumed, attempt, results) if attempt > 0 and ctx.rank == writer else None
+    restart = Restart(ckpt, resumed, attempt, results) if restarted and ctx.rank == writer else None
     done_epochs, in_epoch = 0, None
     if resumed:
-        done_epochs, in_epoch = _restore(ctx, method, ckpt, resumed, attempt, results, writer)
+        done_epochs, in_epoch = _restore(ctx, method, ckpt, resumed, restarted, results, writer)
     elif args.overhead_pairs:
         _record_yardstick(args, ctx, info, method, results, trains, writer)
     # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
@@ -122,13 +123,16 @@ def train(args, ctx, ds, method):
     first = done_epochs + 1
     # SIGTERM / SIGINT: every rank stops at one agreed step; and where each rank is, for a hang's report (faults.py)
     stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
+    meter = measure.LinkMeter(ctx)  # each node's link time, on its local rank 0 (a thread sampling its counters)
     try:
         _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
-                writer, first, stop, target)
+                writer, first, stop, target, meter)
     except Exception as e:
         if common.is_peer_failure(e):
             _report_hang(args, ctx, method, stop, results, writer, e)
         raise
+    finally:
+        meter.close()
     stop.restore()
     unwritten = results.finish()
     if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
@@ -137,7 +141,7 @@ def train(args, ctx, ds, method):
     log(ctx, f"wrote {args.output}", rank=writer)
 
 
-def _restore(ctx, method, ckpt, resumed, attempt, results, writer):
+def _restore(ctx, method, ckpt, resumed, restarted, results, writer):
     """The checkpoint's state put back on this rank, the resume recorded and said; (epochs done, the epoch in
     progress's saved state or None)."""
     for name, obj in method.state.items():
@@ -145,9 +149,9 @@ def _restore(ctx, method, ckpt, resumed, attempt, results, writer):
     if method.after_resume:
         method.after_resume()
     done_epochs, in_epoch = resumed["epoch"], resumed.get("in_epoch")
-    if not attempt:
+    if not restarted:
         results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), done_epochs])
-    log(ctx, f"{'restarted' if attempt else 'resumed'} after epoch {done_epochs}"
+    log(ctx, f"{'restarted' if restarted else 'resumed'} after epoch {done_epochs}"
              + (f", step {resumed['done']} of epoch {done_epochs + 1}" if resumed["done"] else "")
              + f" from {ckpt.root}", rank=writer)
     return done_epochs, in_epoch
@@ -172,14 +176,15 @@ def _report_hang(args, ctx, method, stop, results, writer, error):
 
 
 def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,
-            first, stop, target):
+            first, stop, target, meter):
     """The epochs from `first` on: training, validation, link counters, checkpoints, the epoch line."""
     for epoch in range(first, args.epochs + 1):
         if target.reached:
             break
         cost = {"seconds": 0.0, "count": 0}
-        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop)
+        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter)
         link = measure.read_link_bytes(ctx)
+        meter.start_epoch()
         start = resumed["done"] if resumed and epoch == first else 0
         if trains:
             record = measure.run_epoch(
@@ -187,11 +192,13 @@ def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, 
                 end_of_epoch=method.end_of_epoch, cold=epoch == first,
                 state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None, proxy=method.compute)
         served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
+        meter.mark()
         link = measure.busiest_link(ctx, link, info.steps - start)
+        node_links = meter.epoch(ctx.rank // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         shared = method.share(served) if method.share else None
         val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args, proxy=method.compute)
         if trains:
-            record.update(link=link, val_loss=val_loss, val_accuracy=val_accuracy)
+            record.update(link=link, node_links=node_links, val_loss=val_loss, val_accuracy=val_accuracy)
             record.update(method.figures(record, shared) if method.figures else {})
             overhead = results.data.get("comm_overhead")
             if overhead:  # measured throughput against trainers x the no-communication throughput of one
@@ -215,6 +222,8 @@ def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, 
                 log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
                          f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
                     rank=writer)
+            if node_links and node_links["slow"]:
+                log(ctx, slow_link_line(node_links["slow"]), rank=writer)
         if stopping:
             _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
         target.check(val_accuracy)
@@ -269,10 +278,11 @@ def _part(method, ctx, epoch, done, in_epoch, results, writer):
             "results": results.data if ctx.rank == writer else None}
 
 
-def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop):
+def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter):
     """What runs after each training step of `epoch`: the progress mark a restart counts redone steps from,
     and the --checkpoint-every checkpoints (every rank at the same step; `snapshot()` the epoch so far)."""
     def at_step(done, snapshot):
+        meter.mark()
         step = (epoch - 1) * info.steps + done
         if restart:
             restart.reached(step)
@@ -401,6 +411,15 @@ def epoch_line(record):
     if "val_accuracy" in record:
         line += f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2f}%"
     return line
+
+
+def slow_link_line(slow):
+    """The epoch's slow link in one line: its node, its rate against the others', what it cost each step."""
+    mb = lambda v: f"{v / 1e6:.2f}"  # noqa: E731
+    return (f"slow link: node {slow['node']} moved {mb(slow['bytes_per_step'])} MB per step at {mb(slow['rate'])} MB/s, "
+            f"{slow['ratio']:.1f}x slower than the others' median ({mb(slow['others_rate'])} MB/s); its link was busy "
+            f"{1e3 * slow['link_time_per_step']:.0f} ms per step, ~{1e3 * slow['cost_per_step']:.0f} ms more than its "
+            "bytes take at the others' rate")
 
 
 def warn_if_data_bound(ctx, record, rank=0, share=0.3):

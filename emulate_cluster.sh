@@ -6,7 +6,7 @@
 # nodes by their address as a string), and are never connected to this host's network.
 usage() {
   cat <<'EOF'
-usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
+usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]... [--delay D] [--name NAME]
        emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--max-restarts R] [--logs DIR]
                                    -- SCRIPT ARGS...
        emulate_cluster.sh run [up options] [--nproc-per-node P] [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
@@ -17,6 +17,7 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--delay D] [--name NAME]
 
   up        create cluster NAME (default kit; a stale one of that name is removed first): N nodes (default 4),
             each on its own link of RATE (default 1gbit; tc's bit units: kbit, mbit, gbit, ...) both ways.
+            --node-rate NODE=RATE (repeatable): node NODE's link at RATE instead (a slow link from the start).
             --delay D (e.g. 2ms): one-way latency between two nodes; needs the kernel's netem qdisc.
   torchrun  one torchrun per node (the first K nodes; default all), P processes each (default 1), torchrun's
             c10d rendezvous on node 0. Every node's output goes to the terminal, node i's lines prefixed
@@ -130,11 +131,19 @@ cluster_up() {
     shape "$SW" "sw-p$i"            # switch -> node
   done
   try ip -n "$SW" link set br0 up
+  local spec usual=$RATE usual_bits=$RATE_BITS
+  for spec in ${NODE_RATES[@]+"${NODE_RATES[@]}"}; do  # NODE=RATE: checked, then that node's link reshaped
+    [[ $spec =~ ^([0-9]{1,3})=(.+)$ ]] || die "--node-rate '$spec' is not NODE=RATE" "e.g. --node-rate 1=100mbit"
+    i=${BASH_REMATCH[1]} RATE=${BASH_REMATCH[2]}; check_node "$i"; parse_rate
+    set_rate "$i" "$RATE"
+    echo "$PROG: node $i's link at $RATE"
+  done
+  RATE=$usual RATE_BITS=$usual_bits
   mkdir -p "$STATE_DIR"
   echo "NODES=$NODES RATE=$RATE RATE_BITS=$RATE_BITS DELAY=$DELAY" > "$STATE_DIR/$NAME"
   [ "$CMD" = run ] || trap - EXIT  # run: removed at its exit
   echo "$PROG: cluster '$NAME' up: $NODES nodes $SUBNET.100-$SUBNET.$((99 + NODES)) (namespaces $NAME-node0..$((NODES - 1)))," \
-       "each on its own $RATE link (both ways) into switch $SW${DELAY:+, $DELAY one-way delay}"
+       "each on its own $RATE link (both ways) into switch $SW${NODE_RATES[*]:+ (--node-rate ${NODE_RATES[*]})}${DELAY:+, $DELAY one-way delay}"
 }
 
 load_state() {
@@ -361,17 +370,18 @@ case "$CMD" in
   '') usage >&2; exit 2 ;;
   *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down, link-down, link-rate; see --help" ;;
 esac
-NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 ARGS=()
+NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 ARGS=() NODE_RATES=()
 while [ $# -gt 0 ]; do
   case "$CMD:$1" in
     *:-h|*:--help) usage; exit 0 ;;
     torchrun:--|run:--) shift; break ;;
     *:--name|up:--nodes|up:--rate|up:--delay|run:--nodes|run:--rate|run:--delay|run:--nproc-per-node|run:--logs|\
+    up:--node-rate|run:--node-rate|\
     torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs|torchrun:--max-restarts|run:--max-restarts)
       [ $# -ge 2 ] || die "$1 needs a value" "see $PROG --help"
       case "$CMD:$1" in
         *:--name) NAME=$2 ;; torchrun:--nodes) USE_NODES=$2 ;; *:--nodes) NODES=$2 ;; *:--rate) RATE=$2 ;;
-        *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
+        *:--node-rate) NODE_RATES+=("$2") ;; *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
       esac
       shift ;;
     link-*:-*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;

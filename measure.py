@@ -444,6 +444,125 @@ def busiest_link(ctx, before, steps):
     return {"sent_bytes_per_step": sent, "received_bytes_per_step": received}
 
 
+LINK_SAMPLE_S = 0.002  # the link meter's sampling period
+LINK_GAP_S = 0.025  # a pause shorter than this between two samples that moved bytes is the same transfer
+LINK_FLOOR_BYTES = 256  # less than this in a sample is control traffic (a store message, a few ACKs), not a transfer
+LINK_ACK_SHARE = 0.1  # a direction carrying under this share of the other's bytes in a sample carries its ACKs
+SLOW_LINK_FLOOR = 0.25  # a node whose link moved its bytes this much slower than the others' (and beyond noise)
+
+
+class LinkMeter:
+    """How long this node's link was busy, measured: on the node's local rank 0 (KIT_NET_IFNAME set), a thread
+    reads the interface's byte counters every LINK_SAMPLE_S and counts a sample's interval as busy in a direction
+    when bytes moved that way (at least LINK_FLOOR_BYTES, and not only the ACKs of the other direction's transfer).
+    A pause under LINK_GAP_S between busy samples is counted busy: the counters move a packet (up to a 64 KB GSO
+    segment) at a time, and the pause was its wire time. Per direction it sums the busy seconds and the bytes moved
+    in them; `mark()` (after each step) keeps the sums, so an epoch has each node's per-step link time and rate
+    (bytes / busy seconds) and their step-to-step spread (docs/faults.md, "The link meter")."""
+
+    def __init__(self, ctx, period=LINK_SAMPLE_S):
+        import threading
+        self.ctx, self.period = ctx, period
+        name = os.environ.get("KIT_NET_IFNAME")
+        self.declared = bool(name)
+        self.sums = (0.0,) * 6  # tx bytes, rx bytes, tx busy s, rx busy s, tx busy bytes, rx busy bytes
+        self.marks, self._fds, self._stop = [], None, threading.Event()
+        if name and ctx.local_rank == 0:
+            stats = Path("/sys/class/net") / name / "statistics"
+            with contextlib.suppress(OSError):
+                self._fds = [os.open(stats / f, os.O_RDONLY) for f in ("tx_bytes", "rx_bytes")]
+        if self._fds:
+            self._thread = threading.Thread(target=self._run, name="kit-link-meter", daemon=True)
+            self._thread.start()
+
+    def _read(self):
+        return [int(os.pread(fd, 32, 0)) for fd in self._fds]  # sysfs regenerates a value read at offset 0
+
+    def _run(self):
+        try:
+            before, t0 = self._read(), time.perf_counter()
+            last = [None, None]  # per direction: when its latest busy sample ended
+            while not self._stop.wait(self.period):
+                now, t1 = self._read(), time.perf_counter()
+                d, s, busy = [a - b for a, b in zip(now, before)], self.sums, [0.0, 0.0]
+                for i in (0, 1):
+                    if d[i] >= LINK_FLOOR_BYTES and d[i] >= LINK_ACK_SHARE * d[1 - i]:
+                        # the counters move a packet (a 64 KB GSO segment) at a time: a short pause is its wire time
+                        joined = last[i] is not None and t0 - last[i] <= LINK_GAP_S
+                        busy[i], last[i] = t1 - (last[i] if joined else t0), t1
+                self.sums = (s[0] + d[0], s[1] + d[1], s[2] + busy[0], s[3] + busy[1],
+                             s[4] + d[0] * (busy[0] > 0), s[5] + d[1] * (busy[1] > 0))  # one assignment: read whole
+                before, t0 = now, t1
+        except (OSError, ValueError):
+            self._fds = None
+
+    def start_epoch(self):
+        self.marks = [self.sums]
+
+    def mark(self):
+        """After a step: keeps the sums so far (cheap: a tuple)."""
+        self.marks.append(self.sums)
+
+    def close(self):
+        self._stop.set()
+
+    def epoch(self, group_rank=None):
+        """The epoch's node_links record (a world collective: every rank calls it), or None off a declared
+        network: per node its bytes and busy seconds per step each way, its rate (the faster direction's bytes /
+        busy seconds: the link moved at least that) and that rate's step-to-step stdev, and the slow link."""
+        if not self.declared:
+            return None
+        node = int(os.environ.get("GROUP_RANK", group_rank if group_rank is not None else 0))
+        steps = [[b - a for a, b in zip(m0, m1)] for m0, m1 in zip(self.marks, self.marks[1:])]
+        n = len(steps)
+        total = [sum(col) for col in zip(*steps)] if steps else [0.0] * 6
+
+        def rate(s):  # bytes/s of the faster direction (0 when the link carried nothing)
+            return max([s[4 + i] / s[2 + i] for i in (0, 1) if s[2 + i] > 0], default=0.0)
+        rates = [rate(s) for s in steps if s[2] > 0 or s[3] > 0]
+        mine = torch.tensor([1.0 if self._fds else 0.0, node, n, *total, rate(total),
+                             statistics.stdev(rates) if len(rates) > 1 else 0.0],
+                            dtype=torch.float64, device=self.ctx.device)
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size() if dist.is_initialized() else 1)]
+        if len(gathered) > 1:
+            dist.all_gather(gathered, mine)
+        else:
+            gathered = [mine]
+        rows = sorted((r for r in (t.tolist() for t in gathered) if r[0]), key=lambda r: r[1])
+        if not rows:
+            return None
+        per = lambda r, i: r[3 + i] / r[2] if r[2] else 0.0  # noqa: E731
+        out = {"nodes": [int(r[1]) for r in rows], "steps": [int(r[2]) for r in rows],
+               "sent_bytes_per_step": [per(r, 0) for r in rows], "received_bytes_per_step": [per(r, 1) for r in rows],
+               "busy_sent_s_per_step": [per(r, 2) for r in rows], "busy_received_s_per_step": [per(r, 3) for r in rows],
+               "rate": [r[9] for r in rows], "rate_stdev": [r[10] for r in rows], "sample_period": self.period,
+               "slow": None}
+        out["link_time_per_step"] = [max(a, b) for a, b in zip(out["busy_sent_s_per_step"],
+                                                                 out["busy_received_s_per_step"])]
+        out["slow"] = slow_link(out)
+        return out
+
+
+def slow_link(rec):
+    """The slow link of a node_links record: the node whose rate is the lowest, when the others' median rate exceeds
+    it by more than SLOW_LINK_FLOOR of theirs and by more than 4 standard errors of the difference; its cost per
+    step = its bytes per step (the larger direction's) at its rate minus the same bytes at the others' rate."""
+    rates, n = rec["rate"], len(rec["nodes"])
+    if n < 2 or min(rec["steps"]) < 2 or not all(r > 0 for r in rates):
+        return None
+    slow = min(range(n), key=lambda i: rates[i])
+    others = [r for i, r in enumerate(rates) if i != slow]
+    typical = statistics.median(others)
+    spread = math.sqrt(rec["rate_stdev"][slow] ** 2 + statistics.median(
+        [s for i, s in enumerate(rec["rate_stdev"]) if i != slow]) ** 2) / math.sqrt(rec["steps"][slow])
+    if typical - rates[slow] <= max(SLOW_LINK_FLOOR * typical, 4 * spread):
+        return None
+    moved = max(rec["sent_bytes_per_step"][slow], rec["received_bytes_per_step"][slow])
+    return {"node": rec["nodes"][slow], "rate": rates[slow], "others_rate": typical, "ratio": typical / rates[slow],
+            "bytes_per_step": moved, "link_time_per_step": rec["link_time_per_step"][slow],
+            "cost_per_step": moved / rates[slow] - moved / typical}
+
+
 # --------------------------------------------------------------------------- the profiler
 COMM_NAMES = ("nccl", "gloo", "c10d::", "broadcast", "allreduce", "all_reduce", "reduce_", "send", "recv")
 

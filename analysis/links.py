@@ -202,3 +202,39 @@ def cluster_points(group):
                        "bound": f.seconds(expected) if expected else None, "bytes": f.busiest if f else None,
                        "how": how})
     return points
+
+
+# --------------------------------------------------------------------------- a slow link, per node
+def _ok(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def node_link_words(epochs):
+    """What the run measured of each node's link (epochs[].node_links, measure.LinkMeter), in words: the slow link
+    each epoch named (its rate against the others' median, what it cost per step), or that none was slower beyond
+    the noise, with each node's rate; None when no epoch records it. Only reads the run's own verdict."""
+    records = [(e.get("epoch"), e["node_links"]) for e in epochs if isinstance(e.get("node_links"), dict)
+               and isinstance(e["node_links"].get("rate"), list) and e["node_links"].get("nodes")]
+    if not records:
+        return None
+    from .ranks import epochs_text
+    named = {}
+    for epoch, r in records:
+        s = r.get("slow")
+        if isinstance(s, dict) and all(_ok(s.get(k)) for k in ("node", "rate", "others_rate", "cost_per_step")):
+            named.setdefault(s["node"], []).append((epoch, s))
+    if named:
+        parts = []
+        for node, hits in sorted(named.items()):
+            mean = lambda k: sum(s[k] for _, s in hits) / len(hits)  # noqa: E731
+            parts.append(f"node {node}'s link moved its bytes at {mean('rate') / 1e6:.1f} MB/s, "
+                         f"{mean('others_rate') / mean('rate'):.1f}x slower than the others' median "
+                         f"({mean('others_rate') / 1e6:.1f} MB/s) in {epochs_text([ep for ep, _ in hits])}; "
+                         f"~{1e3 * mean('cost_per_step'):.0f} ms per step more than its "
+                         f"{mean('bytes_per_step') / 1e6:.1f} MB take at the others' rate")
+        return "; ".join(parts)
+    nodes = records[-1][1]["nodes"]
+    rates = [sum(r["rate"][i] for _, r in records) / len(records) for i in range(len(nodes))]
+    return (f"no node's link was slower than the others' beyond the noise in {epochs_text([ep for ep, _ in records])} "
+            f"(rates, the faster direction's bytes per busy second: "
+            + ", ".join(f"node {n} {v / 1e6:.1f} MB/s" for n, v in zip(nodes, rates)) + ")")

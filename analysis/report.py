@@ -7,7 +7,7 @@ import time
 from . import curves, ranks, recovery, verdicts
 from . import time_to_target as ttt
 from .answer import answer_lines, fill
-from .links import cluster_name, cluster_points, link_figures, physical_limit
+from .links import cluster_name, cluster_points, link_figures, node_link_words, physical_limit
 from .runs import KINDS, baseline_for, cluster_groups, plain_variant, run_label, same_compute, scaling_groups, twin_ddp
 from .stats import compare, ms
 from .tables import WIDTH, render_text, several_per_node
@@ -273,6 +273,18 @@ def straggler_lines(xs):
     return out
 
 
+def slow_link_lines(xs):
+    """Per run that measured each node's link (epochs[].node_links): the slow link it named and what it cost per
+    step, or that no link was slower beyond the noise (links.node_link_words)."""
+    out = []
+    for x in xs:
+        for r in x.runs:
+            text = node_link_words(r.epochs)
+            if text:
+                out.append(f"- Slow link, {run_label(x, r)}: {text}.")
+    return out
+
+
 def convergence_lines(xs):
     """Each experiment's loss curve against the DDP doing the same math, judged against the seed-to-seed
     spread (the noise floor); with one seed the verdict has no floor and says so. A modeled run's loss is a
@@ -513,7 +525,7 @@ ANALYSIS_GROUPS = (
     ("Communication", (overhead_lines, limit_lines, ddp_timer_lines, ps_lines, link_lines, hierarchy_lines)),
     ("Convergence", (convergence_lines,)),
     ("Scale", (scaling_lines, cluster_lines)),
-    ("Ranks and restarts", (straggler_lines, restart_lines)),
+    ("Ranks and restarts", (straggler_lines, slow_link_lines, restart_lines)),
     ("Notes", (note_lines,)),
 )
 

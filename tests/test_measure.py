@@ -309,3 +309,30 @@ def test_a_rank_slowed_on_purpose_is_named_and_none_is_without(tmp_path):
     assert straggler is not None and straggler["rank"] == 2 and straggler["ratio"] > 1.3, slowed
     others = [c for r, c in zip(slowed["ranks"], slowed["compute"]) if r != 2]
     assert straggler["cost_per_step"] == pytest.approx(straggler["compute"] - statistics.median(others))
+
+
+# --------------------------------------------------------------------------- the slow link (issue 36)
+def _node_links(rates, stdevs, steps=8, moved=8e6):
+    return {"nodes": list(range(len(rates))), "steps": [steps] * len(rates), "rate": rates, "rate_stdev": stdevs,
+            "sent_bytes_per_step": [moved] * len(rates), "received_bytes_per_step": [moved] * len(rates),
+            "link_time_per_step": [moved / r for r in rates]}
+
+
+def test_slow_link_names_the_slow_node_beyond_floor_and_noise():
+    slow = measure.slow_link(_node_links([100e6, 15e6, 110e6], [20e6, 2e6, 20e6]))
+    assert slow["node"] == 1 and slow["ratio"] == pytest.approx(105e6 / 15e6)
+    assert slow["cost_per_step"] == pytest.approx(8e6 / 15e6 - 8e6 / 105e6)
+    assert measure.slow_link(_node_links([100e6, 90e6, 110e6], [5e6, 5e6, 5e6])) is None  # within the floor
+    assert measure.slow_link(_node_links([100e6, 60e6, 110e6], [90e6, 90e6, 90e6])) is None  # within the noise
+    assert measure.slow_link(_node_links([100e6], [1e6])) is None
+
+
+def test_the_report_says_the_slow_link_the_run_named():
+    from analysis.links import node_link_words
+    rec = _node_links([100e6, 15e6, 110e6], [20e6, 2e6, 20e6])
+    rec["slow"] = measure.slow_link(rec)
+    words = node_link_words([{"epoch": 1, "node_links": rec}])
+    assert words.startswith("node 1's link moved its bytes at 15.0 MB/s, 7.0x slower") and "epoch 1" in words
+    rec["slow"] = None
+    assert node_link_words([{"epoch": 1, "node_links": rec}]).startswith("no node's link was slower")
+    assert node_link_words([{"epoch": 1}]) is None

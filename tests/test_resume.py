@@ -122,3 +122,28 @@ def test_resume_by_hand_after_the_whole_job_died(tmp_path, tiny_data):
     assert two["status"] == "complete" and [e["epoch"] for e in two["epochs"]] == [1, 2]
     assert two["resumed_after_epoch"] == [1] and two["all_losses"] == one["all_losses"]
     assert two["epochs"][1]["checkpoint_time"] > 0
+
+
+def test_a_round_of_the_same_launch_knows_its_checkpoints(tmp_path, monkeypatch):
+    """A node's torchrun that restarts its workers only because another node re-joined gives them
+    TORCHELASTIC_RESTART_COUNT 0 (seen after a link went down on the emulated cluster): they continue from the
+    checkpoints when run.json names this launch (TORCHELASTIC_RUN_ID) under --max-restarts, never another launch's,
+    nor under torchrun's default id "none" (the same for every launch)."""
+    import checkpoint
+    from dist_helpers import cli_args
+    args = cli_args(output=str(tmp_path / "r.json"))
+    root = checkpoint.folder(args)
+    root.mkdir()
+    (root / "run.json").write_text(json.dumps({"method": "baseline_ddp", "launch": "job-7"}))
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    assert checkpoint.from_this_launch(args)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-8")
+    assert not checkpoint.from_this_launch(args)
+    (root / "run.json").write_text(json.dumps({"method": "baseline_ddp", "launch": None}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert checkpoint.launch() is None and not checkpoint.from_this_launch(args)
+    (root / "run.json").write_text(json.dumps({"method": "baseline_ddp", "launch": "job-7"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert not checkpoint.from_this_launch(args)
