@@ -194,9 +194,11 @@ def time_table(experiments, args, out):
     """Markdown: each experiment's time to the target (training seconds, validation excluded; mean ± sd over the
     seeds), steps and epochs, fastest first, each against the fastest judged against the seeds' spread
     (analysis/time_to_target.py)."""
-    xs = [analysis.Experiment([analysis.load_run(path) for path in sorted(out.glob(f"results_{i}_*.json"))])
-          for i, _ in enumerate(experiments)]  # every repeat in --out-dir, earlier invocations' too
-    labels = {id(x): label for x, (label, _, _) in zip(xs, experiments)}
+    found = [(label, sorted(out.glob(f"results_{i}_*.json"))) for i, (label, _, _) in enumerate(suite("time", args))]
+    # every experiment and repeat in --out-dir, earlier invocations' (--only, --first-repeat) too
+    xs = [(label, analysis.Experiment([analysis.load_run(p) for p in paths])) for label, paths in found if paths]
+    labels = {id(x): label for label, x in xs}
+    xs = [x for _, x in xs]
     target = time_to_target.choose_targets(xs)[0]
     done, missed = time_to_target.ranking(xs, target)
     lines = [f"Time to {target:g}% validation accuracy ({time_to_target.headline_words(xs, target)}), fastest first:",
@@ -322,6 +324,7 @@ def main():
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     experiments = suite(args.suite, args)
+    numbers = {label: i for i, (label, _, _) in enumerate(experiments)}
     if args.only:
         experiments = [e for e in experiments if e[0] in args.only.split(",")]
     if args.before:  # each PS experiment twice, the ref's script beside this tree's
@@ -335,6 +338,7 @@ def main():
     try:
         for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             for i, (label, script, flags) in enumerate(experiments):
+                i = numbers.get(label, i) if args.suite == "time" else i  # the suite's numbering, whatever --only
                 rows[label].append(figures(run(label, script, flags, args, out / f"results_{i}_{repeat}.json", repeat)))
     finally:
         if args.cluster:
