@@ -158,7 +158,9 @@ def make_method(args, ctx, info, model, weights=None):
         overlaps=args.sync in ("overlap", "pipelined", "hierarchical"),
         run_length=2 if sync.pipelined else 1,  # a pipelined step waits in its forward for the one before
         flush=sync.flush if sync.pipelined else None,
-        end_of_epoch=sync.flush if sync.pipelined else None,  # the last step ends inside the clock
+        # the last step ends inside the clock; local SGD: one model to validate, averaged whatever the count
+        end_of_epoch=sync.flush if sync.pipelined else sync.average_now if local else None,
+        replicated=not local,  # local SGD's replicas differ between averages: each rank checkpoints its own
         figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the waits for the exchange
         fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
                     wire_bytes_per_step=sync.model_bytes / args.local_steps if local else wire,

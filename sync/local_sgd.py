@@ -58,8 +58,12 @@ class LocalSGD:
         """After an optimizer step: every `local_steps`-th call, parameters and buffers become their mean over the
         ranks (integer buffers, identical everywhere, stay as they are)."""
         self.steps += 1
-        if self.steps % self.local_steps:
-            return
+        if self.steps % self.local_steps == 0:
+            self.average_now()
+
+    @torch.no_grad()
+    def average_now(self, clock=None):
+        """The average, whatever the count: at the end of an epoch, so that every rank validates one model."""
         for flat in self.flats:
             tensor = flat.pack()
             dist.all_reduce(tensor)
@@ -68,6 +72,8 @@ class LocalSGD:
             else:
                 tensor.div_(self.world_size, rounding_mode="floor")
             flat.unpack()
+        if clock is not None:
+            clock.mark("comm")
 
     def state_dict(self):
         return {"steps": self.steps}
