@@ -5,6 +5,7 @@ weight decay (SGD is linear in the gradient), and with H > 1 every rank holds th
 a script run with --accumulate 2 trains every micro-batch and counts optimizer steps."""
 import json
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -131,16 +132,21 @@ def test_ps_accumulate_matches_ddp():
         assert err < TOL
 
 
-def test_script_accumulate_counts_micro_batches(tmp_path):
+@pytest.mark.parametrize("script,nproc", [("all_reduce_train.py", 2), ("baseline_multi_card.py", 2),
+                                         ("ps_train.py", 3)])
+def test_script_accumulate_counts_micro_batches(tmp_path, script, nproc):
+    """2 optimizer steps of 2 micro-batches of 4 images on each of 2 trainers (the PS: a server and 2 workers)."""
     out = tmp_path / "r.json"
-    proc = run_forked("all_reduce_train.py", *FAST_ARGS, "--max-steps", "2", "--accumulate", "2", "--overhead-pairs",
-                      "1", "--output", out, nproc=2)
+    proc = run_forked(script, *FAST_ARGS, "--max-steps", "2", "--accumulate", "2", "--overhead-pairs", "1",
+                      "--output", out, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     epoch = data["epochs"][0]
     assert epoch["steps"] == 2 and epoch["images_trained"] == 2 * 2 * 4 * 2  # steps x K x batch x ranks
     assert data["args"]["accumulate"] == 2 and data["comm_overhead"]["step_time"] > 0
-    proc = run_script("all_reduce_train.py", *FAST_ARGS, "--accumulate", "1000", "--output", tmp_path / "x.json",
+    if script != "all_reduce_train.py":
+        return
+    proc = run_script(script, *FAST_ARGS, "--accumulate", "1000", "--output", tmp_path / "x.json",
                       nproc=2, timeout=120)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(ours) == 1 and "--accumulate 1000 needs 1000 micro-batches" in ours[0]
