@@ -51,6 +51,7 @@ SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on 
 # The time suite (issue 33): the sample recipe to SAMPLE_TARGET, 3 seeds; --extra "--arch ..." swaps the model
 TIME = [*SAMPLE, "--target-accuracy", sample_recipe()["SAMPLE_TARGET"]]
 LOCAL_STEPS = 4  # local SGD's H in the time suite
+POWERSGD_WARMUP = 8  # PowerSGD compresses after one epoch of plain all-reduce (torch's default 1000 is never reached)
 PIPELINED_MB = 4  # --sync pipelined's partitions in its suite: small, so the next forward's first layers come first
 
 
@@ -75,7 +76,7 @@ def suite(name, args):
     if name == "time":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS sync", ps, []),
                 ("PS async", ps, ["--mode", "async"]), ("PS sharded", ps, ["--servers", "all"]),
-                ("DDP PowerSGD", ddp, ["--comm-hook", "powersgd"]),
+                ("DDP PowerSGD", ddp, ["--comm-hook", "powersgd", "--powersgd-warmup", str(POWERSGD_WARMUP)]),
                 (f"local SGD H={LOCAL_STEPS}", ar, ["--sync", "local", "--local-steps", str(LOCAL_STEPS)])]
     if name == "pipelined":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []),
