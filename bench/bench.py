@@ -203,7 +203,8 @@ def time_table(experiments, args, out):
     target = time_to_target.choose_targets(xs)[0]
     done, missed = time_to_target.ranking(xs, target)
     lines = [f"Time to {target:g}% validation accuracy ({time_to_target.headline_words(xs, target)}), fastest first:",
-             "", "| method | seconds to target | steps | epochs | vs the fastest | verdict |", "|---|---:|---:|---:|---:|---|"]
+             "", "| method | seconds to target | steps | epochs | vs the fastest | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
     for g in done:
         verdict = "-" if g is done[0] else time_to_target.compare_reach(g, done[0]).words
         lines.append(f"| {labels[id(g.x)]} | {g.text()} | {g.steps.text(0) if g.steps else '-'} | "
