@@ -464,8 +464,8 @@ def micro_batches(images, targets):
 
 
 def accumulated(losses, logits):
-    """A step's loss (the mean over its micro-batches, detached ones summed as the 1/K-scaled backward saw them) and
-    its logits, concatenated: what the epoch loop counts."""
+    """A step's loss (the mean of its micro-batches' losses: what the 1/K-scaled backwards summed) and its logits,
+    concatenated, detached: what the epoch loop counts."""
     return sum(loss.detach() for loss in losses) / len(losses), torch.cat([out.detach() for out in logits])
 
 

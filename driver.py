@@ -8,7 +8,7 @@
 epochs (training, validation, link counters, checkpoints, the epoch line) and writes the results.
 
 A method's step is `step(images, targets, clock, lr, kind="comm") -> (loss, logits)`, one shape for the three
-methods: "comm" is the method's training step; "local" the same step with no communication at all (forward,
+methods (with --accumulate K, `images` and `targets` are lists of K micro-batches: one optimizer step, one exchange): "comm" is the method's training step; "local" the same step with no communication at all (forward,
 backward and optimizer update on this rank alone); "blocking", for a method that overlaps its exchange with
 backward, the same exchange blocking after backward. The yardstick times these kinds against each other.
 """
