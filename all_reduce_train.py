@@ -15,11 +15,16 @@ buffers before each forward, as DDP does. --sync chooses how:
   hierarchical  overlap with a two-level all-reduce per bucket: reduce-scatter inside each node, all-reduce of each
                 process's shard across nodes, all-gather inside the node (Horovod's hierarchical mode): each node
                 link carries 2(M-1)/M of the gradients on M nodes, the flat ring's 2(N-1)/N on N processes
+  local         local SGD: no gradient exchange; every rank steps on its own gradients and every --local-steps H
+                steps the parameters and buffers are averaged (sync/local_sgd.py): 1/H of the model per step
+--accumulate K trains K micro-batches per optimizer step, exchanging once (no_sync() for the first K-1).
 --compress fp16|bf16 casts each bucket before the all-reduce and back after, as DDP's compression hooks do.
 In a training loop of your own every sync keeps DDP's contract (zero_grad, no_sync, unused parameters, buffers):
 docs/own_loop.md.
 Writes results_all_reduce.json (--sync overlap) or results_all_reduce_<sync>.json unless --output is given.
 """
+import contextlib
+
 import torch.nn as nn
 
 import common
@@ -28,6 +33,7 @@ import driver
 from modes import DEFAULT_BUCKET_MB, SYNC_MODES, variant_output
 from sync.allreduce import WIRE_DTYPES, GradSync
 from sync.hierarchical import HierarchicalSync
+from sync.local_sgd import LocalSGD
 from sync.pipelined_allreduce import PipelinedSync
 
 
@@ -38,7 +44,14 @@ def parse_args(argv=None):
                    help="gradient bucket size in MiB (not per-param); pipelined: the partition size")
     p.add_argument("--compress", choices=tuple(WIRE_DTYPES), default="none",
                    help="dtype gradients travel in (bucketed modes), as DDP's fp16/bf16 compression hooks")
+    p.add_argument("--local-steps", type=common.positive(int), default=4, metavar="H",
+                   help="--sync local: optimizer steps between two averages of the parameters and buffers")
     args = common.parse(p, argv)
+    if args.sync == "local" and args.compress != "none":
+        p.error("--sync local averages parameters, not gradients, uncompressed (drop --compress)")
+    if args.accumulate > 1 and args.sync == "pipelined":
+        p.error("--accumulate needs the update after the last micro-batch, which --sync pipelined applies inside "
+                "the next forward (use --sync overlap)")
     if args.compress != "none" and args.sync == "per-param":
         p.error("--compress needs buckets (use --sync bucketed, overlap, ring, pipelined or hierarchical)")
     return args
@@ -56,21 +69,32 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
         if kind != "local":
             sync.broadcast_buffers()
             clock.mark("buffers")
-        with common.autocast(args, ctx):
-            logits = model(images)  # pipelined: each module first waits for, and applies, its partitions' update
-            loss = criterion(logits, targets)
-        sync.zero_grad()
-        scaler.scale(loss).backward()  # overlapped modes: buckets start all-reducing from gradient hooks inside
+        micro, losses, outputs = common.micro_batches(images, targets), [], []
+        for i, (x, y) in enumerate(micro):  # --accumulate K: K micro-batches, the exchange after the last one only
+            with sync.no_sync() if i + 1 < len(micro) else contextlib.nullcontext():
+                with common.autocast(args, ctx):
+                    logits = model(x)  # pipelined: each module first waits for, and applies, its partitions' update
+                    loss = criterion(logits, y)
+                if i == 0:
+                    sync.zero_grad()
+                # overlapped modes: buckets start all-reducing from gradient hooks inside
+                scaler.scale(loss / len(micro) if len(micro) > 1 else loss).backward()
+            losses.append(loss)
+            outputs.append(logits)
         clock.mark("compute")
         if kind != "local":
             sync.finish()  # averages the scaled gradients; scaler.step unscales them, as under DDP
             clock.mark("comm")
+        loss, logits = (loss, logits) if len(micro) == 1 else common.accumulated(losses, outputs)
         if kind == "comm" and sync.pipelined:
             return loss, logits
         common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
         clock.mark("update")
+        if kind != "local" and sync.averages_parameters:  # local SGD: every H steps, after the update
+            sync.average_parameters()
+            clock.mark("comm")
         return loss, logits
 
     return train_step
@@ -86,11 +110,16 @@ def make_sync(model, args, ctx, optimizer, scaler):
                                    f"{ctx.rank} is local rank {ctx.local_rank} of {ctx.local_world_size}); use "
                                    "--sync overlap")
         return HierarchicalSync(model, args.bucket_mb, args.compress, ctx.local_world_size)
+    if args.sync == "local":
+        return LocalSGD(model, args.local_steps)
     return GradSync(model, args.sync, args.bucket_mb, args.compress)
 
 
 def describe(sync, args):
     """The variant in words, for the start-up line."""
+    if args.sync == "local":
+        return (f"--sync local (local SGD): every rank steps on its own gradients, parameters and buffers averaged "
+                f"every {args.local_steps} steps")
     size = f"<= {args.bucket_mb:g} MiB"
     text = f"--sync {args.sync}, {len(sync.params)} gradient tensors in " + (
         f"{len(sync.buckets)} buckets of {size}" if sync.buckets else "one all-reduce each")
@@ -115,20 +144,27 @@ def make_method(args, ctx, info, model, weights=None):
     scaler = common.make_scaler(args, ctx)
     sync = make_sync(model, args, ctx, optimizer, scaler)
     grad_bytes = sum(p.numel() * p.element_size() for p in sync.params)
+    wire = grad_bytes if sync.wire_dtype is None else grad_bytes // 2
+    local = args.sync == "local"
     layout = {"nodes": sync.nodes, "procs_per_node": sync.local_size, "levels": sync.levels} \
         if args.sync == "hierarchical" else None
     return driver.Method(
         kind="all_reduce", description=describe(sync, args),
-        settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress), model=model,
+        settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress,
+                      **({"local_steps": args.local_steps} if local else {})), model=model,
         step=make_train_step(model, sync, optimizer, scaler, args, ctx),
-        state={"model": model, "optimizer": optimizer, "scaler": scaler}, trainers=list(range(ctx.world_size)),
+        state={"model": model, "optimizer": optimizer, "scaler": scaler, **({"local_sgd": sync} if local else {})},
+        trainers=list(range(ctx.world_size)),
         overlaps=args.sync in ("overlap", "pipelined", "hierarchical"),
         run_length=2 if sync.pipelined else 1,  # a pipelined step waits in its forward for the one before
         flush=sync.flush if sync.pipelined else None,
-        end_of_epoch=sync.flush if sync.pipelined else None,  # the last step ends inside the clock
+        # the last step ends inside the clock; local SGD: one model to validate, averaged whatever the count
+        end_of_epoch=sync.flush if sync.pipelined else sync.average_now if local else None,
+        replicated=not local,  # local SGD's replicas differ between averages: each rank checkpoints its own
         figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the waits for the exchange
         fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
-                    wire_bytes_per_step=grad_bytes if sync.wire_dtype is None else grad_bytes // 2,
+                    wire_bytes_per_step=sync.model_bytes / args.local_steps if local else wire,
+                    **({"local_steps": args.local_steps} if local else {}),
                     **({"layout": layout} if layout else {})))
 
 

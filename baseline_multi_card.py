@@ -8,6 +8,7 @@ still running, so most communication hides behind compute; it also broadcasts bu
 cast back) or PowerSGD (low-rank gradients with error feedback, after --powersgd-warmup plain steps).
 Writes results_baseline_ddp.json (no hook) or results_baseline_ddp_<hook>.json unless --output is given.
 """
+import contextlib
 import copy
 
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 import data
 import driver
+import measure
 from modes import COMM_HOOKS, DEFAULT_BUCKET_MB, variant_output
 
 
@@ -109,12 +111,20 @@ def make_train_step(model, optimizer, scaler, args, ctx):
 
     def train_step(images, targets, clock, lr, kind="comm"):
         net = model if kind == "comm" else model.module
-        pending.update(clock=clock, left=len(params))
-        with common.autocast(args, ctx):
-            logits = net(images)
-            loss = criterion(logits, targets)
+        micro, losses, outputs = common.micro_batches(images, targets), [], []
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # DDP's bucketed all-reduce runs inside, overlapped
+        for i, (x, y) in enumerate(micro):
+            last = i + 1 == len(micro)
+            pending.update(clock=clock if last else measure.NoClock(), left=len(params))
+            # --accumulate K: nanoGPT's pattern, DDP's all-reduce only in the last micro-batch's backward
+            with model.no_sync() if not last and kind == "comm" else contextlib.nullcontext():
+                with common.autocast(args, ctx):
+                    logits = net(x)
+                    loss = criterion(logits, y)
+                scaler.scale(loss / len(micro) if len(micro) > 1 else loss).backward()  # DDP's all-reduce inside
+            losses.append(loss)
+            outputs.append(logits)
+        loss, logits = (loss, logits) if len(micro) == 1 else common.accumulated(losses, outputs)
         if pending["left"]:  # a parameter without a gradient: no hook said when compute ended
             clock.mark("compute")
         clock.mark("sync")

@@ -107,6 +107,9 @@ def _add_run_args(p):
     """The run: epochs, batches, data, backend and model."""
     p.add_argument("--epochs", type=positive(int), default=3, help="training epochs")
     p.add_argument("--batch-size", type=positive(int), default=64, help="images per step per training process")
+    p.add_argument("--accumulate", type=positive(int), default=1, metavar="K",
+                   help="micro-batches of --batch-size per optimizer step, communication once per step (DDP's "
+                        "no_sync() for the first K-1; the loss scaled by 1/K); a step is then K micro-batches")
     p.add_argument("--workers", type=non_negative(int), default=16,
                    help="DataLoader processes per training process (capped to the CPUs each process has)")
     p.add_argument("--data-dir", default=None, help="ImageFolder root holding train/ and val/; default ./ when "
@@ -451,6 +454,19 @@ def lr_at(args, progress):
         done = min(1.0, (progress - warm) / max(1e-12, args.epochs - warm))
         return args.lr_min + (args.lr - args.lr_min) * (1 + math.cos(math.pi * done)) / 2
     return args.lr
+
+
+def micro_batches(images, targets):
+    """A step's micro-batches as [(images, targets)]: one batch is a list of one; --accumulate K gives lists of K."""
+    if isinstance(images, (list, tuple)):
+        return list(zip(images, targets))
+    return [(images, targets)]
+
+
+def accumulated(losses, logits):
+    """A step's loss (the mean of its micro-batches' losses: what the 1/K-scaled backwards summed) and its logits,
+    concatenated, detached: what the epoch loop counts."""
+    return sum(loss.detach() for loss in losses) / len(losses), torch.cat([out.detach() for out in logits])
 
 
 def set_lr(optimizer, lr):

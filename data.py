@@ -111,7 +111,7 @@ class DataInfo:
     train_size: int
     val_size: int
     image_size: int
-    steps: int  # training steps per epoch
+    steps: int  # training (optimizer) steps per epoch; each trains on --accumulate micro-batches
     dropped_last_image: bool  # a shard's last batch would hold one image (BatchNorm cannot train on it)
 
     def describe(self):
@@ -210,7 +210,11 @@ def open_data(args, ctx, replicas):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {shard} training images each of the "
                         f"{replicas} training processes gets (lower --batch-size or use fewer processes)")
     full, rest = divmod(shard, args.batch_size)
-    steps = min(full + (rest > 1), args.max_steps or math.inf)
+    micro, k = full + (rest > 1), getattr(args, "accumulate", 1)
+    if micro < k:
+        raise UserError(f"--accumulate {k} needs {k} micro-batches per step but each of the {replicas} training "
+                        f"processes has {micro} per epoch (lower --accumulate or --batch-size)")
+    steps = min(micro // k, args.max_steps or math.inf)  # optimizer steps; the micro-batches past the last are left
     name = ("sample" if kind == "sample" else "imagefolder") + (" (synthetic)" if args.synthetic else "")
     info = DataInfo(name, str(Path(root).resolve()), len(train_set.classes), len(train_set), len(val_set), size,
                     steps, rest == 1)
@@ -280,8 +284,8 @@ def train_loader(ds, args, ctx, replicas, replica_rank):
     """This replica's training batches: a shuffled shard, a new order each epoch (or --synthetic's batch)."""
     info = ds.info
     if args.synthetic:
-        return SyntheticLoader(args.batch_size, info.image_size, info.num_classes, info.steps, ctx.device,
-                               args.seed + replica_rank)
+        return SyntheticLoader(args.batch_size, info.image_size, info.num_classes, info.steps * args.accumulate,
+                               ctx.device, args.seed + replica_rank)
     sampler = EpochSampler(ds.train_set, replicas, replica_rank, shuffle=True, seed=args.seed)
     return _loader(SeededSamples(ds.train_set, args.seed), sampler, args, ctx, drop_last=info.dropped_last_image)
 

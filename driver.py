@@ -8,7 +8,7 @@
 epochs (training, validation, link counters, checkpoints, the epoch line) and writes the results.
 
 A method's step is `step(images, targets, clock, lr, kind="comm") -> (loss, logits)`, one shape for the three
-methods: "comm" is the method's training step; "local" the same step with no communication at all (forward,
+methods (with --accumulate K, `images` and `targets` are lists of K micro-batches: one optimizer step, one exchange): "comm" is the method's training step; "local" the same step with no communication at all (forward,
 backward and optimizer update on this rank alone); "blocking", for a method that overlaps its exchange with
 backward, the same exchange blocking after backward. The yardstick times these kinds against each other.
 """
@@ -64,7 +64,9 @@ class Method:
     def batch(self, args, info, ctx):
         """The yardstick's fixed batch, as the model trains on it."""
         images, targets = measure.fixed_batch(args, info, ctx)
-        return self.compute.inputs(images, targets) if self.compute else (images, targets)
+        images, targets = self.compute.inputs(images, targets) if self.compute else (images, targets)
+        k = args.accumulate  # a step of --accumulate K: K micro-batches, one exchange
+        return (images, targets) if k == 1 else ([images] * k, [targets] * k)
 
     @property
     def name(self):
@@ -203,7 +205,7 @@ def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, 
             overhead = results.data.get("comm_overhead")
             if overhead:  # measured throughput against trainers x the no-communication throughput of one
                 record["scaling_efficiency"] = record["train_throughput"] / (
-                    len(method.trainers) * args.batch_size / overhead["local_step_time"])
+                    len(method.trainers) * args.batch_size * args.accumulate / overhead["local_step_time"])
             if method.compute:
                 results.data["compute_model"] = method.compute.summary()
             results.add_epoch(record)
@@ -376,6 +378,8 @@ def start_line(args, ctx, info, method):
     who = f"{trainers} trainer(s)" + ("" if trainers == ctx.world_size else f" of {ctx.world_size} processes")
     line = (f"{method.name} ({method.description}): {who} ({ctx.backend}, {common.device_name(ctx.device)}), "
             f"{args.arch} on {info.describe()}, {info.steps} steps/epoch, batch {args.batch_size}/trainer")
+    if args.accumulate > 1:
+        line += f" x {args.accumulate} micro-batches a step (--accumulate: one exchange per step)"
     if method.compute:
         c = method.compute.summary()
         line += (f"; {c['label']}: {1e3 * c['modeled_compute_per_step']:.1f} ms forward+backward a step, the model "

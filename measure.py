@@ -151,7 +151,7 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
     first = state.step
     if hasattr(getattr(loader, "sampler", None), "set_epoch"):
         loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every replica
-        loader.sampler.start = first * args.batch_size
+        loader.sampler.start = first * args.accumulate * args.batch_size
     cold = epoch == 1 if cold is None else cold
     warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
     clock, lrs = StepClock(ctx.device), list(state.lrs)
@@ -185,12 +185,11 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
             if tracer:
                 tracer.at(step)
             clock.begin()
-            images, targets = to_device(*next(batches), ctx, args)
-            if proxy:
-                images, targets = proxy.inputs(images, targets)
+            images, targets = next_step_batches(batches, ctx, args, proxy)
             clock.mark("data")
             lrs.append(lr_at(args, epoch - 1 + step / steps))
             loss, logits = train_step(images, targets, clock, lrs[-1])
+            targets = torch.cat(targets) if isinstance(targets, list) else targets
             weight = proxy.weight if proxy else 1
             n = targets.numel() * weight
             sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
@@ -237,6 +236,18 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         "all_losses": done.losses, "lrs": done.lrs,
         **({"profile": tracer.summary} if tracer and tracer.summary else {}),
     }
+
+
+def next_step_batches(batches, ctx, args, proxy=None):
+    """The next step's batch on the device (the proxy's with --compute-model); with --accumulate K, lists of its K
+    micro-batches' images and targets."""
+    pairs = []
+    for _ in range(args.accumulate):
+        images, targets = to_device(*next(batches), ctx, args)
+        pairs.append(proxy.inputs(images, targets) if proxy else (images, targets))
+    if args.accumulate == 1:
+        return pairs[0]
+    return [images for images, _ in pairs], [targets for _, targets in pairs]
 
 
 def _stdev(total, squares, n):

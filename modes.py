@@ -9,7 +9,8 @@ from pathlib import Path
 METHODS = {"baseline_ddp": "Baseline DDP (PyTorch)", "all_reduce": "Manual All-Reduce",
            "ps": "Parameter Server (PS)"}
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")  # baseline_multi_card.py --comm-hook
-SYNC_MODES = ("overlap", "bucketed", "per-param", "ring", "pipelined", "hierarchical")  # all_reduce_train.py --sync
+# all_reduce_train.py --sync; "local" is local SGD (parameters averaged every --local-steps steps, no gradient sync)
+SYNC_MODES = ("overlap", "bucketed", "per-param", "ring", "pipelined", "hierarchical", "local")
 COMPRESSION = ("none", "fp16", "bf16")  # all_reduce_train.py --compress
 PS_COMMS = ("collective", "p2p", "overlap", "pipelined")  # ps_train.py --comm
 PS_SERVERS = ("1", "all")  # ps_train.py --servers

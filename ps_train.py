@@ -71,6 +71,9 @@ def parse_args(argv=None):
     if args.mode == "async" and (args.servers != "1" or args.comm != COMMS[0]):
         p.error("--mode async has one server and its own exchange, one packed message each way per step "
                 "(drop --servers and --comm)")
+    if args.accumulate > 1 and args.comm in ("overlap", "pipelined"):
+        p.error(f"--accumulate pushes once after the last micro-batch; --comm {args.comm} pushes from backward's "
+                "hooks (use --comm collective or p2p)")
     if args.amp and args.amp_dtype == "fp16" and (args.mode == "async" or args.servers == "all"):
         p.error("fp16 loss scaling needs the single synchronous server (use --amp-dtype bf16)")
     if args.amp and args.amp_dtype == "fp16" and args.comm == "pipelined":
@@ -87,7 +90,7 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
     collective transport; pipelined: its partitions, the whole exchange inside the step)."""
     criterion = nn.CrossEntropyLoss()
     blocking = comm.blocking_twin() if comm.overlaps else None
-    local = {}
+    local_step = make_local_step(model, comm, args, ctx, criterion)
 
     def train_step(images, targets, clock, lr=None, kind="comm"):
         if kind != "comm":
@@ -103,14 +106,21 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
         via.clock, via.lr = clock, lr
         via.pull()
         clock.mark("pull")
-        with common.autocast(args, ctx):
-            logits = model(images)  # overlap: each module first waits for its own pull bucket
-            loss = criterion(logits, targets)
-        via.finish_pull()
+        micro, losses, outputs = common.micro_batches(images, targets), [], []
+        for i, (x, y) in enumerate(micro):  # --accumulate K: K micro-batches' gradients summed, one push
+            with common.autocast(args, ctx):
+                logits = model(x)  # overlap: each module first waits for its own pull bucket
+                loss = criterion(logits, y)
+            if i == 0:
+                via.finish_pull()
+                clock.mark("compute")
+                comm.layout.zero_grad()
+            # overlap: the gradient hooks push buckets while backward runs
+            (loss * comm.layout.scale / len(micro)).backward()
+            losses.append(loss)
+            outputs.append(logits)
         clock.mark("compute")
-        comm.layout.zero_grad()
-        (loss * comm.layout.scale).backward()  # overlap: the gradient hooks push buckets while backward runs
-        clock.mark("compute")
+        loss, logits = (loss, logits) if len(micro) == 1 else common.accumulated(losses, outputs)
         via.push()  # pipelined: returns with the exchange (and the owners' updates) in flight
         clock.mark("push")
         if optimizer is not None and not via.updates_itself:
@@ -118,19 +128,32 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
             clock.mark("update")
         return loss, logits
 
+    return train_step
+
+
+def make_local_step(model, comm, args, ctx, criterion):
+    """The yardstick's no-communication step on a worker: the same forward and backward (K micro-batches
+    with --accumulate) and an SGD step on every parameter here, with an optimizer of its own."""
+    local = {}
+
     def local_step(images, targets):
         if not local:
             local.update(opt=common.make_optimizer(args, model.parameters()), scaler=common.make_scaler(args, ctx))
-        with common.autocast(args, ctx):
-            logits = model(images)
-            loss = criterion(logits, targets)
+        micro, losses, outputs = common.micro_batches(images, targets), [], []
         comm.layout.zero_grad()
-        local["scaler"].scale(loss).backward()
+        for x, y in micro:
+            with common.autocast(args, ctx):
+                logits = model(x)
+                loss = criterion(logits, y)
+            local["scaler"].scale(loss / len(micro)).backward()
+            losses.append(loss)
+            outputs.append(logits)
+        loss, logits = (loss, logits) if len(micro) == 1 else common.accumulated(losses, outputs)
         local["scaler"].step(local["opt"])
         local["scaler"].update()
         return loss, logits
 
-    return train_step
+    return local_step
 
 
 def make_transport(comm, layout, model, rank, trainers, optimizer=None):

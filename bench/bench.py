@@ -10,6 +10,8 @@ of the machine hits every method alike):
   buckets      DDP and --sync overlap at --buckets MiB
   async        PS sync against PS async (on the sample data: accuracy counts)
   seeds        DDP, all-reduce, PS on the sample data from scratch (the first-run recipe), --repeats seeds
+  time         time to SAMPLE_TARGET on the sample recipe (--target-accuracy), --repeats seeds: DDP, the all-reduce,
+               the PS (sync, async, sharded), DDP PowerSGD and local SGD (H = LOCAL_STEPS)
   pipelined    DDP, --sync overlap and --sync pipelined (--bucket-mb PIPELINED_MB): also each step against its limit
   hierarchical DDP, --sync overlap and --sync hierarchical: also each node link's bytes against the gradients'
   scaling      DDP, --sync overlap, the single-server PS (collective, and p2p: the star) and the sharded PS on
@@ -33,8 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import analysis  # noqa: E402
+from analysis import time_to_target  # noqa: E402
 from analysis.links import link_figures  # noqa: E402
-from modes import COMM_HOOKS, PARTITION_MB, PS_COMMS as COMMS, SYNC_MODES, sample_args  # noqa: E402
+from modes import COMM_HOOKS, PARTITION_MB, PS_COMMS as COMMS, SYNC_MODES, sample_args, sample_recipe  # noqa: E402
 
 SYNTHETIC = ["--synthetic", "--arch", "resnet50", "--image-size", "32", "--batch-size", "32", "--epochs", "1",
              "--max-steps", "8", "--warmup-steps", "2", "--workers", "0"]
@@ -45,6 +48,10 @@ SCALING = ["--synthetic", "--arch", "mobilenet_v3_small", "--image-size", "32", 
            "--max-steps", "6", "--warmup-steps", "2", "--workers", "0"]
 SCALING_RATE = "100mbit"
 SAMPLE = [*sample_args(), "--workers", "1"]  # run_all.sh's first-run recipe on the sample data (sample_recipe.env)
+# The time suite (issue 33): the sample recipe to SAMPLE_TARGET, 3 seeds; --extra "--arch ..." swaps the model
+TIME = [*SAMPLE, "--target-accuracy", sample_recipe()["SAMPLE_TARGET"]]
+LOCAL_STEPS = 4  # local SGD's H in the time suite
+POWERSGD_WARMUP = 8  # PowerSGD compresses after one epoch of plain all-reduce (torch's default 1000 is never reached)
 PIPELINED_MB = 4  # --sync pipelined's partitions in its suite: small, so the next forward's first layers come first
 
 
@@ -66,6 +73,11 @@ def suite(name, args):
         return [("DDP", ddp, []), ("PS sync", ps, []), ("PS async", ps, ["--mode", "async"])]
     if name == "seeds":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS collective", ps, [])]
+    if name == "time":
+        return [("DDP", ddp, []), ("all-reduce overlap", ar, []), ("PS sync", ps, []),
+                ("PS async", ps, ["--mode", "async"]), ("PS sharded", ps, ["--servers", "all"]),
+                ("DDP PowerSGD", ddp, ["--comm-hook", "powersgd", "--powersgd-warmup", str(POWERSGD_WARMUP)]),
+                (f"local SGD H={LOCAL_STEPS}", ar, ["--sync", "local", "--local-steps", str(LOCAL_STEPS)])]
     if name == "pipelined":
         return [("DDP", ddp, []), ("all-reduce overlap", ar, []),
                 ("all-reduce pipelined", ar, ["--sync", "pipelined", "--bucket-mb", str(PIPELINED_MB)])]
@@ -105,13 +117,14 @@ def before_twin(experiment, ref, out):
 
 
 def run(label, script, flags, args, out, repeat):
-    base = SAMPLE if args.suite in ("seeds", "async") else SCALING if args.suite == "scaling" else SYNTHETIC
-    seed = ["--seed", str(repeat)] if args.suite == "seeds" else []
+    base = SAMPLE if args.suite in ("seeds", "async") else SCALING if args.suite == "scaling" else \
+        TIME if args.suite == "time" else SYNTHETIC
+    seed = ["--seed", str(repeat)] if args.suite in ("seeds", "time") else []  # repeat: from --first-repeat
     script_args = [str(REPO / script), *base, "--overhead-pairs", str(args.pairs), *seed, *flags,
                    *args.extra.split(), "--output", str(out)]
     if args.cluster:
         nodes, per_node = map(int, args.cluster.split("x"))
-        cmd = ["bash", str(REPO / "emulate_cluster.sh"), "torchrun", "--name", "bench", "--nproc-per-node",
+        cmd = ["bash", str(REPO / "emulate_cluster.sh"), "torchrun", "--name", args.name, "--nproc-per-node",
                str(per_node), "--logs", str(out.parent / "logs" / out.stem), "--", *script_args]
         if getattr(args, "nodes_of", None):  # the scaling suite: the first N nodes of the cluster
             cmd[3:3] = ["--nodes", str(args.nodes_of[label])]
@@ -178,6 +191,28 @@ def table(rows):
     return "\n".join(lines)
 
 
+def time_table(experiments, args, out):
+    """Markdown: each experiment's time to the target (training seconds, validation excluded; mean ± sd over the
+    seeds), steps and epochs, fastest first, each against the fastest judged against the seeds' spread
+    (analysis/time_to_target.py)."""
+    found = [(label, sorted(out.glob(f"results_{i}_*.json"))) for i, (label, _, _) in enumerate(suite("time", args))]
+    # every experiment and repeat in --out-dir, earlier invocations' (--only, --first-repeat) too
+    xs = [(label, analysis.Experiment([analysis.load_run(p) for p in paths])) for label, paths in found if paths]
+    labels = {id(x): label for label, x in xs}
+    xs = [x for _, x in xs]
+    target = time_to_target.choose_targets(xs)[0]
+    done, missed = time_to_target.ranking(xs, target)
+    lines = [f"Time to {target:g}% validation accuracy ({time_to_target.headline_words(xs, target)}), fastest first:",
+             "", "| method | seconds to target | steps | epochs | vs the fastest | verdict |",
+             "|---|---:|---:|---:|---:|---|"]
+    for g in done:
+        verdict = "-" if g is done[0] else time_to_target.compare_reach(g, done[0]).words
+        lines.append(f"| {labels[id(g.x)]} | {g.text()} | {g.steps.text(0) if g.steps else '-'} | "
+                     f"{g.epochs.text(1)} | {g.seconds.mean / done[0].seconds.mean:.2f}x | {verdict} |")
+    lines += [f"| {labels[id(g.x)]} | {g.text()} | - | - | - | did not reach it |" for g in missed]
+    return "\n".join(lines)
+
+
 def ideal_table(rows):
     """Markdown: each row against the ideal bytes through the busiest link, 2(N-1)/N x what it exchanges (the
     state for the sharded PS: push to the owners and pull back, the all-reduce's bound; the gradients for DDP), and
@@ -232,7 +267,7 @@ def scaling_table(experiments, args, out):
              "| measured bytes at link rate (ms) |", "|---|" + "---:|" * 9]
     for i, (label, _, _) in enumerate(experiments):
         n, cells = args.nodes_of[label], {}
-        for repeat in range(args.repeats):
+        for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             r = analysis.load_run(out / f"results_{i}_{repeat}.json")
             x, rate = analysis.Experiment([r]), r.network["link_rate_bits"]
             f, y = link_figures(x), r.yardstick
@@ -261,11 +296,14 @@ def parse_args():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", default="methods", choices=("methods", "compression", "buckets", "async", "seeds",
                                                           "pipelined", "hierarchical",
-                                                          "scaling", "ps"))
+                                                          "scaling", "ps", "time"))
     p.add_argument("--cluster", default=None, help="NODESxPROCS on an emulated cluster (needs root), e.g. 4x1")
+    p.add_argument("--name", default="bench", help="the emulated cluster's name (one per concurrent benchmark)")
     p.add_argument("--rate", default="1gbit", help="the emulated links' rate")
     p.add_argument("--nproc", type=int, default=4, help="processes on loopback")
     p.add_argument("--repeats", type=int, default=1, help="runs of each experiment, interleaved (seeds: seeds)")
+    p.add_argument("--first-repeat", type=int, default=0,
+                   help="the first repeat's number (seeds, time: its seed), to add repeats to an --out-dir later")
     p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
     p.add_argument("--buckets", type=float, nargs="+", default=[1, 5, 25, 100], help="bucket sizes (MiB)")
     p.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 8], help="scaling: node counts (1 process each)")
@@ -288,6 +326,7 @@ def main():
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     experiments = suite(args.suite, args)
+    numbers = {label: i for i, (label, _, _) in enumerate(experiments)}
     if args.only:
         experiments = [e for e in experiments if e[0] in args.only.split(",")]
     if args.before:  # each PS experiment twice, the ref's script beside this tree's
@@ -295,18 +334,21 @@ def main():
     where = f"emulated cluster {args.cluster} at {args.rate}" if args.cluster else f"loopback, {args.nproc} processes"
     if args.cluster:
         nodes = args.cluster.split("x")[0]
-        subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "up", "--name", "bench", "--nodes", nodes,
+        subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "up", "--name", args.name, "--nodes", nodes,
                         "--rate", args.rate], check=True)
     start, rows = time.time(), {label: [] for label, _, _ in experiments}
     try:
-        for repeat in range(args.repeats):
+        for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             for i, (label, script, flags) in enumerate(experiments):
+                i = numbers.get(label, i) if args.suite == "time" else i  # the suite's numbering, whatever --only
                 rows[label].append(figures(run(label, script, flags, args, out / f"results_{i}_{repeat}.json", repeat)))
     finally:
         if args.cluster:
-            subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "down", "--name", "bench"])
+            subprocess.run(["bash", str(REPO / "emulate_cluster.sh"), "down", "--name", args.name])
+    base = TIME if args.suite == "time" else SAMPLE if args.suite in ("seeds", "async") else SCALING \
+        if args.suite == "scaling" else SYNTHETIC
     header = (f"`python bench/bench.py --suite {args.suite}{f' --cluster {args.cluster} --rate {args.rate}' if args.cluster else ''}"
-              f" --repeats {args.repeats}` ({where}; {' '.join(SAMPLE if args.suite in ('seeds', 'async') else SCALING if args.suite == 'scaling' else SYNTHETIC)}"
+              f" --repeats {args.repeats}{f' --extra {args.extra!r}' if args.extra else ''}` ({where}; {' '.join(base)}"
               f" {args.extra}; yardstick {args.pairs} pairs; medians over {args.repeats} repeat(s); took "
               f"{time.time() - start:.0f} s)")
     text = f"{header}\n\n{table(rows)}\n"
@@ -318,6 +360,8 @@ def main():
         text += f"\n{limit_table(rows)}\n"
     if args.suite == "ps":
         text += f"\n{ideal_table(rows)}\n\n{limit_table(rows)}\n"
+    if args.suite == "time":
+        text += f"\n{time_table(experiments, args, out)}\n"
     print(text)
     (out / "figures.json").write_text(json.dumps(rows, indent=1))
     if args.write:

@@ -90,7 +90,7 @@ class _DdpContract:
         if self.buffers_due and self.forward_buffers and not self.driven:
             self.broadcast_buffers()
         if torch.is_grad_enabled():
-            self.sync_backward = self.sync_grads
+            self.sync_backward, self.in_backward = self.sync_grads, False  # a new forward: the last backward is over
         self.buffers_due = torch.is_grad_enabled() and self.sync_grads
 
     def _check_model(self):
@@ -175,6 +175,7 @@ class GradSync(_DdpContract):
     calls begin() calls broadcast_buffers() before the forward and finish() after backward, as train_step does.
     """
     pipelined = False  # True: the sync applies the update itself, inside the next forward (PipelinedSync)
+    averages_parameters = False  # True: parameters, not gradients, are averaged after the update (LocalSGD)
     group = None  # the process group of the exchanges (None: every rank)
 
     def __init__(self, model, mode=SYNC_MODES[0], bucket_mb=25.0, compress="none", find_unused_parameters=False,

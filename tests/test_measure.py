@@ -175,6 +175,8 @@ def _all(rank, world_size, delays):
     return {method: _yardstick(rank, world_size, method, hook, seconds) for method, seconds in delays.items()}
 
 
+# ar-local (local SGD) is left out: its "comm" step communicates on every --local-steps-th step only, so the yardstick's
+# median over pairs does not rise by the delay x calls of one step (docs/time_to_accuracy.md)
 GROUPS = {2: ("ddp", "ar-overlap", "ar-bucketed", "ar-per-param", "ar-ring", "ps-p2p", "ps-sharded"),
           3: ("ps-collective", "ps-overlap", "ps-async")}
 

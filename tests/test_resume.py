@@ -15,16 +15,17 @@ from dist_helpers import FAST_ARGS, Forked, killed_at_exit, rank_pids, run_forke
 ARGS = [*FAST_ARGS, "--batch-size", "2", "--max-steps", "6", "--log-every", "1", "--timeout", "1"]
 # The sharded PS once, pipelined: each rank restores its own shard and optimizer state as the plain sharded PS does,
 # and its exchange left in flight at a checkpoint must be ended first (Method.flush).
-# The PS: a server and a worker.
+# The PS: a server and a worker. --accumulate 2: each of the 12 steps trains 2 micro-batches (the data has 12 a rank).
 METHODS = [("baseline_multi_card.py", 2, []), ("all_reduce_train.py", 2, []), ("ps_train.py", 2, []),
-           ("ps_train.py", 2, ["--servers", "all", "--comm", "pipelined"])]
-IDS = ["ddp", "all_reduce", "ps", "ps_sharded_pipelined"]
+           ("ps_train.py", 2, ["--servers", "all", "--comm", "pipelined"]),
+           ("all_reduce_train.py", 2, ["--accumulate", "2"])]
+IDS = ["ddp", "all_reduce", "ps", "ps_sharded_pipelined", "all_reduce_accumulate"]
 # (rank killed, after which step, in which attempt): a checkpoint every 4 steps, so each restart resumes from step 4
 # or 8 and redoes 1 to 3 steps. What a restart restores is each method's own (replicas, the server's model and
 # optimizer, each owner's shard): one kill each proves it; the second restart (of a restarted group, its rank 0
 # killed) is the driver's, the same for every method.
 KILLS = {"ddp": [(1, 5, 0), (0, 10, 1)], "all_reduce": [(0, 10, 0)], "ps": [(0, 5, 0)],
-         "ps_sharded_pipelined": [(1, 10, 0)]}
+         "ps_sharded_pipelined": [(1, 10, 0)], "all_reduce_accumulate": [(1, 5, 0)]}  # steps: optimizer steps
 
 
 def _start(script, nproc, out, data, *extra, restarts=0):
