@@ -25,24 +25,29 @@ PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:mak
       "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:main",
       "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:update",
       "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
+GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
 
 VARIANTS = {
     "DDP": DDP + LOOP,
     "DDP `--comm-hook powersgd`": DDP + ["baseline_multi_card.py:register_hook",
                                          "baseline_multi_card.py:PowerSGDSnapshot"] + LOOP,
-    "all-reduce `--sync overlap`": AR + ["sync/allreduce.py:GradSync"] + LOOP,
-    "all-reduce `--sync ring`": AR + ["sync/allreduce.py:GradSync", "sync/ring.py:ring_all_reduce",
+    "all-reduce `--sync overlap`": AR + GRADSYNC + LOOP,
+    "all-reduce `--sync ring`": AR + GRADSYNC + ["sync/ring.py:ring_all_reduce",
                                       "sync/ring.py:_exchange"] + LOOP,
-    "all-reduce `--sync hierarchical`": AR + ["sync/allreduce.py:GradSync", "sync/hierarchical.py:HierarchicalSync",
+    "all-reduce `--sync hierarchical`": AR + GRADSYNC + ["sync/hierarchical.py:HierarchicalSync",
                                               "sync/hierarchical.py:_Relay"] + LOOP,
-    "all-reduce `--sync pipelined`": AR + ["sync/allreduce.py:GradSync", "sync/pipelined_allreduce.py:PipelinedSync",
+    "all-reduce `--sync pipelined`": AR + GRADSYNC + ["sync/pipelined_allreduce.py:PipelinedSync",
+                                           "sync/pipelined_allreduce.py:_Exchanges",
+                                           "sync/pipelined_allreduce.py:_StandIns",
+                                           "sync/pipelined_allreduce.py:_optimizer_step",
                                            "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
                                            "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
     "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:Pipelined",
                                    "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
-    "PS `--mode async`": PS + ["sync/ps_async.py:Async"] + LOOP,
+    "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer"] + LOOP,
+    "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD"] + LOOP,
 }
 
 
