@@ -244,10 +244,11 @@ def who_serves(args, where):
     return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
 
 
-def share_of(ctx, steps, where):
+def share_of(ctx, steps, where, comm):
     """Every rank, once an epoch: the servers' figures (their mean), and with servers of their own the bytes per
     step through the busiest worker's and the busiest server's node link since the last call (or since
-    `share.reset()`, before the epochs), on every rank."""
+    `share.reset()`, before the epochs), on every rank; then those servers swap their shards (before validation,
+    after the counters: the training steps' bytes alone)."""
     def share(stats):
         shared = (stats or ServerStats()).share(ctx, steps, where["num_servers"])
         if where["dedicated_servers"] and os.environ.get("KIT_NET_IFNAME"):
@@ -257,6 +258,8 @@ def share_of(ctx, steps, where):
             w_sent, w_received, s_sent, s_received = measure.all_reduce(mine, dist.ReduceOp.MAX).tolist()
             shared.links = dict(worker_sent_bytes_per_step=w_sent, worker_received_bytes_per_step=w_received,
                                 server_sent_bytes_per_step=s_sent, server_received_bytes_per_step=s_received)
+        if where["dedicated_servers"] and ctx.rank in where["server_ranks"]:
+            comm.swap_shards()
         return shared
 
     share.reset = lambda: setattr(share, "before", measure.read_link_bytes(ctx))
@@ -290,7 +293,7 @@ def make_method(args, ctx, info, model, weights=None):
         flush=comm.flush,  # pipelined: a step leaves its exchange in flight (the others: nothing to do)
         state={"model": model, "optimizer": optimizer, "scaler": scaler,
                **({"async": comm} if args.mode == "async" else {})} if owned else {},
-        share=None if sharded else share_of(ctx, info.steps, where),
+        share=None if sharded else share_of(ctx, info.steps, where, comm),
         fields=dict(weights=weights, num_workers=len(trainers), state_bytes=state_bytes, placement=where,
                     largest_shard_bytes=max(sum(4 * p.numel() for p in layout.owned_params(r))
                                             for r in range(ctx.world_size)),
@@ -301,7 +304,7 @@ def make_method(args, ctx, info, model, weights=None):
     else:
         server_role(args, ctx, comm, optimizer, scaler, method)
     if method.share:  # the link counters start with the epochs, after the yardstick
-        before, method.before_epochs = method.before_epochs, lambda: (method.share.reset(), before())
+        before, method.before_epochs = method.before_epochs, lambda: (before(), method.share.reset())
     return method
 
 

@@ -17,18 +17,13 @@ class ServerRanks(Pipelined):
     nothing for the partitions of the others. Bytes: a trainer's link carries the model once each way per step; a
     server's, the trainers' pushes of its shard in and their pulls out: n x shard each way (n trainers).
 
-    At the end of an epoch the servers swap their shards among themselves (each sends its own partitions to the
-    other servers, once), so that every server holds, validates and checkpoints the whole, current model; a
-    worker's link carries none of it."""
+    At the end of an epoch (swap_shards, once the epoch's link counters are read) the servers swap their shards
+    among themselves (each sends its own partitions to the other servers, once), so that every server holds,
+    validates and checkpoints the whole, current model; a worker's link carries none of it."""
 
     def __init__(self, layout, rank, trainers, servers, model, optimizer=None):
         super().__init__(layout, rank, trainers, model, optimizer)
         self.servers = list(servers)
-
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
-        stats = super().serve_epoch(optimizer, scaler, lr_at, steps, warmup, clock, start, after_step)
-        self.swap_shards()
-        return stats
 
     @torch.no_grad()
     def swap_shards(self):

@@ -684,3 +684,25 @@ def test_sharded_pipelined_ps_moves_the_ideal_bytes_and_trains_as_on_one_machine
     link, ideal = emulated["epochs"][0]["link"], 2 * 2 / 3 * emulated["state_bytes"]
     busiest = max(link["sent_bytes_per_step"], link["received_bytes_per_step"])
     assert 0.98 * ideal < busiest < 1.05 * ideal, (busiest, ideal)
+
+
+def test_servers_on_nodes_of_their_own_move_the_byteps_bytes(tmp_path, data):
+    """ps_train --comm pipelined --server-ranks 2 on 2 worker nodes + 2 server nodes (--server-nodes 2: torchrun's
+    last ranks on the last nodes): each worker's link carries the model once each way per step, each server's the
+    two workers' pushes of its shard in and their pulls out (2 x half the state each way), within 5%; and it
+    trains exactly as the same run on one machine."""
+    args = ["--comm", "pipelined", "--server-ranks", "2", *TINY, "--overhead-pairs", "0", "--data-dir", data]
+    one = run_forked("ps_train.py", *args, "--output", tmp_path / "one.json", nproc=4, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    name = f"{PREFIX}v"
+    run = emu("run", "--name", name, "--nodes", 4, "--server-nodes", 2, "--rate", "1gbit", "--logs", tmp_path / "logs",
+              "--", REPO / "ps_train.py", *args, "--output", tmp_path / "cluster.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert_nothing_left(name)
+    single, emulated = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "cluster.json"))
+    assert emulated["all_losses"] == pytest.approx(single["all_losses"], rel=1e-6)
+    assert emulated["network"]["server_nodes"] == 2 and emulated["placement"]["server_ranks"] == [2, 3]
+    links, state = emulated["epochs"][0]["link_by_role"], emulated["state_bytes"]
+    for role, ideal in (("worker", state), ("server", 2 * emulated["largest_shard_bytes"])):
+        for way in ("sent", "received"):
+            assert 0.98 * ideal < links[f"{role}_{way}_bytes_per_step"] < 1.05 * ideal, (role, way, links, ideal)

@@ -15,7 +15,7 @@ from test_ps import NETS, STEPS, _args, _arrays, _batch, _reference
 
 def _servers_run(rank, world_size, k):
     """STEPS steps with the last k ranks serving (worker rank r as the reference's worker r + 1), BatchNorm included;
-    the servers' epoch ends with their shard swap. Returns this rank's tensors and which ranks own partitions."""
+    the servers' epoch ends with their shard swap (ps_train's share). Returns this rank's tensors and which ranks own partitions."""
     make, shape = NETS["bn"]
     args = _args("--comm", "pipelined", "--server-ranks", str(k))
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
@@ -29,6 +29,7 @@ def _servers_run(rank, world_size, k):
                                         where["server_ranks"])
     if rank in where["server_ranks"]:
         transport.serve_epoch(optimizer, scaler, lambda step: args.lr, STEPS, 0, measure.StepClock(ctx.device))
+        transport.swap_shards()
     else:
         step = ps_train.make_worker_step(model, transport, args, ctx, None, scaler)
         for i in range(STEPS):
