@@ -103,3 +103,27 @@ def test_two_server_ranks_end_to_end_checkpoint_and_resume(tmp_path, tiny_data):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     c = _server_model(cut, 2)
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_the_link_table_holds_server_nodes_to_the_byteps_bound():
+    """4 workers, 4 servers of their own at 1 Gbit/s, 100 MB of state: each worker link 1 x state each way, each
+    server link 4 x its quarter; the bound's time max(M/B, nM/(kB)) = 0.8 s against the ring's 1.2 s."""
+    from pathlib import Path
+
+    import analysis
+    from analysis.links import byteps_bound, link_figures
+    data = dict(kind="ps", world_size=8, servers="1", comm="pipelined", mode="sync", state_bytes=1e8,
+                largest_shard_bytes=2.5e7, server_ranks=4,
+                placement=dict(server_ranks=[4, 5, 6, 7], num_servers=4, trainer_ranks=[0, 1, 2, 3],
+                               dedicated_servers=True),
+                network=dict(nodes=8, procs_per_node=1, link_rate="1gbit", link_rate_bits=1e9, server_nodes=4),
+                epochs=[dict(epoch=1, link=dict(sent_bytes_per_step=1.01e8, received_bytes_per_step=1.0e8))])
+    x = analysis.Experiment([analysis.runs.Run(data, Path("r.json"), "ps", "kind")])
+    bound = byteps_bound(x)
+    assert bound["worker_bytes"] == 1e8 and bound["server_bytes"] == 1e8
+    assert bound["seconds"] == pytest.approx(0.8) and bound["ring_seconds"] == pytest.approx(1.2)
+    f = link_figures(x)
+    assert f.bound_bytes == 1e8 and "servers of their own" in f.bound_how
+    data["placement"].update(server_ranks=[4], num_servers=1)
+    data["largest_shard_bytes"] = 1e8
+    assert byteps_bound(x)["seconds"] == pytest.approx(3.2)  # one server: n x state through its link
