@@ -706,3 +706,18 @@ def test_servers_on_nodes_of_their_own_move_the_byteps_bytes(tmp_path, data):
     for role, ideal in (("worker", state), ("server", 2 * emulated["largest_shard_bytes"])):
         for way in ("sent", "received"):
             assert 0.98 * ideal < links[f"{role}_{way}_bytes_per_step"] < 1.05 * ideal, (role, way, links, ideal)
+
+
+def test_run_all_puts_the_servers_on_nodes_of_their_own(tmp_path):
+    """--cluster 2x1+2: 4 nodes up; the three methods on the 2 worker nodes, then the PS with 2 server nodes on all."""
+    proc = subprocess.run(["bash", str(REPO / "run_all.sh"), "--cluster", "2x1+2", "--link-rate", "1gbit"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1", "EXTRA_ARGS": "--arch resnet18"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    assert any("emulate_cluster.sh up" in line and "--nodes 4 --rate 1gbit" in line for line in lines)
+    commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
+    assert len(commands) == 4 and all("--nodes 2 --nproc-per-node 1 --server-nodes 0" in c for c in commands[:3])
+    assert "--nodes 4 --nproc-per-node 1 --server-nodes 2" in commands[3]
+    assert "--comm pipelined --server-ranks 2" in commands[3] and "results_ps_pipelined_servers2.json" in commands[3]
+    assert not list(tmp_path.iterdir())
