@@ -35,9 +35,6 @@ once, skips the step on inf/NaN for everyone and adjusts the scale.
 Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async][_servers<K>].json unless --output
 is given.
 """
-import os
-
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -50,8 +47,8 @@ from sync.ps_async import Async
 from sync.ps_collective import P2P, Collective, Overlap
 from sync.ps_layout import SERVER, make_layout
 from sync.ps_pipelined import Pipelined
-from sync.ps_servers import ServerRanks, server_ranks
-from sync.ps_server import ServerStats, update  # the guide's server step (server_step, serve, update)
+from sync.ps_servers import ServerRanks, server_ranks, share_of
+from sync.ps_server import update  # the guide's server step (server_step, serve, update)
 COMMS = PS_COMMS  # the first is the default
 
 
@@ -242,29 +239,6 @@ def who_serves(args, where):
     if args.server_ranks:
         return f"ranks {where['server_ranks'][0]}-{where['server_ranks'][-1]} only serve (--server-ranks {args.server_ranks})"
     return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
-
-
-def share_of(ctx, steps, where, comm):
-    """Every rank, once an epoch: the servers' figures (their mean), and with servers of their own the bytes per
-    step through the busiest worker's and the busiest server's node link since the last call (or since
-    `share.reset()`, before the epochs), on every rank; then those servers swap their shards (before validation,
-    after the counters: the training steps' bytes alone)."""
-    def share(stats):
-        shared = (stats or ServerStats()).share(ctx, steps, where["num_servers"])
-        if where["dedicated_servers"] and os.environ.get("KIT_NET_IFNAME"):
-            now, serves = measure.read_link_bytes(ctx), ctx.rank in where["server_ranks"]
-            mine = torch.cat([(now - share.before) * (not serves), (now - share.before) * serves]) / steps
-            share.before = now
-            w_sent, w_received, s_sent, s_received = measure.all_reduce(mine, dist.ReduceOp.MAX).tolist()
-            shared.links = dict(worker_sent_bytes_per_step=w_sent, worker_received_bytes_per_step=w_received,
-                                server_sent_bytes_per_step=s_sent, server_received_bytes_per_step=s_received)
-        if where["dedicated_servers"] and ctx.rank in where["server_ranks"]:
-            comm.swap_shards()
-        return shared
-
-    share.reset = lambda: setattr(share, "before", measure.read_link_bytes(ctx))
-    share.reset()
-    return share
 
 
 def make_method(args, ctx, info, model, weights=None):

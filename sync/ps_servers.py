@@ -1,14 +1,41 @@
 """--server-ranks K: BytePS's placement, K ranks that only serve (each owning a shard of the partitions) and the
 others that only train, on the pipelined transport (ServerRanks)."""
+import os
+
 import torch
 import torch.distributed as dist
 
+import measure
 from sync.ps_pipelined import Pipelined
+from sync.ps_server import ServerStats
 
 
 def server_ranks(world_size, k):
     """The last k ranks serve (on the emulated cluster: the last k nodes, `--cluster NxP+k`)."""
     return list(range(world_size - k, world_size))
+
+
+def share_of(ctx, steps, where, comm):
+    """Every rank, once an epoch: the servers' figures (their mean), and with servers of their own the bytes per
+    step through the busiest worker's and the busiest server's node link since the last call (or since
+    `share.reset()`, before the epochs), on every rank; then those servers swap their shards (before validation,
+    after the counters: the training steps' bytes alone)."""
+    def share(stats):
+        shared = (stats or ServerStats()).share(ctx, steps, where["num_servers"])
+        if where["dedicated_servers"] and os.environ.get("KIT_NET_IFNAME"):
+            now, serves = measure.read_link_bytes(ctx), ctx.rank in where["server_ranks"]
+            mine = torch.cat([(now - share.before) * (not serves), (now - share.before) * serves]) / steps
+            share.before = now
+            w_sent, w_received, s_sent, s_received = measure.all_reduce(mine, dist.ReduceOp.MAX).tolist()
+            shared.links = dict(worker_sent_bytes_per_step=w_sent, worker_received_bytes_per_step=w_received,
+                                server_sent_bytes_per_step=s_sent, server_received_bytes_per_step=s_received)
+        if where["dedicated_servers"] and ctx.rank in where["server_ranks"]:
+            comm.swap_shards()
+        return shared
+
+    share.reset = lambda: setattr(share, "before", measure.read_link_bytes(ctx))
+    share.reset()
+    return share
 
 
 class ServerRanks(Pipelined):
