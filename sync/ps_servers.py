@@ -42,7 +42,8 @@ class ServerRanks(Pipelined):
     """Pipelined with the owners on ranks of their own: each partition is pushed by every trainer to its server,
     summed, averaged and updated there, and pulled back, exactly as Pipelined does; a server sends and receives
     nothing for the partitions of the others. Bytes: a trainer's link carries the model once each way per step; a
-    server's, the trainers' pushes of its shard in and their pulls out: n x shard each way (n trainers).
+    server's, the trainers' pushes of its shard in and their pulls out: n x shard each way (n trainers). The
+    order is BytePS's (_exchange): each partition pulled as soon as it is updated.
 
     At the end of an epoch (swap_shards, once the epoch's link counters are read) the servers swap their shards
     among themselves (each sends its own partitions to the other servers, once), so that every server holds,
@@ -51,6 +52,45 @@ class ServerRanks(Pipelined):
     def __init__(self, layout, rank, trainers, servers, model, optimizer=None):
         super().__init__(layout, rank, trainers, model, optimizer)
         self.servers = list(servers)
+
+    @torch.no_grad()
+    def _exchange(self, job, clock=None):
+        """BytePS's order (not P3's): a worker sends each partition as backward fills it and posts its pull right
+        after; a server posts every push it will receive at once and sends each partition back as soon as it is
+        updated. A link's pulls then overlap its later pushes (both directions at once), where pulls in the next
+        forward's order would all wait behind the push of the first layers, the last one backward fills."""
+        clock, sends = clock or measure.NoClock(), []
+        if self.owned:  # a server
+            self.updates.put(job)
+            for p in self.owned:
+                receives = [dist.irecv(box, peer, group=self.group, tag=p)
+                            for box, peer in zip(self.inbox[p], self.trainers)]
+                self._publish(job.receives, p, receives)
+            clock.mark("push")
+            for p in self.owned:
+                self._wait(lambda: job.updated[p] is not None)
+                clock.mark("push_wait")
+                sends += [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
+                          for peer in self.trainers]
+                clock.mark("serve")
+                self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+        elif self.trains:  # a worker
+            for p, bucket in enumerate(self.layout.push):
+                self._ready_here(job, p)
+                sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
+                pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
+                self._publish(job.pulled, p, (pull, None))
+        for work in sends:
+            work.wait()
+        clock.mark("serve")
+        with self.changed:
+            job.finished = True
+            self.changed.notify_all()
+
+    def _publish(self, slots, p, value):
+        with self.changed:
+            slots[p] = value
+            self.changed.notify_all()
 
     @torch.no_grad()
     def swap_shards(self):
