@@ -21,8 +21,9 @@ dealt out balanced so that consecutive ones have different owners), with its opt
 between its owner and the others, so every link carries ~2(N-1)/N of the model per step instead of 2(N-1) models
 through one server's link. --server-ranks K (BytePS's placement, with --comm pipelined): the last K ranks only
 serve, each owning whole partitions balanced by bytes, with their optimizer state, and the others only train; a
-worker's link carries the model once each way per step, a server's n x its shard (ServerRanks; on the emulated
-cluster, `--cluster NxP+K` gives each server a node of its own). With one server, pipelined is the same exchange on a star: the server owns every
+worker's link carries the model once each way per step, a server's n x its shard; each partition is pulled as soon
+as its server has updated it (BytePS's order, so pulls overlap the later pushes; ServerRanks); on the emulated
+cluster, `--cluster NxP+K` gives each server a node of its own. With one server, pipelined is the same exchange on a star: the server owns every
 partition. --mode async: one server applies each worker's gradient as it arrives (with lr / workers, so a round of
 updates moves as far as one synchronous step) and every worker pulls the newest parameters; staleness = server
 updates between a worker's pull and its push. The async server is full duplex: it sends one worker's pull while
