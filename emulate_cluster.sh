@@ -7,9 +7,10 @@
 usage() {
   cat <<'EOF'
 usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]... [--delay D] [--name NAME]
-       emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--max-restarts R] [--logs DIR]
+       emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--server-nodes S]
+                                   [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
+       emulate_cluster.sh run [up options] [--nproc-per-node P] [--server-nodes S] [--max-restarts R] [--logs DIR]
                                    -- SCRIPT ARGS...
-       emulate_cluster.sh run [up options] [--nproc-per-node P] [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
        emulate_cluster.sh status [--name NAME]
        emulate_cluster.sh down [--name NAME]
        emulate_cluster.sh link-down [--name NAME] NODE SECONDS
@@ -24,6 +25,9 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]..
             "[node i] ", and to DIR/node<i>.log (default DIR: ./cluster_logs). --max-restarts R (default 0): a
             node's torchrun restarts its workers up to R times when one of them fails, the other nodes' torchruns
             restart theirs through the rendezvous, and a restart is not a failure (a line at the end counts them).
+            --server-nodes S (default 0): the last S of the K nodes run one process each, the PS's servers of
+            their own (torchrun's last S ranks: ps_train.py --comm pipelined --server-ranks S), each on its own
+            link; the first K-S nodes run P processes each.
             Waits for all; once a node's torchrun exits with an error, the others get 10 s (KIT_GRACE_S) and are
             then killed; the scripts' "error:" lines are repeated above the summary. Exit status: node 0's if it
             failed, else the first failure's.
@@ -40,7 +44,7 @@ NCCL_SHM_DISABLE=1, NCCL_P2P_DISABLE=1, NCCL_MNNVL_ENABLE=0, and NCCL_DEBUG=INFO
 with GPUs (nvidia-smi), CUDA_VISIBLE_DEVICES (the GPUs dealt round robin over the processes: nodes share a GPU
 only when there are fewer GPUs than processes) and KIT_SHARE_GPU=1 (ranks may share a GPU under --backend nccl);
 OMP_NUM_THREADS (default 1); for the results: KIT_NET_IFNAME, KIT_NET_NODES, KIT_NET_PROCS_PER_NODE,
-KIT_NET_RATE, KIT_NET_RATE_BITS (bits/s), KIT_NET_DELAY, KIT_NET_TOPOLOGY.
+KIT_NET_RATE, KIT_NET_RATE_BITS (bits/s), KIT_NET_DELAY, KIT_NET_TOPOLOGY, KIT_NET_SERVER_NODES (--server-nodes).
 Needs root (ip netns, tc). PYTHON: default the repo's .venv/bin/python, else python3. Example:
   sudo bash emulate_cluster.sh run --nodes 4 --rate 1gbit -- baseline_multi_card.py --epochs 1
 EOF
@@ -249,6 +253,7 @@ restart_summary() {  # K: one line on how often each node's torchrun restarted i
 cluster_torchrun() {
   local k=${USE_NODES:-$NODES} port=$((29500 + RANDOM % 1000)) py=${PYTHON:-} i pids=() rcs=() failed=() out err
   [ "$k" -le "$NODES" ] || die "--nodes $k is more than the $NODES nodes of cluster '$NAME'" "bring it up with more nodes"
+  [ "$SERVER_NODES" -lt "$k" ] || die "--server-nodes $SERVER_NODES leaves no worker node among $k" "use fewer server nodes or more nodes"
   [ -n "$py" ] || { [ -x "$HERE/.venv/bin/python" ] && py="$HERE/.venv/bin/python" || py=python3; }
   mkdir -p "$LOGS"
   find_gpus
@@ -262,9 +267,12 @@ cluster_torchrun() {
     [ $((k * NPROC)) -le ${#GPUS[@]} ] || shared="shared; NCCL still goes through the links: one host per node"
     echo "$PROG: ${#GPUS[@]} GPU(s) for $((k * NPROC)) process(es), CUDA_VISIBLE_DEVICES $dealt ($shared)" >&2
   fi
+  local servers_text=""
+  [ "$SERVER_NODES" = 0 ] || servers_text=" (the last $SERVER_NODES the PS's server nodes, 1 process each)"
   for i in $(seq 0 $((k - 1))); do
     USED+=("$NAME-node$i")
-    local log="$LOGS/node$i.log" prefix="" extra=()
+    local log="$LOGS/node$i.log" prefix="" extra=() nproc=$NPROC
+    [ "$i" -lt $((k - SERVER_NODES)) ] || nproc=1  # a server node: one process, the PS's server
     [ "$i" = 0 ] || prefix="[node $i] "
     : > "$log"
     exec {out}> >(show "$prefix" "$log"); SHOWN+=($!)
@@ -283,9 +291,10 @@ cluster_torchrun() {
       NCCL_MNNVL_ENABLE=0 NCCL_DEBUG="${NCCL_DEBUG:-INFO}" NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
       KIT_SHARE_GPU="${KIT_SHARE_GPU:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" KIT_NET_IFNAME="eth-n$i"
       KIT_NET_NODES="$k" KIT_NET_PROCS_PER_NODE="$NPROC" KIT_NET_RATE="$RATE" KIT_NET_RATE_BITS="$RATE_BITS"
-      KIT_NET_DELAY="$DELAY" KIT_NET_TOPOLOGY="star: $k nodes, each on its own $RATE link into one switch${DELAY:+, $DELAY one-way delay}"
+      KIT_NET_DELAY="$DELAY" KIT_NET_SERVER_NODES="$SERVER_NODES"
+      KIT_NET_TOPOLOGY="star: $k nodes$servers_text, each on its own $RATE link into one switch${DELAY:+, $DELAY one-way delay}"
       ${extra[@]+"${extra[@]}"}
-      "$py" -m torch.distributed.run --nnodes="$k" --nproc_per_node="$NPROC" --max_restarts="$MAX_RESTARTS"
+      "$py" -m torch.distributed.run --nnodes="$k" --nproc_per_node="$nproc" --max_restarts="$MAX_RESTARTS"
       --rdzv_backend=c10d --rdzv_endpoint="$SUBNET.100:$port" --rdzv_conf=is_host=$([ "$i" = 0 ] && echo 1 || echo 0)
       --local_addr="$SUBNET.$((100 + i))" --rdzv_id="$NAME-$$-$port" "$SCRIPT" ${ARGS[@]+"${ARGS[@]}"})
     "${cmd[@]}" >&"$out" 2>&"$err" {out}>&- {err}>&- &
@@ -370,18 +379,20 @@ case "$CMD" in
   '') usage >&2; exit 2 ;;
   *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down, link-down, link-rate; see --help" ;;
 esac
-NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 ARGS=() NODE_RATES=()
+NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 SERVER_NODES=0 ARGS=() NODE_RATES=()
 while [ $# -gt 0 ]; do
   case "$CMD:$1" in
     *:-h|*:--help) usage; exit 0 ;;
     torchrun:--|run:--) shift; break ;;
     *:--name|up:--nodes|up:--rate|up:--delay|run:--nodes|run:--rate|run:--delay|run:--nproc-per-node|run:--logs|\
     up:--node-rate|run:--node-rate|\
-    torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs|torchrun:--max-restarts|run:--max-restarts)
+    torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs|torchrun:--max-restarts|run:--max-restarts|\
+    torchrun:--server-nodes|run:--server-nodes)
       [ $# -ge 2 ] || die "$1 needs a value" "see $PROG --help"
       case "$CMD:$1" in
         *:--name) NAME=$2 ;; torchrun:--nodes) USE_NODES=$2 ;; *:--nodes) NODES=$2 ;; *:--rate) RATE=$2 ;;
-        *:--node-rate) NODE_RATES+=("$2") ;; *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
+        *:--node-rate) NODE_RATES+=("$2") ;; *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;;
+        *:--server-nodes) SERVER_NODES=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
       esac
       shift ;;
     link-*:-*) die "'$1' is not an option of '$CMD'" "see $PROG --help" ;;
@@ -402,6 +413,8 @@ case "$CMD" in up|run) parse_rate ;; esac
 [[ $MAX_RESTARTS =~ ^[0-9]{1,3}$ ]] && [ "$MAX_RESTARTS" -le 100 ] ||
   die "--max-restarts '$MAX_RESTARTS' is not a whole number from 0 to 100" "e.g. --max-restarts 1"
 MAX_RESTARTS=$((10#$MAX_RESTARTS))
+[[ $SERVER_NODES =~ ^[0-9]{1,2}$ ]] || die "--server-nodes '$SERVER_NODES' is not a whole number from 0 to 99" "e.g. --server-nodes 4"
+SERVER_NODES=$((10#$SERVER_NODES))
 [[ $GRACE =~ ^[0-9]+$ ]] || die "KIT_GRACE_S '$GRACE' is not a whole number of seconds" "e.g. KIT_GRACE_S=10"
 [ -z "$DELAY" ] || [[ $DELAY =~ ^[0-9]+(\.[0-9]+)?(s|ms|us)$ ]] || die "--delay '$DELAY' is not a time" "e.g. --delay 2ms"
 if [ "$CMD" = torchrun ] || [ "$CMD" = run ]; then

@@ -432,7 +432,8 @@ def network_info():
     return {"emulated": bool(env.get("KIT_NET_TOPOLOGY")), "topology": env.get("KIT_NET_TOPOLOGY"),
             "nodes": int(env.get("KIT_NET_NODES", 1)), "procs_per_node": int(env.get("KIT_NET_PROCS_PER_NODE", 1)),
             "link_rate": env.get("KIT_NET_RATE"), "link_rate_bits": float(env["KIT_NET_RATE_BITS"]),
-            "delay": env.get("KIT_NET_DELAY") or None}
+            "delay": env.get("KIT_NET_DELAY") or None,
+            "server_nodes": int(env.get("KIT_NET_SERVER_NODES") or 0)}  # the last nodes: the PS's, 1 process each
 
 
 def read_link_bytes(ctx):

@@ -19,7 +19,11 @@ own shard and pushes them; the server averages them, takes the optimizer step an
 in the order backward produces them, balanced by bytes, so pushes can start early; pipelined: whole partitions,
 dealt out balanced so that consecutive ones have different owners), with its optimizer state; each bucket travels
 between its owner and the others, so every link carries ~2(N-1)/N of the model per step instead of 2(N-1) models
-through one server's link. With one server, pipelined is the same exchange on a star: the server owns every
+through one server's link. --server-ranks K (BytePS's placement, with --comm pipelined): the last K ranks only
+serve, each owning whole partitions balanced by bytes, with their optimizer state, and the others only train; a
+worker's link carries the model once each way per step, a server's n x its shard; each partition is pulled as soon
+as its server has updated it (BytePS's order, so pulls overlap the later pushes; ServerRanks); on the emulated
+cluster, `--cluster NxP+K` gives each server a node of its own. With one server, pipelined is the same exchange on a star: the server owns every
 partition. --mode async: one server applies each worker's gradient as it arrives (with lr / workers, so a round of
 updates moves as far as one synchronous step) and every worker pulls the newest parameters; staleness = server
 updates between a worker's pull and its push. The async server is full duplex: it sends one worker's pull while
@@ -29,7 +33,8 @@ worker's latest) and serves it with the parameters, so every worker holds, and v
 server validates its share of the val set too. fp16 (one server, sync, not pipelined): the server owns the
 GradScaler and serves its scale with the parameters; workers push scaled gradients; the server averages, unscales
 once, skips the step on inf/NaN for everyone and adjusts the scale.
-Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async].json unless --output is given.
+Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async][_servers<K>].json unless --output
+is given.
 """
 import torch.distributed as dist
 import torch.nn as nn
@@ -43,12 +48,14 @@ from sync.ps_async import Async
 from sync.ps_collective import P2P, Collective, Overlap
 from sync.ps_layout import SERVER, make_layout
 from sync.ps_pipelined import Pipelined
-from sync.ps_server import ServerStats, update  # the guide's server step (server_step, serve, update)
+from sync.ps_servers import ServerRanks, server_ranks, share_of
+from sync.ps_server import update  # the guide's server step (server_step, serve, update)
 COMMS = PS_COMMS  # the first is the default
 
 
 def output_name(args):
-    suffix = ("_sharded" if args.servers == "all" else "") + ("_async" if args.mode == "async" else "")
+    suffix = ("_sharded" if args.servers == "all" else "") + ("_async" if args.mode == "async" else "") + \
+        (f"_servers{args.server_ranks}" if args.server_ranks else "")
     return variant_output("ps", args.comm, COMMS[0]).replace(".json", suffix + ".json")
 
 
@@ -62,6 +69,9 @@ def parse_args(argv=None):
                    help="1: rank 0 serves, the others train; all: every rank trains and serves a shard")
     p.add_argument("--mode", choices=PS_MODES, default=PS_MODES[0],
                    help="async: the server applies each gradient as it arrives (one server, its own exchange)")
+    p.add_argument("--server-ranks", type=common.positive(int), default=None, metavar="K",
+                   help="BytePS's placement: the last K ranks only serve, each a shard of the partitions by bytes, "
+                        "the others only train (needs --comm pipelined)")
     args = common.parse(p, argv)
     if args.bucket_mb is None:
         args.bucket_mb = PARTITION_MB if args.comm == "pipelined" else DEFAULT_BUCKET_MB
@@ -74,6 +84,9 @@ def parse_args(argv=None):
     if args.accumulate > 1 and args.comm in ("overlap", "pipelined"):
         p.error(f"--accumulate pushes once after the last micro-batch; --comm {args.comm} pushes from backward's "
                 "hooks (use --comm collective or p2p)")
+    if args.server_ranks and (args.comm != "pipelined" or args.servers != "1" or args.mode != "sync"):
+        p.error("--server-ranks places servers of their own on the pipelined transport (use --comm pipelined, "
+                "without --servers all or --mode async)")
     if args.amp and args.amp_dtype == "fp16" and (args.mode == "async" or args.servers == "all"):
         p.error("fp16 loss scaling needs the single synchronous server (use --amp-dtype bf16)")
     if args.amp and args.amp_dtype == "fp16" and args.comm == "pipelined":
@@ -156,7 +169,9 @@ def make_local_step(model, comm, args, ctx, criterion):
     return local_step
 
 
-def make_transport(comm, layout, model, rank, trainers, optimizer=None):
+def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=None):
+    if servers:
+        return ServerRanks(layout, rank, trainers, servers, model, optimizer)
     if comm == "pipelined":
         return Pipelined(layout, rank, trainers, model, optimizer)
     if comm == "overlap":
@@ -177,7 +192,10 @@ def messages_per_step(comm, layout, args):
 
 
 def server_role(args, ctx, comm, optimizer, scaler, method):
-    """The single server: it serves the trainers' steps, in the yardstick too, and has epochs of its own."""
+    """A server that does not train (the single one, or one of --server-ranks): it serves the trainers' steps, in
+    the yardstick too, and has epochs of its own; the first server logs them."""
+    first = next(r for r in range(ctx.world_size) if r not in comm.trainers)
+
     def step(images, targets, clock, lr, kind="comm"):
         if kind != "local":  # the workers' no-communication step needs no server
             comm.serve_step(optimizer, scaler, lr, clock)
@@ -191,7 +209,7 @@ def server_role(args, ctx, comm, optimizer, scaler, method):
         common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * stats.serve:.1f}ms, wait "
                         f"{1e3 * stats.push_wait:.1f}ms, aggregate+update {1e3 * stats.update:.1f}ms"
                         + (f", staleness {stats.staleness_mean:.2f} (max {stats.staleness_max:.0f})"
-                           if args.mode == "async" else ""))
+                           if args.mode == "async" else ""), rank=first)
         return stats
 
     serve_epoch.ran = False
@@ -215,6 +233,8 @@ def trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded):
         if server is not None:
             out.update(avg_server_serve_time=server.serve, avg_server_push_wait_time=server.push_wait,
                        avg_server_update_time=server.update, lrs=server.lrs)
+        if getattr(server, "links", None):
+            out.update(link_by_role=server.links)
         if args.mode == "async":
             out.update(staleness_mean=server.staleness_mean, staleness_max=server.staleness_max,
                        updates_per_second=record["steps"] * len(comm.trainers) / record["train_time"])
@@ -224,35 +244,55 @@ def trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded):
 
 
 def trainers_of(args, world_size):
-    """The ranks that train: every rank with --servers all, else all but the server."""
+    """The ranks that train: every rank with --servers all, all but the last K with --server-ranks K, else all but
+    the server."""
+    if args.server_ranks:
+        return list(range(world_size - args.server_ranks))
     return list(range(world_size)) if args.servers == "all" else [r for r in range(world_size) if r != SERVER]
+
+
+def placement(args, world_size):
+    """Which ranks serve and which train: the results' record of the PS's placement."""
+    servers = server_ranks(world_size, args.server_ranks) if args.server_ranks else \
+        list(range(world_size)) if args.servers == "all" else [SERVER]
+    return dict(server_ranks=servers, num_servers=len(servers), trainer_ranks=trainers_of(args, world_size),
+                dedicated_servers=bool(args.server_ranks))
+
+
+def who_serves(args, where):
+    if args.server_ranks:
+        return f"ranks {where['server_ranks'][0]}-{where['server_ranks'][-1]} only serve (--server-ranks {args.server_ranks})"
+    return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
 
 
 def make_method(args, ctx, info, model, weights=None):
     """The layout, the transport, this rank's role (server or trainer) and its state, as the driver runs them."""
     sharded, trainers = args.servers == "all", trainers_of(args, ctx.world_size)
     workers = None if sharded else dist.new_group(ranks=trainers)  # every rank must call new_group
-    layout = make_layout(args.comm, model, args.bucket_mb, ctx.world_size, sharded)
+    where = placement(args, ctx.world_size)
+    servers = where["server_ranks"] if args.server_ranks else None
+    layout = make_layout(args.comm, model, args.bucket_mb, ctx.world_size, sharded, servers)
     owned = layout.owned_params(ctx.rank)
     optimizer = common.make_optimizer(args, owned) if owned else None
     scaler = common.make_scaler(args, ctx)
     comm = Async(layout, ctx.rank, len(trainers)) if args.mode == "async" else \
-        make_transport(args.comm, layout, model, ctx.rank, trainers, optimizer)
+        make_transport(args.comm, layout, model, ctx.rank, trainers, optimizer, servers)
     state_bytes = sum(4 * t.numel() for t in layout.params + layout.buffers)
     how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
            "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"
            if args.comm == "pipelined" else "")
     method = driver.Method(
-        kind="ps", description=f"{'every rank serves a shard' if sharded else 'rank 0 serves'}, --comm {args.comm}"
+        kind="ps", description=f"{who_serves(args, where)}, --comm {args.comm}"
                                f"{how}, --mode {args.mode}, {state_bytes / 1e6:.1f} MB of state",
-        settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb),
+        settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb,
+                      server_ranks=args.server_ranks),
         model=model, step=None, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
         run_length=2,  # a pull waits for the server's update of the step before: runs of 2 in the yardstick
         flush=comm.flush,  # pipelined: a step leaves its exchange in flight (the others: nothing to do)
         state={"model": model, "optimizer": optimizer, "scaler": scaler,
                **({"async": comm} if args.mode == "async" else {})} if owned else {},
-        share=None if sharded else (lambda stats: (stats or ServerStats()).share(ctx, info.steps)),
-        fields=dict(weights=weights, num_workers=len(trainers), state_bytes=state_bytes,
+        share=None if sharded else share_of(ctx, info.steps, where, comm),
+        fields=dict(weights=weights, num_workers=len(trainers), state_bytes=state_bytes, placement=where,
                     largest_shard_bytes=max(sum(4 * p.numel() for p in layout.owned_params(r))
                                             for r in range(ctx.world_size)),
                     gradient_bytes=sum(4 * p.numel() for p in layout.params),
@@ -261,6 +301,8 @@ def make_method(args, ctx, info, model, weights=None):
         trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded)
     else:
         server_role(args, ctx, comm, optimizer, scaler, method)
+    if method.share:  # the link counters start with the epochs, after the yardstick
+        before, method.before_epochs = method.before_epochs, lambda: (before(), method.share.reset())
     return method
 
 
@@ -270,6 +312,9 @@ def main(argv=None):
         if ctx.world_size < 2 and args.servers != "all":
             raise common.UserError("the parameter server needs at least 2 processes, a server and a worker "
                                    "(run with torchrun --nproc_per_node=2 or more)")
+        if args.server_ranks and ctx.world_size <= args.server_ranks:
+            raise common.UserError(f"--server-ranks {args.server_ranks} leaves no worker among {ctx.world_size} "
+                                   f"processes (run more than {args.server_ranks} processes, or fewer servers)")
         # The trainers shard the training set among themselves.
         ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
         model, weights = common.build_model(args, ctx, ds.info.num_classes)

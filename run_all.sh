@@ -17,6 +17,9 @@
 #                                     every experiment on an emulated cluster (emulate_cluster.sh, needs root):
 #                                     4 nodes x 1 process (NPROC = 4), each node on its own 1gbit link (default)
 #                                     into one switch; a --sweep count n runs on n / (processes per node) nodes
+#   bash run_all.sh --cluster 4x1+4   the same, plus 4 server nodes (1 process each, own links): the PS with servers
+#                                     of their own (ps_train.py --comm pipelined --server-ranks 4) on 8 nodes, the
+#                                     other experiments on the 4 worker nodes as with --cluster 4x1
 #   bash run_all.sh --target-accuracy 75
 #                                     every run stops at the end of the first epoch whose validation accuracy
 #                                     reaches 75% and records the training time it took (the report's first answer:
@@ -75,9 +78,11 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 fi
 if [ "$GPUS" -gt 0 ]; then DEFAULT_NPROC=$GPUS DEFAULT_BACKEND=nccl; else DEFAULT_NPROC=4 DEFAULT_BACKEND=gloo; fi
-if [ -n "$CLUSTER" ]; then  # NODESxPROCS: NPROC is their product
-  [[ "$CLUSTER" =~ ^([1-9][0-9]*)x([1-9][0-9]*)$ ]] || die "--cluster '$CLUSTER' is not NODESxPROCS (e.g. --cluster 4x1)"
-  CL_NODES=${BASH_REMATCH[1]} CL_PROCS=${BASH_REMATCH[2]}
+CL_SERVERS=0
+if [ -n "$CLUSTER" ]; then  # NODESxPROCS[+SERVERS]: NPROC is NODES x PROCS, the workers'
+  [[ "$CLUSTER" =~ ^([1-9][0-9]*)x([1-9][0-9]*)(\+([1-9][0-9]?))?$ ]] ||
+    die "--cluster '$CLUSTER' is not NODESxPROCS[+SERVERS] (e.g. --cluster 4x1, or 4x1+4 with 4 server nodes)"
+  CL_NODES=${BASH_REMATCH[1]} CL_PROCS=${BASH_REMATCH[2]} CL_SERVERS=${BASH_REMATCH[4]:-0}
   [ -z "${NPROC:-}" ] || [ "$NPROC" = $((CL_NODES * CL_PROCS)) ] ||
     die "NPROC=$NPROC differs from --cluster $CLUSTER ($((CL_NODES * CL_PROCS)) processes; leave NPROC unset)"
   NPROC=$((CL_NODES * CL_PROCS))
@@ -155,7 +160,7 @@ if [ "$CHECK" = 1 ]; then  # preflight.py with exactly these settings; nothing i
 fi
 if [ -n "$CLUSTER" ]; then
   CL_NAME="runall$$"  # unique to this run; removed at exit, however it ends
-  CL_UP=(bash "$HERE/emulate_cluster.sh" up --name "$CL_NAME" --nodes "$CL_NODES" --rate "$LINK_RATE")
+  CL_UP=(bash "$HERE/emulate_cluster.sh" up --name "$CL_NAME" --nodes $((CL_NODES + CL_SERVERS)) --rate "$LINK_RATE")
   echo "            on an emulated cluster: nodes of $CL_PROCS process(es), each on its own $LINK_RATE link: ${CL_UP[*]}"
   export PYTHON
   if [ "$DRY_RUN" != 1 ]; then
@@ -178,6 +183,9 @@ plan_methods() {  # process count, results-file suffix
   fi
 }
 plan_methods "$NPROC" ""
+if [ "$CL_SERVERS" -gt 0 ]; then  # its workers on the worker nodes, its servers on the server nodes (the last ranks)
+  PLAN+=("Parameter Server, $CL_SERVERS server nodes|$((NPROC + CL_SERVERS))|results_ps_pipelined_servers$CL_SERVERS.json|ps_train.py --comm pipelined --server-ranks $CL_SERVERS")
+fi
 if [ "$VARIANTS" = 1 ]; then
   for mode in ${AR_SYNCS#* }; do  # all but the default
     PLAN+=("Manual All-Reduce --sync $mode|$NPROC|results_all_reduce_${mode//-/_}.json|all_reduce_train.py --sync $mode")
@@ -242,7 +250,9 @@ for entry in "${PLAN[@]}"; do
   script_args=("$HERE/${script_and_flags[0]}" "${ARGS[@]}" "${script_and_flags[@]:1}" --output "$RESULTS_DIR/$output")
   cmd=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$n" ${RESTARTS[@]+"${RESTARTS[@]}"} "${script_args[@]}")
   if [ -n "$CLUSTER" ]; then  # the same script and flags, one torchrun per emulated node
-    cmd=(bash "$HERE/emulate_cluster.sh" torchrun --name "$CL_NAME" --nodes $((n / CL_PROCS)) --nproc-per-node "$CL_PROCS"
+    servers=0; [[ " ${script_and_flags[*]} " != *" --server-ranks "* ]] || servers=$CL_SERVERS
+    cmd=(bash "$HERE/emulate_cluster.sh" torchrun --name "$CL_NAME" --nodes $(((n - servers) / CL_PROCS + servers))
+         --nproc-per-node "$CL_PROCS" --server-nodes "$servers"
          ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
          --logs "$RESULTS_DIR/cluster_logs/${output%.json}" -- "${script_args[@]}")
   fi

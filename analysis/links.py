@@ -18,7 +18,11 @@ Only what the method cannot beat is called a bound:
   * the single server with collectives: the state must leave the server's node at least once (pull) and the
     summed gradients reach it at least once (push): 1 x the state each way, a weak bound; what gloo moves
     beyond it is measured, not predicted (one copy per worker would be an estimate, and gloo can do better);
-  * the asynchronous PS: no per-step bound (pulls and pushes of different workers interleave).
+  * the asynchronous PS: no per-step bound (pulls and pushes of different workers interleave);
+  * servers of their own (--server-ranks k, BytePS's placement, on nodes of their own): each worker's link carries
+    the model once each way (M: its push out, its pull in), each server's link the n workers' pushes of its shard
+    in and their pulls out (n M / k each way): the busiest link max(M, nM/k), in time max(M/B, nM/(kB)) against
+    the ring's 2(n-1)M/(nB) (BytePS, OSDI 2020).
 - Bytes an all-reduce's own pattern moves through each node link, with N processes on M nodes (ranks placed
   node by node): a flat ring (DDP on gloo, and the manual all-reduce's overlap, bucketed, per-param, ring and
   pipelined modes) passes 1/N of the gradients across every node boundary in each of its 2(N-1) steps:
@@ -102,7 +106,10 @@ def link_figures(x):
            "both directions at once: the larger")
     m, per_node = nodes(x), net.get("procs_per_node") or 1
     bound, bound_how = None, "no per-step bound (measured only)"
-    if m > 1 and x.kind in ("baseline_ddp", "all_reduce") and x.wire_bytes:
+    servers = byteps_bound(x)
+    if servers and m > 1 and x.kind == "ps":
+        bound, bound_how = max(servers["worker_bytes"], servers["server_bytes"]), servers["how"]
+    elif m > 1 and x.kind in ("baseline_ddp", "all_reduce") and x.wire_bytes:
         bound, bound_how = 2 * (m - 1) / m * x.wire_bytes, f"any all-reduce: 2(M-1)/M x gradients, M={m} nodes"
     elif m > 1 and x.kind == "ps" and x.state_bytes and not x.asynchronous:
         if not x.single_server:
@@ -118,6 +125,28 @@ def link_figures(x):
         two_level = 2 * (m - 1) / m * x.wire_bytes
     return LinkFigures(net.get("link_rate") or "?", sent, received, seconds, how, bound, bound_how,
                        net["link_rate_bits"], star, pattern, ring, two_level)
+
+
+def byteps_bound(x):
+    """Servers of their own (BytePS's placement): per direction, the bytes through each worker's link (the state M
+    once) and each server's (n x its shard; n M / k when balanced), the time of the busier at the link rate, the
+    ring's time for the same n workers, and the bound in a sentence; for DDP the ring's alone; None otherwise."""
+    data, net = x.first.data, x.network or {}
+    rate = net.get("link_rate_bits")
+    if x.kind == "baseline_ddp" and x.wire_bytes and rate:
+        n = x.world_size
+        ring = 2 * (n - 1) / n * x.wire_bytes
+        return dict(worker_bytes=ring, server_bytes=None, seconds=ring * 8 / rate, ring_seconds=ring * 8 / rate,
+                    how=f"ring: 2(n-1)/n x gradients, n={n}")
+    where = data.get("placement") or {}
+    if not (x.kind == "ps" and where.get("dedicated_servers") and x.state_bytes and rate):
+        return None
+    n, k, state = len(where["trainer_ranks"]), where["num_servers"], x.state_bytes
+    server = n * (data.get("largest_shard_bytes") or state / k)  # the largest shard's server is the busiest
+    return dict(worker_bytes=state, server_bytes=server, seconds=max(state, server) * 8 / rate,
+                ring_seconds=2 * (n - 1) / n * state * 8 / rate,
+                how=f"servers of their own: each worker link 1 x state each way, each server link n x its shard "
+                    f"(n={n} workers, k={k} servers)")
 
 
 @dataclasses.dataclass(frozen=True)

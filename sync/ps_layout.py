@@ -134,9 +134,10 @@ def shard_owners(params, world_size):
     return owners
 
 
-def make_layout(comm, model, bucket_mb, world_size, sharded):
-    """The layout of `comm`: pipelined's partitions, or the buckets of the others; sharded over every rank."""
+def make_layout(comm, model, bucket_mb, world_size, sharded, servers=None):
+    """The layout of `comm`: pipelined's partitions, or the buckets of the others; sharded over every rank, or
+    (pipelined, --server-ranks) over the ranks `servers`."""
     if comm == "pipelined":
-        return Partitions(model, bucket_mb, list(range(world_size)) if sharded else [SERVER])
+        return Partitions(model, bucket_mb, servers or (list(range(world_size)) if sharded else [SERVER]))
     params = [p for p in model.parameters() if p.requires_grad]
     return Layout(model, bucket_mb, shard_owners(params, world_size) if sharded else None)

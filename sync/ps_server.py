@@ -46,9 +46,10 @@ class ServerStats:
 
     SCALARS = ("serve", "push_wait", "update", "staleness_mean", "staleness_max")
 
-    def share(self, ctx, steps):
-        """Every rank calls it (the trainers with zeros): the server's figures, on every rank."""
+    def share(self, ctx, steps, servers=1):
+        """Every rank calls it (the trainers with zeros): the server's figures (the mean of `servers` servers'), on
+        every rank."""
         packed = torch.tensor([*(getattr(self, k) for k in self.SCALARS), *(self.lrs or [0.0] * steps)],
                               dtype=torch.float64, device=ctx.device)
-        values = measure.all_reduce(packed).tolist()
+        values = (measure.all_reduce(packed) / servers).tolist()
         return ServerStats(*values[:len(self.SCALARS)], lrs=values[len(self.SCALARS):])

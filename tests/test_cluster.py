@@ -793,3 +793,40 @@ def test_node_rate_sets_one_node_s_link_at_creation():
     assert "is not NODE=RATE" in one_line_error(emu("up", "--name", name, "--nodes", 2, "--node-rate", "x"))
     assert "is not a node of cluster" in one_line_error(emu("up", "--name", name, "--nodes", 2, "--node-rate", "5=1mbit"))
     assert_nothing_left(name)
+
+
+def test_servers_on_nodes_of_their_own_move_the_byteps_bytes(tmp_path, data):
+    """ps_train --comm pipelined --server-ranks 2 on 2 worker nodes + 2 server nodes (--server-nodes 2: torchrun's
+    last ranks on the last nodes): each worker's link carries the model once each way per step, each server's the
+    two workers' pushes of its shard in and their pulls out (2 x half the state each way), within 5%; and it
+    trains exactly as the same run on one machine."""
+    args = ["--comm", "pipelined", "--server-ranks", "2", *TINY, "--overhead-pairs", "0", "--data-dir", data]
+    one = run_forked("ps_train.py", *args, "--output", tmp_path / "one.json", nproc=4, cwd=tmp_path, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    name = f"{PREFIX}v"
+    run = emu("run", "--name", name, "--nodes", 4, "--server-nodes", 2, "--rate", "1gbit", "--logs", tmp_path / "logs",
+              "--", REPO / "ps_train.py", *args, "--output", tmp_path / "cluster.json", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert_nothing_left(name)
+    single, emulated = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "cluster.json"))
+    assert emulated["all_losses"] == pytest.approx(single["all_losses"], rel=1e-6)
+    assert emulated["network"]["server_nodes"] == 2 and emulated["placement"]["server_ranks"] == [2, 3]
+    links, state = emulated["epochs"][0]["link_by_role"], emulated["state_bytes"]
+    for role, ideal in (("worker", state), ("server", 2 * emulated["largest_shard_bytes"])):
+        for way in ("sent", "received"):
+            assert 0.98 * ideal < links[f"{role}_{way}_bytes_per_step"] < 1.05 * ideal, (role, way, links, ideal)
+
+
+def test_run_all_puts_the_servers_on_nodes_of_their_own(tmp_path):
+    """--cluster 2x1+2: 4 nodes up; the three methods on the 2 worker nodes, then the PS with 2 server nodes on all."""
+    proc = subprocess.run(["bash", str(REPO / "run_all.sh"), "--cluster", "2x1+2", "--link-rate", "1gbit"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1", "EXTRA_ARGS": "--arch resnet18"})
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.strip() for line in proc.stdout.splitlines()]
+    assert any("emulate_cluster.sh up" in line and "--nodes 4 --rate 1gbit" in line for line in lines)
+    commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
+    assert len(commands) == 4 and all("--nodes 2 --nproc-per-node 1 --server-nodes 0" in c for c in commands[:3])
+    assert "--nodes 4 --nproc-per-node 1 --server-nodes 2" in commands[3]
+    assert "--comm pipelined --server-ranks 2" in commands[3] and "results_ps_pipelined_servers2.json" in commands[3]
+    assert not list(tmp_path.iterdir())

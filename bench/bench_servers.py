@@ -1,0 +1,115 @@
+"""Benchmark: the PS with servers of their own (BytePS's placement) against DDP on the same workers, on an emulated
+cluster: N worker nodes x 1 process, plus k server nodes x 1 process for the PS (k = --servers-k).
+
+    flock /tmp/cpu.lock python bench/bench_servers.py --workers 4 --servers-k 1 2 4 --rate 1gbit \
+        --extra "--image-size 224 --compute-model flops:0.7" --write bench/RESULTS_servers.md
+
+Every run is bench.py's SYNTHETIC (ResNet-50, batch 32, 8 steps, 2 untimed) with the yardstick. The table: each
+k's throughput against DDP's, each worker's and each server's link bytes per step (measured, the busiest of each
+role) against the BytePS bound (worker: the model once each way, M; server: n M / k each way) and the bound's time
+max(M/B, nM/(kB)) against the ring's 2(n-1)M/(nB).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import analysis  # noqa: E402
+from analysis.links import byteps_bound  # noqa: E402
+from bench import SYNTHETIC, figures  # noqa: E402
+
+EMU = str(REPO / "emulate_cluster.sh")
+
+
+def experiments(args):
+    """[(label, script, flags, server nodes)]: DDP on the n workers, then the PS with each k."""
+    return [("DDP", "baseline_multi_card.py", [], 0)] + [
+        (f"PS k={k}", "ps_train.py", ["--comm", "pipelined", "--server-ranks", str(k)], k) for k in args.servers_k]
+
+
+def run(args, label, script, flags, k, out):
+    """One run on the first n + k nodes of the cluster; its results."""
+    cmd = ["bash", EMU, "torchrun", "--name", args.name, "--nodes", str(args.workers + k), "--server-nodes", str(k),
+           "--logs", str(out.parent / "logs" / out.stem), "--", str(REPO / script), *SYNTHETIC,
+           "--overhead-pairs", str(args.pairs), *flags, *args.extra.split(), "--output", str(out)]
+    print(f"{time.strftime('%H:%M:%S')} {label}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return analysis.load_run(out)
+
+
+def row(label, r, base):
+    """A table row: throughput, the yardstick's overhead, each role's busiest link against the bound."""
+    f, b = figures(r), byteps_bound(analysis.Experiment([r]))
+    links = (r.data["epochs"][-1].get("link_by_role") or {}) if r.kind == "ps" else {}
+    link = r.data["epochs"][-1].get("link") or {}
+    worker = max(links.get("worker_sent_bytes_per_step", 0), links.get("worker_received_bytes_per_step", 0)) \
+        if links else max(link.get("sent_bytes_per_step", 0), link.get("received_bytes_per_step", 0))
+    server = max(links.get("server_sent_bytes_per_step", 0), links.get("server_received_bytes_per_step", 0))
+    mb = lambda v: "-" if not v else f"{v / 1e6:.0f}"  # noqa: E731
+    cells = [f"{f['throughput']:.1f}", f"{f['throughput'] / base:.2f}x",
+             "-" if f["overhead"] is None else f"{1e3 * f['overhead']:.0f}", f"{1e3 * f['step']:.0f}",
+             mb(worker), mb(b["worker_bytes"]), f"{worker / b['worker_bytes']:.2f}x",
+             mb(server), mb(b["server_bytes"]), f"{server / b['server_bytes']:.2f}x" if server and b["server_bytes"] else "-",
+             f"{1e3 * b['seconds']:.0f}", f"{1e3 * b['ring_seconds']:.0f}"]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def table(results):
+    lines = ["| method | img/s | vs DDP | comm overhead (ms) | step (ms) | busiest worker link (MB/step) "
+             "| bound (MB) | / bound | busiest server link (MB/step) | bound (MB) | / bound | bound time (ms) "
+             "| ring's time (ms) |", "|---|" + "---:|" * 12]
+    base = results[0][1].throughput
+    return "\n".join(lines + [row(label, r, base) for label, r in results])
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=4, help="worker nodes (1 process each)")
+    p.add_argument("--servers-k", type=int, nargs="+", default=[1, 2, 4], help="server node counts")
+    p.add_argument("--rate", default="1gbit")
+    p.add_argument("--name", default="servers", help="the emulated cluster's name (one of your own)")
+    p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
+    p.add_argument("--extra", default="", help="more flags for every run")
+    p.add_argument("--out-dir", default="/tmp/bench_servers")
+    p.add_argument("--only", default=None, help="comma-separated labels to run (the others are read from out-dir)")
+    p.add_argument("--write", default=None)
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = experiments(args)
+    nodes = args.workers + max(args.servers_k)
+    subprocess.run(["bash", EMU, "up", "--name", args.name, "--nodes", str(nodes), "--rate", args.rate], check=True)
+    start, results = time.time(), []
+    try:
+        for i, (label, script, flags, k) in enumerate(todo):
+            path = out / f"results_{i}.json"
+            if args.only and label not in args.only.split(","):
+                results.append((label, analysis.load_run(path)))
+                continue
+            results.append((label, run(args, label, script, flags, k, path)))
+    finally:
+        subprocess.run(["bash", EMU, "down", "--name", args.name])
+    text = (f"`python bench/bench_servers.py --workers {args.workers} --servers-k {' '.join(map(str, args.servers_k))}"
+            f" --rate {args.rate}` ({args.workers} worker nodes x 1 + k server nodes x 1 at {args.rate}; "
+            f"{' '.join(SYNTHETIC)} {args.extra}; yardstick {args.pairs} pairs; 1 run each; took "
+            f"{time.time() - start:.0f} s)\n\n{table(results)}\n")
+    print(text)
+    (out / "table.md").write_text(text)
+    if args.write:
+        Path(args.write).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

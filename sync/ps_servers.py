@@ -1,0 +1,110 @@
+"""--server-ranks K: BytePS's placement, K ranks that only serve (each owning a shard of the partitions) and the
+others that only train, on the pipelined transport (ServerRanks)."""
+import os
+
+import torch
+import torch.distributed as dist
+
+import measure
+from sync.ps_pipelined import Pipelined
+from sync.ps_server import ServerStats
+
+
+def server_ranks(world_size, k):
+    """The last k ranks serve (on the emulated cluster: the last k nodes, `--cluster NxP+k`)."""
+    return list(range(world_size - k, world_size))
+
+
+def share_of(ctx, steps, where, comm):
+    """Every rank, once an epoch: the servers' figures (their mean), and with servers of their own the bytes per
+    step through the busiest worker's and the busiest server's node link since the last call (or since
+    `share.reset()`, before the epochs), on every rank; then those servers swap their shards (before validation,
+    after the counters: the training steps' bytes alone)."""
+    def share(stats):
+        shared = (stats or ServerStats()).share(ctx, steps, where["num_servers"])
+        if where["dedicated_servers"] and os.environ.get("KIT_NET_IFNAME"):
+            now, serves = measure.read_link_bytes(ctx), ctx.rank in where["server_ranks"]
+            mine = torch.cat([(now - share.before) * (not serves), (now - share.before) * serves]) / steps
+            share.before = now
+            w_sent, w_received, s_sent, s_received = measure.all_reduce(mine, dist.ReduceOp.MAX).tolist()
+            shared.links = dict(worker_sent_bytes_per_step=w_sent, worker_received_bytes_per_step=w_received,
+                                server_sent_bytes_per_step=s_sent, server_received_bytes_per_step=s_received)
+        if where["dedicated_servers"] and ctx.rank in where["server_ranks"]:
+            comm.swap_shards()
+        return shared
+
+    share.reset = lambda: setattr(share, "before", measure.read_link_bytes(ctx))
+    share.reset()
+    return share
+
+
+class ServerRanks(Pipelined):
+    """Pipelined with the owners on ranks of their own: each partition is pushed by every trainer to its server,
+    summed, averaged and updated there, and pulled back, exactly as Pipelined does; a server sends and receives
+    nothing for the partitions of the others. Bytes: a trainer's link carries the model once each way per step; a
+    server's, the trainers' pushes of its shard in and their pulls out: n x shard each way (n trainers). The
+    order is BytePS's (_exchange): each partition pulled as soon as it is updated.
+
+    At the end of an epoch (swap_shards, once the epoch's link counters are read) the servers swap their shards
+    among themselves (each sends its own partitions to the other servers, once), so that every server holds,
+    validates and checkpoints the whole, current model; a worker's link carries none of it."""
+
+    def __init__(self, layout, rank, trainers, servers, model, optimizer=None):
+        super().__init__(layout, rank, trainers, model, optimizer)
+        self.servers = list(servers)
+
+    @torch.no_grad()
+    def _exchange(self, job, clock=None):
+        """BytePS's order (not P3's): a worker sends each partition as backward fills it and posts its pull right
+        after; a server posts every push it will receive at once and sends each partition back as soon as it is
+        updated. A link's pulls then overlap its later pushes (both directions at once), where pulls in the next
+        forward's order would all wait behind the push of the first layers, the last one backward fills."""
+        clock, sends = clock or measure.NoClock(), []
+        if self.owned:  # a server
+            self.updates.put(job)
+            for p in self.owned:
+                receives = [dist.irecv(box, peer, group=self.group, tag=p)
+                            for box, peer in zip(self.inbox[p], self.trainers)]
+                self._publish(job.receives, p, receives)
+            clock.mark("push")
+            for p in self.owned:
+                self._wait(lambda: job.updated[p] is not None)
+                clock.mark("push_wait")
+                sends += [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
+                          for peer in self.trainers]
+                clock.mark("serve")
+                self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+        elif self.trains:  # a worker
+            for p, bucket in enumerate(self.layout.push):
+                self._ready_here(job, p)
+                sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
+                pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
+                self._publish(job.pulled, p, (pull, None))
+        for work in sends:
+            work.wait()
+        clock.mark("serve")
+        with self.changed:
+            job.finished = True
+            self.changed.notify_all()
+
+    def _publish(self, slots, p, value):
+        with self.changed:
+            slots[p] = value
+            self.changed.notify_all()
+
+    @torch.no_grad()
+    def swap_shards(self):
+        """The servers only: each server's partitions to every other server (tags after the exchange's own)."""
+        sends, receives = [], []
+        for p, bucket in enumerate(self.layout.pull):
+            tag = 2 * self.count + p
+            if bucket.owner == self.rank:
+                bucket.pack()
+                sends += [dist.isend(bucket.flat, s, group=self.group, tag=tag) for s in self.servers if s != self.rank]
+            else:
+                receives.append((dist.irecv(bucket.flat, bucket.owner, group=self.group, tag=tag), bucket))
+        for work in sends:
+            work.wait()
+        for work, bucket in receives:
+            work.wait()
+            bucket.unpack()
