@@ -252,7 +252,7 @@ for entry in "${PLAN[@]}"; do
   if [ -n "$CLUSTER" ]; then  # the same script and flags, one torchrun per emulated node
     servers=0; [[ " ${script_and_flags[*]} " != *" --server-ranks "* ]] || servers=$CL_SERVERS
     cmd=(bash "$HERE/emulate_cluster.sh" torchrun --name "$CL_NAME" --nodes $(((n - servers) / CL_PROCS + servers))
-         --nproc-per-node "$CL_PROCS" --server-nodes "$servers"
+         --nproc-per-node "$CL_PROCS" $([ "$servers" = 0 ] || echo --server-nodes "$servers")
          ${MAX_RESTARTS:+--max-restarts "$MAX_RESTARTS"}
          --logs "$RESULTS_DIR/cluster_logs/${output%.json}" -- "${script_args[@]}")
   fi

@@ -356,7 +356,7 @@ def test_run_all_plans_every_experiment_on_the_cluster(tmp_path):
     assert len(ups) == 1 and "--nodes 2 --rate 1gbit" in ups[0]
     commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
     experiments = [line for line in lines if line.startswith("=== [")]
-    assert len(commands) == len(experiments) == 12  # 3 methods, 5 more --sync modes, 3 more --comm modes, sharded
+    assert len(commands) == len(experiments) == 13  # 3 methods, 6 more --sync modes, 3 more --comm modes, sharded
     assert all("--nodes 2 --nproc-per-node 1" in c and "--backend gloo --arch resnet18" in c for c in commands)
     assert "--standalone" not in proc.stdout
     cluster = ups[0].split("--name ")[1].split()[0]
@@ -826,7 +826,7 @@ def test_run_all_puts_the_servers_on_nodes_of_their_own(tmp_path):
     lines = [line.strip() for line in proc.stdout.splitlines()]
     assert any("emulate_cluster.sh up" in line and "--nodes 4 --rate 1gbit" in line for line in lines)
     commands = [line for line in lines if line.startswith("bash ") and "emulate_cluster.sh torchrun" in line]
-    assert len(commands) == 4 and all("--nodes 2 --nproc-per-node 1 --server-nodes 0" in c for c in commands[:3])
+    assert len(commands) == 4 and all("--nodes 2 --nproc-per-node 1 --logs" in c for c in commands[:3])
     assert "--nodes 4 --nproc-per-node 1 --server-nodes 2" in commands[3]
     assert "--comm pipelined --server-ranks 2" in commands[3] and "results_ps_pipelined_servers2.json" in commands[3]
     assert not list(tmp_path.iterdir())

@@ -84,7 +84,7 @@ def test_plan_with_variants_compression_buckets_sweep_and_seeds(tmp_path):
     assert outputs == ["out/" + n for n in (
         "results_baseline_ddp.json", "results_all_reduce.json", "results_ps.json",
         "results_all_reduce_bucketed.json", "results_all_reduce_per_param.json", "results_all_reduce_ring.json",
-        "results_all_reduce_pipelined.json", "results_all_reduce_hierarchical.json",
+        "results_all_reduce_pipelined.json", "results_all_reduce_hierarchical.json", "results_all_reduce_local.json",
         "results_ps_p2p.json", "results_ps_overlap.json", "results_ps_pipelined.json", "results_ps_sharded.json",
         "results_baseline_ddp_fp16.json", "results_baseline_ddp_bf16.json", "results_baseline_ddp_powersgd.json",
         "results_all_reduce_fp16.json", "results_all_reduce_bf16.json",
@@ -94,9 +94,10 @@ def test_plan_with_variants_compression_buckets_sweep_and_seeds(tmp_path):
     assert all("--standalone" in c and "--max-steps 2" in c for c in commands)
     assert "--nproc_per_node=4" in commands[-1] and "--nproc_per_node=1" in commands[-5]
     assert commands[5].endswith("--sync ring --output out/results_all_reduce_ring.json")
-    assert commands[11].endswith("--servers all --output out/results_ps_sharded.json")
-    assert "--comm-hook powersgd --powersgd-warmup 10" in commands[14]
-    assert "--bucket-mb 5" in commands[17] and "--compress bf16" in commands[16]
+    assert commands[8].endswith("--sync local --output out/results_all_reduce_local.json")
+    assert commands[12].endswith("--servers all --output out/results_ps_sharded.json")
+    assert "--comm-hook powersgd --powersgd-warmup 10" in commands[15]
+    assert "--bucket-mb 5" in commands[18] and "--compress bf16" in commands[17]
     assert "skipping the parameter server at np=1" in proc.stdout
     seeds = planned(run_all(tmp_path, "--seeds", "0 3", DRY_RUN="1", NPROC="2"))
     assert [c.rsplit("--output ", 1)[1] for c in seeds] == [
