@@ -116,6 +116,15 @@ def before_twin(experiment, ref, out):
     return [] if comm and comm not in help_text else [(f"{label} @{ref}", str(tree / script), flags)]
 
 
+def launch(cmd, out):
+    """Runs one experiment's command (one thread per process); its results file, read by the analysis."""
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return analysis.load_run(out)
+
+
 def run(label, script, flags, args, out, repeat):
     base = SAMPLE if args.suite in ("seeds", "async") else SCALING if args.suite == "scaling" else \
         TIME if args.suite == "time" else SYNTHETIC
@@ -132,11 +141,7 @@ def run(label, script, flags, args, out, repeat):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                *script_args]
     print(f"{time.strftime('%H:%M:%S')} repeat {repeat + 1}: {label}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return analysis.load_run(out)
+    return launch(cmd, out)
 
 
 def figures(run):

@@ -10,7 +10,6 @@ role) against the BytePS bound (worker: the model once each way, M; server: n M 
 max(M/B, nM/(kB)) against the ring's 2(n-1)M/(nB).
 """
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 import analysis  # noqa: E402
 from analysis.links import byteps_bound  # noqa: E402
-from bench import SYNTHETIC, figures  # noqa: E402
+from bench import SYNTHETIC, figures, launch  # noqa: E402
 
 EMU = str(REPO / "emulate_cluster.sh")
 
@@ -38,11 +37,7 @@ def run(args, label, script, flags, k, out):
            "--logs", str(out.parent / "logs" / out.stem), "--", str(REPO / script), *SYNTHETIC,
            "--overhead-pairs", str(args.pairs), *flags, *args.extra.split(), "--output", str(out)]
     print(f"{time.strftime('%H:%M:%S')} {label}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return analysis.load_run(out)
+    return launch(cmd, out)
 
 
 def row(label, r, base):

@@ -217,6 +217,10 @@ class Pipelined(Transport):
             with self.changed:
                 job.pulled[p] = work, event
                 self.changed.notify_all()
+        self._sent(job, sends, clock)
+
+    def _sent(self, job, sends, clock):
+        """The step's pushes (and a server's pulls) have left: the exchange is over, said to the waiting threads."""
         for work in sends:
             work.wait()
         clock.mark("serve")

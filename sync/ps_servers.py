@@ -80,12 +80,7 @@ class ServerRanks(Pipelined):
                 sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
                 pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
                 self._publish(job.pulled, p, (pull, None))
-        for work in sends:
-            work.wait()
-        clock.mark("serve")
-        with self.changed:
-            job.finished = True
-            self.changed.notify_all()
+        self._sent(job, sends, clock)
 
     def _publish(self, slots, p, value):
         with self.changed:
