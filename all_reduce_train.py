@@ -168,12 +168,27 @@ def make_method(args, ctx, info, model, weights=None):
                     **({"layout": layout} if layout else {})))
 
 
+def train(run, train_step, end_of_epoch):
+    """The training loop: our synchronized step on each batch (driver.Run keeps the rest: resume or yardstick,
+    validation, checkpoints, results; measure.Epoch the clock, the sums, the learning rate)."""
+    for epoch in run.epochs():
+        steps = run.steps()  # this epoch's batches on this rank's shard, its clock and learning rate
+        for images, targets in steps:
+            loss, logits = train_step(images, targets, steps.clock, steps.lr)  # forward, backward, sync, update
+            steps.count(loss, logits, targets)  # the loss and accuracy sums, --log-every, --checkpoint-every
+        if end_of_epoch:  # pipelined: the last exchange ends; local SGD: one average (every rank validates one model)
+            end_of_epoch(steps.clock)
+        run.end_epoch(steps.finish())  # validation, link counters, checkpoint, results, the epoch line
+
+
 def main(argv=None):
     args = parse_args(argv)
     with driver.session(args) as ctx:
         ds = data.open_data(args, ctx, ctx.world_size)
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        driver.train(args, ctx, ds, make_method(args, ctx, ds.info, model, weights))
+        method = make_method(args, ctx, ds.info, model, weights)
+        with driver.Run(args, ctx, ds, method) as run:
+            train(run, method.step, method.end_of_epoch)
 
 
 if __name__ == "__main__":

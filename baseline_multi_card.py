@@ -176,12 +176,25 @@ def ddp_logging(ddp):
     return {**{k: logged[k] / 1e9 for k in keys}, "sampled_iterations_up_to": logged.get("iteration")}
 
 
+def train(run, train_step):
+    """The training loop: DDP's step on each batch (driver.Run keeps the rest: resume or yardstick, validation,
+    checkpoints, results; measure.Epoch the clock, the sums, the learning rate)."""
+    for epoch in run.epochs():
+        steps = run.steps()  # this epoch's batches on this rank's shard, its clock and learning rate
+        for images, targets in steps:
+            loss, logits = train_step(images, targets, steps.clock, steps.lr)  # DDP all-reduces inside backward
+            steps.count(loss, logits, targets)  # the loss and accuracy sums, --log-every, --checkpoint-every
+        run.end_epoch(steps.finish())  # validation, link counters, checkpoint, results, the epoch line
+
+
 def main(argv=None):
     args = parse_args(argv)
     with driver.session(args) as ctx:
         ds = data.open_data(args, ctx, ctx.world_size)
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        driver.train(args, ctx, ds, make_method(args, ctx, ds.info, model, weights))
+        method = make_method(args, ctx, ds.info, model, weights)
+        with driver.Run(args, ctx, ds, method) as run:
+            train(run, method.step)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,20 @@ def from_this_launch(args):
         return False
 
 
+def for_run(args, ctx, info, method, writer):
+    """A run's checkpoints, loaded when it resumes (--resume) or torchrun restarted it (--max-restarts), saved
+    with --resume, --checkpoint-every or restarts allowed; a checkpoint of another run is refused before anything
+    is touched. Returns (Checkpoints, the loaded checkpoint or None, restarted?, torchrun's attempt)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    restarted = attempt > 0 or from_this_launch(args)
+    ckpt = Checkpoints(args, ctx, signature(args, ctx, info, method), owner=0 if method.replicated else ctx.rank,
+                       writer=writer, load=args.resume or restarted,
+                       save=args.resume or args.checkpoint_every > 0 or restarts_allowed)
+    ckpt.check()
+    return ckpt, ckpt.load(), restarted, attempt
+
+
 class Checkpoints:
     """This run's checkpoints. `owner`: the rank whose training state this rank restores (0 when every rank
     holds the same model, itself when each owns a shard); `writer`: the rank whose part holds the results.

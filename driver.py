@@ -1,14 +1,17 @@
-"""The loop every method runs, so that each script shows only what is particular to it:
+"""What every method's run shares, so that each script shows only what is particular to it, its loop included:
 
-    with driver.session(args) as ctx:          # the output checked, the process group joined, and left
-        ...                                    # the script builds its model, its sync and its step
-        driver.train(args, ctx, ds, Method(...))
+    with driver.session(args) as ctx:                   # the output checked, the process group joined, and left
+        ...                                             # the script builds its model, its sync and its step
+        with driver.Run(args, ctx, ds, Method(...)) as run:
+            for epoch in run.epochs(): ...              # the script's own loop (Run's docstring)
 
-`train` writes the start-up line, resumes from a checkpoint or measures the communication yardstick, runs the
-epochs (training, validation, link counters, checkpoints, the epoch line) and writes the results.
+`Run` writes the start-up line, resumes from a checkpoint or measures the communication yardstick, hands the
+loop its epochs and each epoch's steps (measure.Epoch: batches, clock, lr, sums, --checkpoint-every), and after
+each epoch validates, reads the link counters, checkpoints and writes the results.
 
 A method's step is `step(images, targets, clock, lr, kind="comm") -> (loss, logits)`, one shape for the three
-methods (with --accumulate K, `images` and `targets` are lists of K micro-batches: one optimizer step, one exchange): "comm" is the method's training step; "local" the same step with no communication at all (forward,
+methods (with --accumulate K, `images` and `targets` are lists of K micro-batches: one optimizer step, one
+exchange): "comm" is the method's training step; "local" the same step with no communication at all (forward,
 backward and optimizer update on this rank alone); "blocking", for a method that overlaps its exchange with
 backward, the same exchange blocking after backward. The yardstick times these kinds against each other.
 """
@@ -52,11 +55,11 @@ class Method:
     run_length: int = 1  # steps of one kind in a row in the yardstick (2 when a step waits for the one before)
     group: object = None  # the trainers' process group (None: every rank trains)
     replicated: bool = True  # every rank holds the same state: rank 0's is checkpointed and restored everywhere
-    serve_epoch: Optional[Callable] = None  # (epoch, steps) -> figures: the epoch of a rank that does not train
     share: Optional[Callable] = None  # every rank: (the server's figures or None) -> those figures on every rank
     figures: Optional[Callable] = None  # (record, shared) -> the method's own per-epoch figures, on the trainers
-    before_epochs: Optional[Callable] = None  # once, after the yardstick or the resume (e.g. the PS's first pull)
+    serve_epoch: Optional[Callable] = None  # (epoch, steps, first step, after_step) -> figures: a server's epoch
     end_of_epoch: Optional[Callable] = None  # (clock): inside the last step's clock (e.g. the PS's final pull)
+    before_epochs: Optional[Callable] = None  # once, after the yardstick or the resume (e.g. the PS's first pull)
     flush: Optional[Callable] = None  # () -> None: ends the exchanges a step left in flight (a pipelined method)
     after_resume: Optional[Callable] = None  # once, after the state is restored
     compute: object = None  # the --compute-model on `model` (set by train): the proxy batches train on
@@ -86,61 +89,132 @@ def session(args):
         common.cleanup_distributed()
 
 
-def train(args, ctx, ds, method):
-    """The whole run of `method` on this rank (every rank calls it, in the same order). A group that torchrun
-    restarted (--max-restarts) continues from the latest checkpoint by itself, as --resume does."""
-    info, trains, writer = ds.info, ctx.rank in method.trainers, method.trainers[0]
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    restarts_allowed = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
-    restarted = attempt > 0 or checkpoint.from_this_launch(args)
-    ckpt = checkpoint.Checkpoints(args, ctx, checkpoint.signature(args, ctx, info, method),
-                                  owner=0 if method.replicated else ctx.rank, writer=writer,
-                                  load=args.resume or restarted,
-                                  save=args.resume or args.checkpoint_every > 0 or restarts_allowed)
-    ckpt.check()  # a checkpoint of another run is refused before anything is touched
-    resumed = ckpt.load()
-    results = Results(args.output, method, ctx, args, info, writer=ctx.rank == writer,
-                      saved=resumed["results"] if resumed and ctx.rank == writer else None)
-    if results.moved:
-        log(ctx, f"notice: {args.output} held {results.moved[1]}: moved it to {results.moved[0]} (a finished run "
-                 "is never replaced)", rank=writer)
-    loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) if trains \
-        else None
-    val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
-    method.compute = compute_model.setup(args, ctx, info, method.model)
-    if method.compute:
-        torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on the cores comm needs
-        results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
-    log(ctx, start_line(args, ctx, info, method), rank=writer)
-    restart = Restart(ckpt, resumed, attempt, results) if restarted and ctx.rank == writer else None
-    done_epochs, in_epoch = 0, None
-    if resumed:
-        done_epochs, in_epoch = _restore(ctx, method, ckpt, resumed, restarted, results, writer)
-    elif args.overhead_pairs:
-        _record_yardstick(args, ctx, info, method, results, trains, writer)
-    # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
-    target = Target(args, ctx, results, writer, resumed=bool(resumed))
-    if method.before_epochs:
-        method.before_epochs()
-    first = done_epochs + 1
-    # SIGTERM / SIGINT: every rank stops at one agreed step; and where each rank is, for a hang's report (faults.py)
-    stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
-    meter = measure.LinkMeter(ctx)  # each node's link time, on its local rank 0 (a thread sampling its counters)
-    try:
-        _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains,
-                writer, first, stop, target, meter)
-    except Exception as e:
-        if common.is_peer_failure(e):
-            _report_hang(args, ctx, method, stop, results, writer, e)
-        raise
-    finally:
-        meter.close()
-    stop.restore()
-    unwritten = results.finish()
-    if unwritten:  # the group is left first (every rank at the barrier), so that the one error line is the only one
-        common.cleanup_distributed(barrier=True)
-        raise common.UserError(unwritten)
-    log(ctx, f"wrote {args.output}", rank=writer)
+class Run:
+    """Everything around one method's training loop on this rank (each script's `train` is the loop; every rank
+    builds a Run, in the same order). Building it writes the start-up line and resumes from a checkpoint or
+    measures the communication yardstick; leaving it writes the results (a peer that failed or hung: the hang's
+    report first). A group torchrun restarted (--max-restarts) continues from its latest checkpoint by itself."""
+
+    def __init__(self, args, ctx, ds, method):
+        info, writer = ds.info, method.trainers[0]
+        self.args, self.ctx, self.info, self.method, self.writer = args, ctx, info, method, writer
+        self.trains = ctx.rank in method.trainers
+        # --resume, --checkpoint-every, or a round torchrun restarted; a checkpoint of another run is refused here
+        self.ckpt, resumed, restarted, attempt = checkpoint.for_run(args, ctx, info, method, writer)
+        self.resumed = resumed
+        self.results = results = Results(args.output, method, ctx, args, info, writer=ctx.rank == writer,
+                                         saved=resumed["results"] if resumed and ctx.rank == writer else None)
+        if results.moved:
+            log(ctx, f"notice: {args.output} held {results.moved[1]}: moved it to {results.moved[0]} (a finished "
+                     "run is never replaced)", rank=writer)
+        self.loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) \
+            if self.trains else None
+        self.val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
+        method.compute = compute_model.setup(args, ctx, info, method.model)
+        if method.compute:
+            torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on comm's cores
+            results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
+        log(ctx, start_line(args, ctx, info, method), rank=writer)
+        self.restart = Restart(ckpt, resumed, attempt, results) if restarted and ctx.rank == writer else None
+        done_epochs, self.in_epoch = 0, None
+        if resumed:
+            done_epochs, self.in_epoch = _restore(ctx, method, ckpt, resumed, restarted, results, writer)
+        elif args.overhead_pairs:
+            _record_yardstick(args, ctx, info, method, results, self.trains, writer)
+        # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
+        self.target = Target(args, ctx, results, writer, resumed=bool(resumed))
+        if method.before_epochs:
+            method.before_epochs()
+        self.first = done_epochs + 1
+        # SIGTERM / SIGINT: every rank stops at one agreed step; where each rank is, for a hang's report (faults.py)
+        self.stop = faults.StopOnSignal(ctx.rank, done_epochs * info.steps + (resumed["done"] if resumed else 0))
+        self.meter = measure.LinkMeter(ctx)  # each node's link time, on its local rank 0 (a thread sampling it)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        try:
+            if error is not None and isinstance(error, Exception) and common.is_peer_failure(error):
+                _report_hang(self.args, self.ctx, self.method, self.stop, self.results, self.writer, error)
+        finally:
+            self.meter.close()
+        if error is None:
+            self.stop.restore()
+            unwritten = self.results.finish()
+            if unwritten:  # the group is left first (every rank at the barrier): the one error line is the only one
+                common.cleanup_distributed(barrier=True)
+                raise common.UserError(unwritten)
+            log(self.ctx, f"wrote {self.args.output}", rank=self.writer)
+        return False
+
+    def epochs(self):
+        """The epochs still to train, from the first after a resume; none once the target is reached."""
+        for epoch in range(self.first, self.args.epochs + 1):
+            if self.target.reached:
+                break
+            self.epoch, self.cost = epoch, {"seconds": 0.0, "count": 0}
+            self.after_step = _at_step(self.args, self.ctx, self.info, self.method, self.ckpt, self.results,
+                                       self.restart, epoch, self.cost, self.writer, self.stop, self.meter)
+            self.link = measure.read_link_bytes(self.ctx)
+            self.meter.start_epoch()
+            self.first_step = self.resumed["done"] if self.resumed and epoch == self.first else 0
+            yield epoch
+
+    def steps(self):
+        """This epoch's steps on a trainer (a measure.Epoch), continuing a resumed epoch where it stopped."""
+        resumed_epoch = self.in_epoch and self.epoch == self.first
+        return measure.Epoch(self.ctx, self.args, self.epoch, self.loader, self.info.steps, group=self.method.group,
+                             at_step=self.after_step, cold=self.epoch == self.first, proxy=self.method.compute,
+                             state=measure.EpochState(**self.in_epoch) if resumed_epoch else None)
+
+    def end_epoch(self, record=None, served=None):
+        """After the epoch's steps (every rank): a trainer's `record`, a server's `served` figures. Validation,
+        link counters, the method's figures, checkpoint, results, the epoch line; then a stop signal or the
+        target ends the run."""
+        args, ctx, info, method, results, writer, epoch = (self.args, self.ctx, self.info, self.method,
+                                                           self.results, self.writer, self.epoch)
+        self.meter.mark()
+        link = measure.busiest_link(ctx, self.link, info.steps - self.first_step)
+        node_links = self.meter.epoch(ctx.rank // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        shared = method.share(served) if method.share else None
+        val_loss, val_accuracy = measure.evaluate(method.model, self.val_loader, ctx, args, proxy=method.compute)
+        if self.trains:
+            record.update(link=link, node_links=node_links, val_loss=val_loss, val_accuracy=val_accuracy)
+            record.update(method.figures(record, shared) if method.figures else {})
+            overhead = results.data.get("comm_overhead")
+            if overhead:  # measured throughput against trainers x the no-communication throughput of one
+                record["scaling_efficiency"] = record["train_throughput"] / (
+                    len(method.trainers) * args.batch_size * args.accumulate / overhead["local_step_time"])
+            if method.compute:
+                results.data["compute_model"] = method.compute.summary()
+            results.add_epoch(record)
+        stopping = self.stop.due(epoch * info.steps)
+        if self.ckpt.saving and (stopping or not args.checkpoint_every
+                                 or epoch * info.steps % args.checkpoint_every == 0):
+            self.cost["seconds"] += self.ckpt.save(epoch * info.steps,
+                                                   _part(method, ctx, epoch, 0, None, results, writer))
+            self.cost["count"] += 1
+        if self.ckpt.saving and ctx.rank == writer:
+            results.data["epochs"][-1].update(checkpoint_time=self.cost["seconds"], checkpoints=self.cost["count"])
+            results.save()
+        if self.trains:
+            _epoch_lines(ctx, record, node_links, writer)
+        if stopping:
+            _stop(args, ctx, self.stop, epoch * info.steps, epoch, info.steps, info, self.ckpt, results, writer)
+        self.target.check(val_accuracy)
+
+
+def _epoch_lines(ctx, record, node_links, writer):
+    """The epoch's line, and the warnings it calls for: data-bound, a straggler, a slow link."""
+    log(ctx, epoch_line(record), rank=writer)
+    warn_if_data_bound(ctx, record, rank=writer)
+    straggler = record["rank_compute"]["straggler"]
+    if straggler:
+        log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
+                 f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it", rank=writer)
+    if node_links and node_links["slow"]:
+        log(ctx, slow_link_line(node_links["slow"]), rank=writer)
 
 
 def _restore(ctx, method, ckpt, resumed, restarted, results, writer):
@@ -175,60 +249,6 @@ def _report_hang(args, ctx, method, stop, results, writer, error):
     if ctx.rank == writer:
         results.update(hang=report)
     faults.linger(ctx, report, 60 * args.timeout + 5)
-
-
-def _epochs(args, ctx, info, method, ckpt, results, restart, resumed, in_epoch, loader, val_loader, trains, writer,
-            first, stop, target, meter):
-    """The epochs from `first` on: training, validation, link counters, checkpoints, the epoch line."""
-    for epoch in range(first, args.epochs + 1):
-        if target.reached:
-            break
-        cost = {"seconds": 0.0, "count": 0}
-        at_step = _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter)
-        link = measure.read_link_bytes(ctx)
-        meter.start_epoch()
-        start = resumed["done"] if resumed and epoch == first else 0
-        if trains:
-            record = measure.run_epoch(
-                ctx, args, epoch, loader, info.steps, method.step, group=method.group, at_step=at_step,
-                end_of_epoch=method.end_of_epoch, cold=epoch == first,
-                state=measure.EpochState(**in_epoch) if in_epoch and epoch == first else None, proxy=method.compute)
-        served = None if trains else method.serve_epoch(epoch, info.steps, start, lambda done: at_step(done, None))
-        meter.mark()
-        link = measure.busiest_link(ctx, link, info.steps - start)
-        node_links = meter.epoch(ctx.rank // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        shared = method.share(served) if method.share else None
-        val_loss, val_accuracy = measure.evaluate(method.model, val_loader, ctx, args, proxy=method.compute)
-        if trains:
-            record.update(link=link, node_links=node_links, val_loss=val_loss, val_accuracy=val_accuracy)
-            record.update(method.figures(record, shared) if method.figures else {})
-            overhead = results.data.get("comm_overhead")
-            if overhead:  # measured throughput against trainers x the no-communication throughput of one
-                record["scaling_efficiency"] = record["train_throughput"] / (
-                    len(method.trainers) * args.batch_size * args.accumulate / overhead["local_step_time"])
-            if method.compute:
-                results.data["compute_model"] = method.compute.summary()
-            results.add_epoch(record)
-        stopping = stop.due(epoch * info.steps)
-        if ckpt.saving and (stopping or not args.checkpoint_every or epoch * info.steps % args.checkpoint_every == 0):
-            cost["seconds"] += ckpt.save(epoch * info.steps, _part(method, ctx, epoch, 0, None, results, writer))
-            cost["count"] += 1
-        if ckpt.saving and ctx.rank == writer:
-            results.data["epochs"][-1].update(checkpoint_time=cost["seconds"], checkpoints=cost["count"])
-            results.save()
-        if trains:
-            log(ctx, epoch_line(record), rank=writer)
-            warn_if_data_bound(ctx, record, rank=writer)
-            straggler = record["rank_compute"]["straggler"]
-            if straggler:
-                log(ctx, f"straggler: rank {straggler['rank']} computed {straggler['ratio']:.2f}x the others' median "
-                         f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it",
-                    rank=writer)
-            if node_links and node_links["slow"]:
-                log(ctx, slow_link_line(node_links["slow"]), rank=writer)
-        if stopping:
-            _stop(args, ctx, stop, epoch * info.steps, epoch, info.steps, info, ckpt, results, writer)
-        target.check(val_accuracy)
 
 
 class Target:
@@ -283,7 +303,7 @@ def _part(method, ctx, epoch, done, in_epoch, results, writer):
 def _at_step(args, ctx, info, method, ckpt, results, restart, epoch, cost, writer, stop, meter):
     """What runs after each training step of `epoch`: the progress mark a restart counts redone steps from,
     and the --checkpoint-every checkpoints (every rank at the same step; `snapshot()` the epoch so far)."""
-    def at_step(done, snapshot):
+    def at_step(done, snapshot=None):
         meter.mark()
         step = (epoch - 1) * info.steps + done
         if restart:

@@ -131,85 +131,106 @@ class EpochState:
     compute_moments: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # the same of "compute"
 
 
-def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of_epoch=None, state=None, cold=None,
-              at_step=None, proxy=None):
-    """`steps` steps of `train_step(images, targets, clock, lr) -> (loss, logits)` by the trainers in `group`
-    (None: every rank); returns the epoch's record, reduced over the trainers.
+class Epoch:
+    """One epoch of training steps on this rank, as each script's `train` runs it: iterating gives each step's
+    batch on the device (its wait is the step's "data" phase) with `clock` begun and `lr` set; `count()` takes
+    the step's loss and logits; `finish()` returns the epoch's record, reduced over the trainers.
 
     Loss and accuracy accumulate on the device; every --log-every steps every trainer reads the group's sums
     (the same host sync on every rank, and a NaN anywhere stops them all). A `cold` process's first
     --warmup-steps steps (epoch 1, or the first epoch after a restart) are left out of throughput and phase
     times. Phase times: `data` is the wait for the next batch, the method's marks name the rest; mean and max
-    over the trainers. `end_of_epoch(clock)` runs inside the clock, as part of the last step (e.g. the PS's
-    last pull). `state` (an EpochState from a checkpoint) continues an epoch from its step; `at_step(done,
-    snapshot)` runs after each step, `snapshot()` giving the EpochState so far (a host sync: call it only for a
-    checkpoint), and returns True when it wrote one (its time is then the step's "checkpoint" phase). `proxy` (a
-    compute_model.ComputeModel): the model trains on its proxy of each batch, each proxy image counted as
-    `proxy.weight` modeled images.
+    over the trainers of `group` (None: every rank). `state` (an EpochState from a checkpoint) continues an
+    epoch from its step; `at_step(done, snapshot)` runs after each step, `snapshot()` giving the EpochState so
+    far (a host sync: call it only for a checkpoint), and returns True when it wrote one (its time is then the
+    step's "checkpoint" phase). `proxy` (a compute_model.ComputeModel): the model trains on its proxy of each
+    batch, each proxy image counted as `proxy.weight` modeled images.
     """
-    state = state or EpochState(epoch)
-    first = state.step
-    if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-        loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every replica
-        loader.sampler.start = first * args.accumulate * args.batch_size
-    cold = epoch == 1 if cold is None else cold
-    warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
-    clock, lrs = StepClock(ctx.device), list(state.lrs)
-    sums, losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
-    seen, timed_seen = state.seen, state.timed_seen  # image counts are known on the host: no per-step copy
-    progress = Progress(f"epoch {epoch}", steps, ctx.rank == first_rank(group))
-    tracer = Tracer(args, ctx, warmup, steps) if args.profile and ctx.rank == first_rank(group) else None
-    trainers = dist.get_world_size(group) if dist.is_initialized() else 1
 
-    def snapshot(done):
-        synchronize(ctx.device)
-        now = time.perf_counter()
-        phases, times = clock.phase_sums(skip=warmup - first), clock.step_times(skip=warmup - first)
-        compute = clock.per_step("compute", skip=warmup - first)
+    def __init__(self, ctx, args, epoch, loader, steps, *, group=None, state=None, cold=None, at_step=None,
+                 proxy=None):
+        self.ctx, self.args, self.epoch, self.loader, self.steps = ctx, args, epoch, loader, steps
+        self.group, self.at_step, self.proxy = group, at_step, proxy
+        self.state = state = state or EpochState(epoch)
+        self.first = first = state.step
+        cold = epoch == 1 if cold is None else cold
+        self.warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
+        self.clock, self.lrs, self.lr = StepClock(ctx.device), list(state.lrs), None
+        self.sums, self.losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
+        self.seen, self.timed_seen = state.seen, state.timed_seen  # counts known on the host: no per-step copy
+        self.progress = Progress(f"epoch {epoch}", steps, ctx.rank == first_rank(group))
+        self.tracer = Tracer(args, ctx, self.warmup, steps) if args.profile and ctx.rank == first_rank(group) \
+            else None
+        self.trainers = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.step = first
+
+    def __iter__(self):
+        """Each step's (images, targets) on the device; `self.clock` has begun the step and `self.lr` is its rate."""
+        if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every replica
+            self.loader.sampler.start = self.first * self.args.accumulate * self.args.batch_size
+        try:
+            synchronize(self.ctx.device)
+            self.t_start = self.t_timed = time.perf_counter()
+            batches = iter(self.loader)
+            for self.step in range(self.first, self.steps):
+                if self.step == self.warmup > self.first:
+                    synchronize(self.ctx.device)
+                    self.t_timed = time.perf_counter()
+                if self.tracer:
+                    self.tracer.at(self.step)
+                self.clock.begin()
+                images, targets = next_step_batches(batches, self.ctx, self.args, self.proxy)
+                self.clock.mark("data")
+                self.lr = lr_at(self.args, self.epoch - 1 + self.step / self.steps)
+                self.lrs.append(self.lr)
+                yield images, targets
+        finally:
+            self.progress.close()  # before any error line, so that line starts clean
+
+    def count(self, loss, logits, targets):
+        """The step's loss and accuracy into the sums; the --log-every progress line; the step's at_step."""
+        step, args = self.step, self.args
+        targets = torch.cat(targets) if isinstance(targets, list) else targets
+        weight = self.proxy.weight if self.proxy else 1
+        n = targets.numel() * weight
+        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
+        self.seen, self.timed_seen = self.seen + n, self.timed_seen + (n if step >= self.warmup else 0)
+        self.losses.append(loss.detach())
+        if (step + 1) % args.log_every == 0 or step + 1 == self.steps:
+            loss_sum, correct = all_reduce(self.sums.clone(), group=self.group).tolist()
+            check_finite(loss_sum, self.epoch, step)
+            seen = self.seen * self.trainers
+            self.progress.update(step + 1, loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}%",
+                                 img_s=f"{(self.seen - self.state.seen) * self.trainers / (time.perf_counter() - self.t_start):.1f}")
+        if self.at_step and step + 1 < self.steps and self.at_step(step + 1, lambda: self.snapshot(step + 1)):
+            self.clock.mark("checkpoint")  # a --checkpoint-every checkpoint was written after this step
+
+    def snapshot(self, done):
+        """The EpochState after `done` steps (a host sync)."""
+        synchronize(self.ctx.device)
+        now, state, skip = time.perf_counter(), self.state, self.warmup - self.first
+        phases, times = self.clock.phase_sums(skip=skip), self.clock.step_times(skip=skip)
+        compute = self.clock.per_step("compute", skip=skip)
         return EpochState(
-            epoch, done, sums.tolist(), seen, timed_seen, state.losses + torch.stack(losses).float().tolist(),
-            list(lrs), state.elapsed + now - t_start, state.timed + (now - t_timed if done > warmup else 0.0),
+            self.epoch, done, self.sums.tolist(), self.seen, self.timed_seen,
+            state.losses + torch.stack(self.losses).float().tolist(), list(self.lrs),
+            state.elapsed + now - self.t_start, state.timed + (now - self.t_timed if done > self.warmup else 0.0),
             state.timed_steps + len(times), {k: state.phases.get(k, 0.0) + phases.get(k, 0.0)
                                              for k in {*state.phases, *phases}},
             [a + b for a, b in zip(state.step_moments, (sum(times), sum(t * t for t in times)))],
             [a + b for a, b in zip(state.compute_moments, (sum(compute), sum(t * t for t in compute)))])
 
-    try:
-        synchronize(ctx.device)
-        t_start = t_timed = time.perf_counter()
-        batches = iter(loader)
-        for step in range(first, steps):
-            if step == warmup and warmup > first:
-                synchronize(ctx.device)
-                t_timed = time.perf_counter()
-            if tracer:
-                tracer.at(step)
-            clock.begin()
-            images, targets = next_step_batches(batches, ctx, args, proxy)
-            clock.mark("data")
-            lrs.append(lr_at(args, epoch - 1 + step / steps))
-            loss, logits = train_step(images, targets, clock, lrs[-1])
-            targets = torch.cat(targets) if isinstance(targets, list) else targets
-            weight = proxy.weight if proxy else 1
-            n = targets.numel() * weight
-            sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
-            seen, timed_seen = seen + n, timed_seen + (n if step >= warmup else 0)
-            losses.append(loss.detach())
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                loss_sum, correct = all_reduce(sums.clone(), group=group).tolist()
-                check_finite(loss_sum, epoch, step)
-                progress.update(step + 1, loss=f"{loss_sum / (seen * trainers):.4f}",
-                                acc=f"{100 * correct / (seen * trainers):.2f}%",
-                                img_s=f"{(seen - state.seen) * trainers / (time.perf_counter() - t_start):.1f}")
-            if at_step and step + 1 < steps and at_step(step + 1, lambda done=step + 1: snapshot(done)):
-                clock.mark("checkpoint")  # a --checkpoint-every checkpoint was written after this step
-        if end_of_epoch:
-            end_of_epoch(clock)
-        if tracer:
-            tracer.at(steps)
-        done = snapshot(steps)
-    finally:
-        progress.close()  # before any error line, so that line starts clean
+    def finish(self):
+        """The epoch's record, reduced over the trainers (every trainer calls it after the last step)."""
+        if self.tracer:
+            self.tracer.at(self.steps)
+        record = epoch_record(self.ctx, self.group, self.snapshot(self.steps), self.steps, self.trainers)
+        return {**record, **({"profile": self.tracer.summary} if self.tracer and self.tracer.summary else {})}
+
+
+def epoch_record(ctx, group, done, steps, trainers):
+    """The record of an epoch whose EpochState is `done`, every figure reduced over the trainers in `group`."""
     # Every rank reduces the same phases: a rank may have none of some (a sharded PS rank that owns no tensor never
     # updates), and tensors of different lengths would hang gloo's all-reduce.
     every = [sorted(done.phases)]
@@ -225,7 +246,7 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
     loss_sum, correct = all_reduce(torch.tensor(done.sums, dtype=torch.float64, device=ctx.device), group=group).tolist()
     train_time, timed, n = slowest[0], slowest[1], done.timed_steps  # the epoch lasts until its slowest trainer
     return {
-        "epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
+        "epoch": done.epoch, "train_loss": loss_sum / seen, "train_accuracy": 100.0 * correct / seen,
         "train_time": train_time, "train_throughput": timed_seen / timed, "avg_batch_time": timed / n,
         "avg_data_time": phase_means[names.index("data")] / trainers / n,
         "phase_times": {k: v / trainers / n for k, v in zip(names, phase_means)},
@@ -234,8 +255,18 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, group=None, end_of
         "rank_compute": rank_compute(ctx, group, *done.compute_moments, n),
         "steps": steps, "warmup_steps": steps - n, "images_trained": int(seen),
         "all_losses": done.losses, "lrs": done.lrs,
-        **({"profile": tracer.summary} if tracer and tracer.summary else {}),
     }
+
+
+def run_epoch(ctx, args, epoch, loader, steps, train_step, *, end_of_epoch=None, **options):
+    """One epoch of `train_step(images, targets, clock, lr) -> (loss, logits)`, the loop the scripts write out;
+    `end_of_epoch(clock)` runs inside the last step's clock; `options` as Epoch's. Returns the epoch's record."""
+    epoch_steps = Epoch(ctx, args, epoch, loader, steps, **options)
+    for images, targets in epoch_steps:
+        epoch_steps.count(*train_step(images, targets, epoch_steps.clock, epoch_steps.lr), targets)
+    if end_of_epoch:
+        end_of_epoch(epoch_steps.clock)
+    return epoch_steps.finish()
 
 
 def next_step_batches(batches, ctx, args, proxy=None):

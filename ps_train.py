@@ -306,6 +306,25 @@ def make_method(args, ctx, info, model, weights=None):
     return method
 
 
+def train(run, worker_step, end_of_epoch):
+    """A worker's training loop (the guide's worker): on each batch, forward and backward, push the gradients,
+    pull the new parameters (driver.Run keeps the rest: resume or yardstick, validation, checkpoints, results;
+    measure.Epoch the clock, the sums, the learning rate)."""
+    for epoch in run.epochs():
+        steps = run.steps()  # this epoch's batches on this worker's shard, its clock and learning rate
+        for images, targets in steps:
+            loss, logits = worker_step(images, targets, steps.clock, steps.lr)  # push, the servers' update, pull
+            steps.count(loss, logits, targets)  # the loss and accuracy sums, --log-every, --checkpoint-every
+        end_of_epoch(steps.clock)  # the epoch's last update pulled: every worker validates the same model
+        run.end_epoch(steps.finish())  # validation, link counters, checkpoint, results, the epoch line
+
+
+def serve(run, serve_epoch):
+    """A server's loop (the guide's server; ranks that only serve): each epoch, the workers' steps served."""
+    for epoch in run.epochs():
+        run.end_epoch(served=serve_epoch(epoch, run.info.steps, run.first_step, run.after_step))
+
+
 def main(argv=None):
     args = parse_args(argv)
     with driver.session(args) as ctx:
@@ -318,7 +337,12 @@ def main(argv=None):
         # The trainers shard the training set among themselves.
         ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        driver.train(args, ctx, ds, make_method(args, ctx, ds.info, model, weights))
+        method = make_method(args, ctx, ds.info, model, weights)
+        with driver.Run(args, ctx, ds, method) as run:
+            if run.trains:
+                train(run, method.step, method.end_of_epoch)
+            else:
+                serve(run, method.serve_epoch)
 
 
 if __name__ == "__main__":

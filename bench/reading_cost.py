@@ -16,13 +16,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-LOOP = ["driver.py:train", "driver.py:_epochs", "measure.py:run_epoch", "measure.py:StepClock"]
+# The loop itself is in each script (its `train`); around it, what every one calls by name.
+LOOP = ["driver.py:Run", "driver.py:_epoch_lines", "measure.py:Epoch", "measure.py:epoch_record",
+        "measure.py:StepClock"]
 DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
-       "baseline_multi_card.py:make_method", "baseline_multi_card.py:main"]
+       "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
-      "all_reduce_train.py:make_method", "all_reduce_train.py:main"]
+      "all_reduce_train.py:make_method", "all_reduce_train.py:train", "all_reduce_train.py:main"]
 PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:make_transport",
-      "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:main",
+      "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:train", "ps_train.py:serve",
+      "ps_train.py:main",
       "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:update",
       "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
 GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits

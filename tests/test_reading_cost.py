@@ -23,5 +23,5 @@ def test_every_listed_definition_exists_and_is_counted():
 
 def test_a_definition_that_is_gone_is_named():
     rc = load()
-    files, lines, missing = rc.cost(["driver.py:train", "driver.py:no_such_function"], {})
+    files, lines, missing = rc.cost(["driver.py:Run", "driver.py:no_such_function"], {})
     assert missing == ["driver.py:no_such_function"] and files == {"driver.py"} and lines > 1
