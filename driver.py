@@ -100,8 +100,8 @@ class Run:
         self.args, self.ctx, self.info, self.method, self.writer = args, ctx, info, method, writer
         self.trains = ctx.rank in method.trainers
         # --resume, --checkpoint-every, or a round torchrun restarted; a checkpoint of another run is refused here
-        self.ckpt, resumed, restarted, attempt = checkpoint.for_run(args, ctx, info, method, writer)
-        self.resumed = resumed
+        ckpt, resumed, restarted, attempt = checkpoint.for_run(args, ctx, info, method, writer)
+        self.ckpt, self.resumed = ckpt, resumed
         self.results = results = Results(args.output, method, ctx, args, info, writer=ctx.rank == writer,
                                          saved=resumed["results"] if resumed and ctx.rank == writer else None)
         if results.moved:
