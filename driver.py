@@ -248,7 +248,7 @@ def _report_hang(args, ctx, method, stop, results, writer, error):
     print(line, file=sys.stderr, flush=True)
     if ctx.rank == writer:
         results.update(hang=report)
-    faults.linger(ctx, report, 60 * args.timeout + 5)
+    faults.linger(ctx, report, 60 * args.timeout + 5, stop)
 
 
 class Target:

@@ -15,7 +15,6 @@ gloo's own words for the operation), and in the results JSON.
 Rehearsal: KIT_STOP_RANK_AT=RANK:STEP makes rank RANK stop itself (SIGSTOP) just before global step STEP, a hung
 process as a test or a user would make one.
 """
-import datetime
 import os
 import re
 import signal
@@ -143,13 +142,16 @@ class _quietly:
         return exc[0] is not None and issubclass(exc[0], Exception)
 
 
-def linger(ctx, report, seconds):
+def linger(ctx, report, seconds, stop=None):
     """Rank 0 hosts the store (without torchrun's agent): after its own report it waits up to `seconds` for every
-    rank that had arrived to have read the store too, so that each names the missing rank."""
+    rank that had arrived to have read the store too, so that each names the missing rank. A stop signal ends
+    the wait (`stop`: the StopOnSignal): torchrun, having seen a rank die, is tearing the group down, and a rank
+    that was killed never reads (a wait for it cost every --max-restarts recovery torchrun's 30 s grace period)."""
     store = _store()
     others = [int(r) for r, s in report["steps"].items() if int(r) != ctx.rank and s >= report["step"]]
     if ctx.rank != 0 or store is None or not others:
         return
+    keys, deadline = [f"{HANG_KEY}{r}" for r in others], time.monotonic() + seconds
     with _quietly():
-        store.set_timeout(datetime.timedelta(seconds=seconds))
-        store.wait([f"{HANG_KEY}{r}" for r in others])
+        while time.monotonic() < deadline and not (stop and stop.signum) and not store.check(keys):
+            time.sleep(0.05)  # short sleeps: the signal's handler runs between them
