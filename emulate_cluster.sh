@@ -173,7 +173,7 @@ show() {  # PREFIX LOG: one output stream of a node into its log, all of it, and
           # the nodes' addresses have no host name, and the other nodes' torchruns' warning at the end that the
           # rendezvous was already shut (node 0's torchrun, which serves it, left first)
   trap '' INT TERM  # on Ctrl-C the nodes' last words still get through
-  tee -a "$2" | sed -u -e '/^I[0-9]\{4\} [0-9:.]* *[0-9]* torch\/distributed\//d' -e '/ NCCL INFO /d' \
+  tee -a "$2" | sed -u -e '/^I[0-9]\{4\} [0-9:.]* *[0-9]* [^ ]*torch\/distributed\//d' -e '/ NCCL INFO /d' \
     -e '/\[c10d\] The hostname of the client socket cannot be retrieved/d' \
     -e '/has failed to shutdown the rendezvous .* RendezvousConnectionError/d' -e "s/^/$1/"
 }
