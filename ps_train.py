@@ -72,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--server-ranks", type=common.positive(int), default=None, metavar="K",
                    help="BytePS's placement: the last K ranks only serve, each a shard of the partitions by bytes, "
                         "the others only train (needs --comm pipelined)")
+    p.add_argument("--push-order", choices=("fill", "priority"), default="fill",
+                   help="--server-ranks: fill: each partition pushed as backward fills it (BytePS's order); "
+                        "priority: at most one push in flight per server, the ready partition the next forward "
+                        "needs first going next (P3's priority; gloo only)")
     args = common.parse(p, argv)
     if args.bucket_mb is None:
         args.bucket_mb = PARTITION_MB if args.comm == "pipelined" else DEFAULT_BUCKET_MB
@@ -87,6 +91,8 @@ def parse_args(argv=None):
     if args.server_ranks and (args.comm != "pipelined" or args.servers != "1" or args.mode != "sync"):
         p.error("--server-ranks places servers of their own on the pipelined transport (use --comm pipelined, "
                 "without --servers all or --mode async)")
+    if args.push_order != "fill" and not args.server_ranks:
+        p.error("--push-order orders the pushes to servers of their own (add --server-ranks K)")
     if args.amp and args.amp_dtype == "fp16" and (args.mode == "async" or args.servers == "all"):
         p.error("fp16 loss scaling needs the single synchronous server (use --amp-dtype bf16)")
     if args.amp and args.amp_dtype == "fp16" and args.comm == "pipelined":
@@ -169,9 +175,9 @@ def make_local_step(model, comm, args, ctx, criterion):
     return local_step
 
 
-def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=None):
+def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=None, priority=False):
     if servers:
-        return ServerRanks(layout, rank, trainers, servers, model, optimizer)
+        return ServerRanks(layout, rank, trainers, servers, model, optimizer, priority)
     if comm == "pipelined":
         return Pipelined(layout, rank, trainers, model, optimizer)
     if comm == "overlap":
@@ -276,7 +282,8 @@ def make_method(args, ctx, info, model, weights=None):
     optimizer = common.make_optimizer(args, owned) if owned else None
     scaler = common.make_scaler(args, ctx)
     comm = Async(layout, ctx.rank, len(trainers)) if args.mode == "async" else \
-        make_transport(args.comm, layout, model, ctx.rank, trainers, optimizer, servers)
+        make_transport(args.comm, layout, model, ctx.rank, trainers, optimizer, servers,
+                       args.push_order == "priority")
     state_bytes = sum(4 * t.numel() for t in layout.params + layout.buffers)
     how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
            "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"

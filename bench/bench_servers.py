@@ -7,8 +7,12 @@ cluster: N worker nodes x 1 process, plus k server nodes x 1 process for the PS 
 Every run is bench.py's SYNTHETIC (ResNet-50, batch 32, 8 steps, 2 untimed) with the yardstick. The table: each
 k's throughput against DDP's, each worker's and each server's link bytes per step (measured, the busiest of each
 role) against the BytePS bound (worker: the model once each way, M; server: n M / k each way) and the bound's time
-max(M/B, nM/(kB)) against the ring's 2(n-1)M/(nB).
+max(M/B, nM/(kB)) against the ring's 2(n-1)M/(nB). --repeats R runs the whole list R times (repeat r > 1 into
+results_<i>_r<r>.json) and prints each repeat's table, then each method's mean throughput against DDP's mean; under
+each table, the PS workers' wait for pulls and pushes per step (phase_times). --ps-extra: flags for the PS runs only
+(e.g. --bucket-mb 1).
 """
+import statistics
 import argparse
 import subprocess
 import sys
@@ -28,7 +32,8 @@ EMU = str(REPO / "emulate_cluster.sh")
 def experiments(args):
     """[(label, script, flags, server nodes)]: DDP on the n workers, then the PS with each k."""
     return [("DDP", "baseline_multi_card.py", [], 0)] + [
-        (f"PS k={k}", "ps_train.py", ["--comm", "pipelined", "--server-ranks", str(k)], k) for k in args.servers_k]
+        (f"PS k={k}", "ps_train.py", ["--comm", "pipelined", "--server-ranks", str(k), *args.ps_extra.split()], k)
+        for k in args.servers_k]
 
 
 def run(args, label, script, flags, k, out):
@@ -65,6 +70,27 @@ def table(results):
     return "\n".join(lines + [row(label, r, base) for label, r in results])
 
 
+def waits(results):
+    """The PS workers' waits per step (the epochs' phase_times): for pulls (in forward) and pushes."""
+    ms = lambda v: "-" if v is None else f"{1e3 * v:.0f}"  # noqa: E731
+    return "; ".join(f"{label}: pull {ms(r.comm_pull)} ms, push {ms(r.comm_push)} ms"
+                     for label, r in results if r.kind == "ps")
+
+
+def means(repeats):
+    """Each method's mean throughput over the repeats, its values, and the mean's ratio to DDP's mean."""
+    labels = [label for label, _ in repeats[0]]
+    values = {label: [dict(rs)[label].throughput for rs in repeats] for label in labels}
+    base = statistics.mean(values[labels[0]])
+    lines = ["| method | img/s (mean) | each repeat | vs DDP (means) | vs DDP (each repeat) |", "|---|---:|---|---:|---|"]
+    for label in labels:
+        each = ", ".join(f"{v:.1f}" for v in values[label])
+        ratios = ", ".join(f"{v / d:.2f}x" for v, d in zip(values[label], values[labels[0]]))
+        lines.append(f"| {label} | {statistics.mean(values[label]):.1f} | {each} | "
+                     f"{statistics.mean(values[label]) / base:.2f}x | {ratios} |")
+    return "\n".join(lines)
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=4, help="worker nodes (1 process each)")
@@ -73,6 +99,8 @@ def parse_args():
     p.add_argument("--name", default="servers", help="the emulated cluster's name (one of your own)")
     p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
     p.add_argument("--extra", default="", help="more flags for every run")
+    p.add_argument("--ps-extra", default="", help="more flags for the PS runs only (e.g. --bucket-mb 1)")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole list this many times")
     p.add_argument("--out-dir", default="/tmp/bench_servers")
     p.add_argument("--only", default=None, help="comma-separated labels to run (the others are read from out-dir)")
     p.add_argument("--write", default=None)
@@ -86,20 +114,29 @@ def main():
     todo = experiments(args)
     nodes = args.workers + max(args.servers_k)
     subprocess.run(["bash", EMU, "up", "--name", args.name, "--nodes", str(nodes), "--rate", args.rate], check=True)
-    start, results = time.time(), []
+    start, repeats = time.time(), []
     try:
-        for i, (label, script, flags, k) in enumerate(todo):
-            path = out / f"results_{i}.json"
-            if args.only and label not in args.only.split(","):
-                results.append((label, analysis.load_run(path)))
-                continue
-            results.append((label, run(args, label, script, flags, k, path)))
+        for rep in range(args.repeats):
+            results = []
+            for i, (label, script, flags, k) in enumerate(todo):
+                path = out / (f"results_{i}.json" if rep == 0 else f"results_{i}_r{rep + 1}.json")
+                if args.only and label not in args.only.split(","):
+                    results.append((label, analysis.load_run(path)))
+                    continue
+                results.append((label, run(args, label, script, flags, k, path)))
+            repeats.append(results)
     finally:
         subprocess.run(["bash", EMU, "down", "--name", args.name])
+    ps_extra = f"; PS only: {args.ps_extra}" if args.ps_extra else ""
+    runs = "1 run each" if args.repeats == 1 else f"{args.repeats} repeats"
     text = (f"`python bench/bench_servers.py --workers {args.workers} --servers-k {' '.join(map(str, args.servers_k))}"
             f" --rate {args.rate}` ({args.workers} worker nodes x 1 + k server nodes x 1 at {args.rate}; "
-            f"{' '.join(SYNTHETIC)} {args.extra}; yardstick {args.pairs} pairs; 1 run each; took "
-            f"{time.time() - start:.0f} s)\n\n{table(results)}\n")
+            f"{' '.join(SYNTHETIC)} {args.extra}{ps_extra}; yardstick {args.pairs} pairs; {runs}; took "
+            f"{time.time() - start:.0f} s)\n")
+    for rep, results in enumerate(repeats):
+        text += (f"\nRepeat {rep + 1}:\n" if args.repeats > 1 else "\n") + f"\n{table(results)}\n\n{waits(results)}\n"
+    if args.repeats > 1:
+        text += f"\nMeans over the repeats:\n\n{means(repeats)}\n"
     print(text)
     (out / "table.md").write_text(text)
     if args.write:

@@ -24,6 +24,7 @@ class _PushPullJob:
         self.lr, self.ready, self.events, self.filled = lr, [ready] * count, [None] * count, [0] * count
         self.receives, self.updated, self.update_seconds = [None] * count, [None] * count, 0.0
         self.pulled, self.applied, self.finished = [None] * count, set(), False
+        self.arrived = [False] * count  # ServerRanks --push-order priority: an owner's partition, all pushes in
 
 
 class Pipelined(Transport):

@@ -1,11 +1,15 @@
 """--server-ranks K: BytePS's placement, K ranks that only serve (each owning a shard of the partitions) and the
 others that only train, on the pipelined transport (ServerRanks)."""
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 
+import common
 import measure
+from sync.buckets import record_event
 from sync.ps_pipelined import Pipelined
 from sync.ps_server import ServerStats
 
@@ -49,7 +53,11 @@ class ServerRanks(Pipelined):
     among themselves (each sends its own partitions to the other servers, once), so that every server holds,
     validates and checkpoints the whole, current model; a worker's link carries none of it."""
 
-    def __init__(self, layout, rank, trainers, servers, model, optimizer=None):
+    def __init__(self, layout, rank, trainers, servers, model, optimizer=None, priority=False):
+        if priority and dist.get_backend() != "gloo":
+            raise common.UserError("--push-order priority matches sends and receives by tag, which gloo does and "
+                                   "NCCL (matched by order) does not: use --push-order fill")
+        self.priority = priority  # before the threads start (the updater reads it)
         super().__init__(layout, rank, trainers, model, optimizer)
         self.servers = list(servers)
 
@@ -60,6 +68,8 @@ class ServerRanks(Pipelined):
         updated. A link's pulls then overlap its later pushes (both directions at once), where pulls in the next
         forward's order would all wait behind the push of the first layers, the last one backward fills."""
         clock, sends = clock or measure.NoClock(), []
+        if self.priority:
+            return self._exchange_by_priority(job, clock)
         if self.owned:  # a server
             self.updates.put(job)
             for p in self.owned:
@@ -81,6 +91,90 @@ class ServerRanks(Pipelined):
                 pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
                 self._publish(job.pulled, p, (pull, None))
         self._sent(job, sends, clock)
+
+    # --push-order priority (P3's priority on BytePS's placement, gloo only)
+    def _exchange_by_priority(self, job, clock):
+        """P3's priority: a worker keeps at most one push in flight per server and, whenever a server's slot is
+        free, sends it the ready partition the next forward needs first (the highest-numbered: the first layers).
+        During backward that is the one just filled; once the links fall behind, the first layers' partitions,
+        filled last, overtake the queue, so their pulls arrive first and the next forward starts while the later
+        layers' partitions are still on the wire (cross-iteration overlap). A server updates each partition as
+        soon as all its pushes are in, whatever the order, and sends it back at once. The sums, means and updates
+        are _update's (exact, in the trainers' order); only the order of the messages changes, matched by tag."""
+        sends = []
+        if self.owned:  # a server: every receive posted at once; a watcher per partition says when it is all in
+            self.updates.put(job)
+            for p in self.owned:
+                receives = [dist.irecv(box, peer, group=self.group, tag=p)
+                            for box, peer in zip(self.inbox[p], self.trainers)]
+                self._publish(job.receives, p, receives)
+                self._watch(receives, lambda p=p: job.arrived.__setitem__(p, True))
+            clock.mark("push")
+            left = set(self.owned)
+            while left:
+                p = self._take(lambda: [q for q in left if job.updated[q] is not None])
+                left.discard(p)
+                clock.mark("push_wait")
+                sends += [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
+                          for peer in self.trainers]
+                clock.mark("serve")
+                self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+        elif self.trains:  # a worker
+            left, busy = set(range(self.count)), set()  # the servers with a push of this rank in flight
+            owner = lambda q: self.layout.push[q].owner  # noqa: E731
+            while left:
+                p = self._take(lambda: [q for q in left if job.ready[q] and owner(q) not in busy])
+                left.discard(p)
+                busy.add(owner(p))
+                self._ready_here(job, p)
+                send = dist.isend(self.layout.push[p].flat, owner(p), group=self.group, tag=p)
+                pull = dist.irecv(self.layout.pull[p].flat, owner(p), group=self.group, tag=self.count + p)
+                self._publish(job.pulled, p, (pull, None))
+                self._watch([send], lambda s=owner(p): busy.discard(s))
+            self._wait(lambda: not busy)  # every push sent (its watcher waited for it: a gloo work is waited once)
+        self._sent(job, sends, clock)
+
+    def _take(self, candidates):
+        """Waits until `candidates()` (under the lock) names a partition; the highest-numbered one."""
+        with self.changed:
+            self.changed.wait_for(lambda: candidates() or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            return max(candidates())
+
+    def _watch(self, works, then):
+        """A thread that waits for `works` (the only wait on them: a gloo work is waited for once) and then runs
+        `then()` under the lock, notifying the waiting threads."""
+        def watch():
+            try:
+                for work in works:
+                    work.wait()
+            except BaseException as e:  # noqa: BLE001 - raised again by the waiting threads
+                with self.changed:
+                    self.error = e
+                    self.changed.notify_all()
+                return
+            with self.changed:
+                then()
+                self.changed.notify_all()
+        threading.Thread(target=watch, daemon=True).start()
+
+    @torch.no_grad()
+    def _update_owned(self, job):
+        """The updater; with --push-order priority each own partition in the order its pushes complete (among
+        those complete, the highest-numbered first), else Pipelined's (in partition order)."""
+        if not self.priority:
+            return super()._update_owned(job)
+        left = set(self.owned)
+        while left:
+            p = self._take(lambda: [q for q in left if job.arrived[q]])
+            left.discard(p)  # its receives were waited for by their watcher (a gloo work is waited for once)
+            start = time.perf_counter()
+            self._update(job, p)
+            self.layout.pull[p].pack()
+            job.update_seconds += time.perf_counter() - start
+            event = record_event(self.device)
+            self._publish(job.updated, p, True if event is None else event)
 
     def _publish(self, slots, p, value):
         with self.changed:

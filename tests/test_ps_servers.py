@@ -13,11 +13,11 @@ from sync import ps_layout
 from test_ps import NETS, STEPS, _args, _arrays, _batch, _reference
 
 
-def _servers_run(rank, world_size, k):
+def _servers_run(rank, world_size, k, order="fill"):
     """STEPS steps with the last k ranks serving (worker rank r as the reference's worker r + 1), BatchNorm included;
     the servers' epoch ends with their shard swap (ps_train's share). Returns this rank's tensors and which ranks own partitions."""
     make, shape = NETS["bn"]
-    args = _args("--comm", "pipelined", "--server-ranks", str(k))
+    args = _args("--comm", "pipelined", "--server-ranks", str(k), "--push-order", order)
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
     where = ps_train.placement(args, world_size)
@@ -26,7 +26,7 @@ def _servers_run(rank, world_size, k):
     optimizer = common.make_optimizer(args, owned) if owned else None
     scaler = common.make_scaler(args, ctx)
     transport = ps_train.make_transport("pipelined", layout, model, rank, where["trainer_ranks"], optimizer,
-                                        where["server_ranks"])
+                                        where["server_ranks"], order == "priority")
     if rank in where["server_ranks"]:
         transport.serve_epoch(optimizer, scaler, lambda step: args.lr, STEPS, 0, measure.StepClock(ctx.device))
         transport.swap_shards()
@@ -42,11 +42,13 @@ def _servers_run(rank, world_size, k):
     return _arrays(model), shard, _reference(world_size - k + 1, "bn", [], None)[0] if rank == 0 else None
 
 
+@pytest.mark.parametrize("order", ["fill", "priority"])
 @pytest.mark.parametrize("world_size,k", [(3, 1), (4, 2), (5, 3), (6, 2)])
-def test_server_ranks_equal_single_process_sgd(world_size, k):
+def test_server_ranks_equal_single_process_sgd(world_size, k, order):
     """Every rank, workers and servers, ends with the reference's model: SGD (momentum, weight decay) on the mean of
-    the workers' gradients, BatchNorm buffers averaged; only the servers own (and balance) the partitions."""
-    ranks = run_in_group(_servers_run, world_size, k)
+    the workers' gradients, BatchNorm buffers averaged; only the servers own (and balance) the partitions; with
+    either push order (--push-order priority: the messages in another order, the same sums)."""
+    ranks = run_in_group(_servers_run, world_size, k, order)
     reference = ranks[0][2]
     for rank, (tensors, _, _) in enumerate(ranks):
         assert all(np.array_equal(a, b) for a, b in zip(tensors, reference)), rank
@@ -58,7 +60,8 @@ def test_server_ranks_flags_and_output():
     assert ps_train.parse_args(["--comm", "pipelined", "--server-ranks", "2"]).output == \
         "results_ps_pipelined_servers2.json"
     for bad in (["--server-ranks", "2"], ["--comm", "pipelined", "--server-ranks", "2", "--servers", "all"],
-                ["--server-ranks", "1", "--mode", "async"], ["--comm", "pipelined", "--server-ranks", "0"]):
+                ["--server-ranks", "1", "--mode", "async"], ["--comm", "pipelined", "--server-ranks", "0"],
+                ["--comm", "pipelined", "--push-order", "priority"]):
         with pytest.raises(SystemExit):
             ps_train.parse_args(bad)
     args = ps_train.parse_args(["--comm", "pipelined", "--server-ranks", "2"])
