@@ -80,10 +80,7 @@ class ServerRanks(Pipelined):
             for p in self.owned:
                 self._wait(lambda: job.updated[p] is not None)
                 clock.mark("push_wait")
-                sends += [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
-                          for peer in self.trainers]
-                clock.mark("serve")
-                self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+                sends += self._send_back(job, p, clock)
         elif self.trains:  # a worker
             for p, bucket in enumerate(self.layout.push):
                 self._ready_here(job, p)
@@ -91,6 +88,14 @@ class ServerRanks(Pipelined):
                 pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
                 self._publish(job.pulled, p, (pull, None))
         self._sent(job, sends, clock)
+
+    def _send_back(self, job, p, clock):
+        """A server: partition `p`, updated, sent to every trainer; its sends."""
+        sends = [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
+                 for peer in self.trainers]
+        clock.mark("serve")
+        self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+        return sends
 
     # --push-order priority (P3's priority on BytePS's placement, gloo only)
     def _exchange_by_priority(self, job, clock):
@@ -108,17 +113,14 @@ class ServerRanks(Pipelined):
                 receives = [dist.irecv(box, peer, group=self.group, tag=p)
                             for box, peer in zip(self.inbox[p], self.trainers)]
                 self._publish(job.receives, p, receives)
-                self._watch(receives, lambda p=p: job.arrived.__setitem__(p, True))
+                _watch(self, receives, lambda p=p: job.arrived.__setitem__(p, True))
             clock.mark("push")
             left = set(self.owned)
             while left:
                 p = self._take(lambda: [q for q in left if job.updated[q] is not None])
                 left.discard(p)
                 clock.mark("push_wait")
-                sends += [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
-                          for peer in self.trainers]
-                clock.mark("serve")
-                self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
+                sends += self._send_back(job, p, clock)
         elif self.trains:  # a worker
             left, busy = set(range(self.count)), set()  # the servers with a push of this rank in flight
             owner = lambda q: self.layout.push[q].owner  # noqa: E731
@@ -130,7 +132,7 @@ class ServerRanks(Pipelined):
                 send = dist.isend(self.layout.push[p].flat, owner(p), group=self.group, tag=p)
                 pull = dist.irecv(self.layout.pull[p].flat, owner(p), group=self.group, tag=self.count + p)
                 self._publish(job.pulled, p, (pull, None))
-                self._watch([send], lambda s=owner(p): busy.discard(s))
+                _watch(self, [send], lambda s=owner(p): busy.discard(s))
             self._wait(lambda: not busy)  # every push sent (its watcher waited for it: a gloo work is waited once)
         self._sent(job, sends, clock)
 
@@ -141,23 +143,6 @@ class ServerRanks(Pipelined):
             if self.error is not None:
                 raise self.error
             return max(candidates())
-
-    def _watch(self, works, then):
-        """A thread that waits for `works` (the only wait on them: a gloo work is waited for once) and then runs
-        `then()` under the lock, notifying the waiting threads."""
-        def watch():
-            try:
-                for work in works:
-                    work.wait()
-            except BaseException as e:  # noqa: BLE001 - raised again by the waiting threads
-                with self.changed:
-                    self.error = e
-                    self.changed.notify_all()
-                return
-            with self.changed:
-                then()
-                self.changed.notify_all()
-        threading.Thread(target=watch, daemon=True).start()
 
     @torch.no_grad()
     def _update_owned(self, job):
@@ -197,3 +182,21 @@ class ServerRanks(Pipelined):
         for work, bucket in receives:
             work.wait()
             bucket.unpack()
+
+
+def _watch(engine, works, then):
+    """A thread that waits for `works` (the only wait on them: a gloo work is waited for once) and then runs
+    `then()` under `engine`'s lock, notifying the threads that wait on it (an error: raised again by them)."""
+    def watch():
+        try:
+            for work in works:
+                work.wait()
+        except BaseException as e:  # noqa: BLE001 - raised again by the waiting threads
+            with engine.changed:
+                engine.error = e
+                engine.changed.notify_all()
+            return
+        with engine.changed:
+            then()
+            engine.changed.notify_all()
+    threading.Thread(target=watch, daemon=True).start()
