@@ -135,7 +135,7 @@ class Run:
 
     def __exit__(self, kind, error, trace):
         try:
-            if error is not None and isinstance(error, Exception) and common.is_peer_failure(error):
+            if isinstance(error, Exception) and common.is_peer_failure(error):
                 _report_hang(self.args, self.ctx, self.method, self.stop, self.results, self.writer, error)
         finally:
             self.meter.close()

@@ -629,34 +629,47 @@ def _workers_in(namespace, script):
     return found
 
 
-def test_a_training_run_killed_mid_epoch_restarts_and_ends_as_an_uninterrupted_one(tmp_path):
-    """DDP on 2 nodes x 1 with --max-restarts 2 and --checkpoint-every 2: node 1's worker is SIGKILLed mid-epoch
-    after the first checkpoint; both nodes restart from it and the run ends with the losses of the same run,
-    uninterrupted, on one machine (so two nodes train like one, also across a restart)."""
+def _fault_after_first_checkpoint(tmp_path, name, stem, timeout, max_restarts, fault):
+    """DDP on 2 emulated nodes x 1 (100 Mbit/s, 10 steps, --checkpoint-every 2, --max-restarts `max_restarts`) and
+    its reference run on one machine (tmp_path/ref.json); `fault(name)` once the first checkpoint is being written.
+    Returns (name, the results path, the finished process, its stdout, its stderr, seconds it took)."""
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=2, size=16)  # 10 steps
     args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
-            "1", "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir", data]
+            timeout, "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir",
+            data]
     ref = run_forked("baseline_multi_card.py", *args, "--output", tmp_path / "ref.json", nproc=2, cwd=tmp_path,
                      timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    name, out, start = f"{PREFIX}r", tmp_path / "killed.json", time.time()
-    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--rate", "100mbit", "--max-restarts", "2",
-           "--logs", str(tmp_path / "logs"), "--", str(REPO / "baseline_multi_card.py"), *map(str, args),
-           "--checkpoint-every", "2", "--output", str(out)]
+    out, start = tmp_path / f"{stem}.json", time.time()
+    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--rate", "100mbit", "--max-restarts",
+           str(max_restarts), "--logs", str(tmp_path / "logs"), "--", str(REPO / "baseline_multi_card.py"),
+           *map(str, args), "--checkpoint-every", "2", "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        while not list(tmp_path.glob("killed.ckpt*/**/*.pt")):  # the first checkpoint (step 2) is being written
+        while not list(tmp_path.glob(f"{stem}.ckpt*/**/*.pt")):  # the first checkpoint (step 2) is being written
             assert proc.poll() is None and time.time() - start < 120, proc.communicate()[1][-3000:]
             time.sleep(0.1)
         time.sleep(0.3)
-        victims = _workers_in(f"{name}-node1", "baseline_multi_card.py")
-        assert len(victims) == 1 and proc.poll() is None
-        os.kill(victims[0], signal.SIGKILL)
+        assert proc.poll() is None
+        fault(name)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return name, out, proc, stdout, stderr, time.time() - start
+
+
+def test_a_training_run_killed_mid_epoch_restarts_and_ends_as_an_uninterrupted_one(tmp_path):
+    """DDP on 2 nodes x 1 with --max-restarts 2 and --checkpoint-every 2: node 1's worker is SIGKILLed mid-epoch
+    after the first checkpoint; both nodes restart from it and the run ends with the losses of the same run,
+    uninterrupted, on one machine (so two nodes train like one, also across a restart)."""
+    def kill_node1_worker(name):
+        victims = _workers_in(f"{name}-node1", "baseline_multi_card.py")
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+    name, out, proc, stdout, stderr, _ = _fault_after_first_checkpoint(tmp_path, f"{PREFIX}r", "killed", "1", 2,
+                                                                        kill_node1_worker)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     # Each node restarts at least once. (A node restarted for the re-joining one sees TORCHELASTIC_RESTART_COUNT 0; it
     # knows the checkpoints as this launch's by their run.json, so no further round is needed.)
@@ -739,30 +752,11 @@ def test_a_link_down_mid_run_restarts_and_ends_as_an_uninterrupted_one(tmp_path)
     is back, from the latest checkpoint, and the run ends with the losses of the same run, uninterrupted, on one
     machine. (When node 0's torchrun also starts a round for the re-joining node, a race, that round's workers see
     TORCHELASTIC_RESTART_COUNT 0 and continue from the checkpoints as this launch's: test_resume tests that rule.)"""
-    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=40, val_per_class=2, size=16)  # 10 steps
-    args = ["--arch", "mobilenet_v3_small", "--image-size", "16", "--batch-size", "4", "--workers", "0", "--timeout",
-            "0.1", "--epochs", "1", "--max-steps", "10", "--overhead-pairs", "0", "--log-every", "1", "--data-dir", data]
-    ref = run_forked("baseline_multi_card.py", *args, "--output", tmp_path / "ref.json", nproc=2, cwd=tmp_path,
-                     timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    name, out, start = f"{PREFIX}d", tmp_path / "down.json", time.time()
-    cmd = ["bash", str(EMU), "run", "--name", name, "--nodes", "2", "--rate", "100mbit", "--max-restarts", "1",
-           "--logs", str(tmp_path / "logs"), "--", str(REPO / "baseline_multi_card.py"), *map(str, args),
-           "--checkpoint-every", "2", "--output", str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        while not list(tmp_path.glob("down.ckpt*/**/*.pt")):  # the first checkpoint (step 2) is being written
-            assert proc.poll() is None and time.time() - start < 120, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
-        time.sleep(0.3)
+    def link_down(name):
         down = emu("link-down", "--name", name, 1, 10)
         assert down.returncode == 0, down.stderr
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    took = time.time() - start
+    name, out, proc, stdout, stderr, took = _fault_after_first_checkpoint(tmp_path, f"{PREFIX}d", "down", "0.1", 1,
+                                                                           link_down)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     node0 = (tmp_path / "logs" / "node0.log").read_text()
     assert "restarted after epoch 0, step " in node0 and f"wrote {out}" in node0
