@@ -6,11 +6,13 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +83,25 @@ class NoClock:
 
     def mark(self, name):
         pass
+
+
+def phase(name, after=None):
+    """Declares an exchange's function one phase of the step, so that the exchange's code holds no timing: the
+    step clock its first argument holds (`.clock`, given by the loop) closes the phase `after` on entry (what ran
+    up to the call: a forward's compute before a wait for a pull) and `name` on return. Only calls on the main
+    thread are timed: a communication thread runs beside the step, unclocked."""
+    def declare(function):
+        @functools.wraps(function)
+        def timed(owner, *args, **kwargs):
+            clock = getattr(owner, "clock", None) if threading.current_thread() is threading.main_thread() else None
+            if clock is not None and after:
+                clock.mark(after)
+            result = function(owner, *args, **kwargs)
+            if clock is not None:
+                clock.mark(name)
+            return result
+        return timed
+    return declare
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None):
