@@ -170,7 +170,7 @@ def make_method(args, ctx, info, model, weights=None):
 
 def train(run, train_step, end_of_epoch):
     """The training loop: our synchronized step on each batch (driver.Run keeps the rest: resume or yardstick,
-    validation, checkpoints, results; measure.Epoch the clock, the sums, the learning rate)."""
+    validation, checkpoints, results; driver.Epoch the clock, the sums, the learning rate)."""
     for epoch in run.epochs():
         steps = run.steps()  # this epoch's batches on this rank's shard, its clock and learning rate
         for images, targets in steps:

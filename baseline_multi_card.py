@@ -178,7 +178,7 @@ def ddp_logging(ddp):
 
 def train(run, train_step):
     """The training loop: DDP's step on each batch (driver.Run keeps the rest: resume or yardstick, validation,
-    checkpoints, results; measure.Epoch the clock, the sums, the learning rate)."""
+    checkpoints, results; driver.Epoch the clock, the sums, the learning rate)."""
     for epoch in run.epochs():
         steps = run.steps()  # this epoch's batches on this rank's shard, its clock and learning rate
         for images, targets in steps:

@@ -267,15 +267,24 @@ def label(profile):
     return f"modeled compute (profile of {profile.get('device')}, {profile.get('dtype')})"
 
 
-def setup(args, ctx, info, model):
-    """The ComputeModel that --compute-model asks for on `model` (None without the flag)."""
+ACCURACY_NOTE = ("modeled compute (--compute-model): the model trained on a 2-image proxy, so loss and accuracy are "
+                 "meaningless")
+
+
+def setup(args, ctx, info, model, results=None):
+    """The ComputeModel that --compute-model asks for on `model` (None without the flag), its summary and the
+    accuracy note in `results`."""
     spec = getattr(args, "compute_model", None)
     if not spec:
         return None
     if ctx.device.type == "cuda":
         raise UserError("--compute-model models a device's compute on the CPU; on a GPU the compute is real "
                         "(drop the flag, or use --backend gloo)")
-    return ComputeModel(resolve(spec, model, args, info.image_size), model, args)
+    compute = ComputeModel(resolve(spec, model, args, info.image_size), model, args)
+    torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on comm's cores
+    if results is not None:
+        results.update(compute_model=compute.summary(), accuracy_note=ACCURACY_NOTE)
+    return compute
 
 
 # --------------------------------------------------------------------------- recording a profile

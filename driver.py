@@ -6,7 +6,7 @@
             for epoch in run.epochs(): ...              # the script's own loop (Run's docstring)
 
 `Run` writes the start-up line, resumes from a checkpoint or measures the communication yardstick, hands the
-loop its epochs and each epoch's steps (measure.Epoch: batches, clock, lr, sums, --checkpoint-every), and after
+loop its epochs and each epoch's steps (Epoch: batches, clock, lr, sums, --checkpoint-every), and after
 each epoch validates, reads the link counters, checkpoints and writes the results.
 
 A method's step is `step(images, targets, clock, lr, kind="comm") -> (loss, logits)`, one shape for the three
@@ -36,8 +36,6 @@ import targets
 from common import log
 from results import Results
 
-ACCURACY_NOTE = ("modeled compute (--compute-model): the model trained on a 2-image proxy, so loss and accuracy are "
-                 "meaningless")
 
 
 @dataclasses.dataclass
@@ -110,10 +108,7 @@ class Run:
         self.loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) \
             if self.trains else None
         self.val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
-        method.compute = compute_model.setup(args, ctx, info, method.model)
-        if method.compute:
-            torch.set_num_threads(1)  # the proxy's compute is small: no OpenMP threads spinning on comm's cores
-            results.update(compute_model=method.compute.summary(), accuracy_note=ACCURACY_NOTE)
+        method.compute = compute_model.setup(args, ctx, info, method.model, results)  # None without the flag
         log(ctx, start_line(args, ctx, info, method), rank=writer)
         self.restart = Restart(ckpt, resumed, attempt, results) if restarted and ctx.rank == writer else None
         done_epochs, self.in_epoch = 0, None
@@ -162,9 +157,9 @@ class Run:
             yield epoch
 
     def steps(self):
-        """This epoch's steps on a trainer (a measure.Epoch), continuing a resumed epoch where it stopped."""
+        """This epoch's steps on a trainer (an Epoch), continuing a resumed epoch where it stopped."""
         resumed_epoch = self.in_epoch and self.epoch == self.first
-        return measure.Epoch(self.ctx, self.args, self.epoch, self.loader, self.info.steps, group=self.method.group,
+        return Epoch(self.ctx, self.args, self.epoch, self.loader, self.info.steps, group=self.method.group,
                              at_step=self.after_step, cold=self.epoch == self.first, proxy=self.method.compute,
                              state=measure.EpochState(**self.in_epoch) if resumed_epoch else None)
 
@@ -182,10 +177,7 @@ class Run:
         if self.trains:
             record.update(link=link, node_links=node_links, val_loss=val_loss, val_accuracy=val_accuracy)
             record.update(method.figures(record, shared) if method.figures else {})
-            overhead = results.data.get("comm_overhead")
-            if overhead:  # measured throughput against trainers x the no-communication throughput of one
-                record["scaling_efficiency"] = record["train_throughput"] / (
-                    len(method.trainers) * args.batch_size * args.accumulate / overhead["local_step_time"])
+            record.update(measure.scaling_efficiency(record, results.data.get("comm_overhead"), method.trainers, args))
             if method.compute:
                 results.data["compute_model"] = method.compute.summary()
             results.add_epoch(record)
@@ -215,6 +207,117 @@ def _epoch_lines(ctx, record, node_links, writer):
                  f"per step; the others waited ~{1e3 * straggler['cost_per_step']:.0f} ms per step for it", rank=writer)
     if node_links and node_links["slow"]:
         log(ctx, slow_link_line(node_links["slow"]), rank=writer)
+
+
+class Epoch:
+    """One epoch of training steps on this rank, as each script's `train` runs it: iterating gives each step's
+    batch on the device (its wait is the step's "data" phase) with `clock` begun and `lr` set; `count()` takes
+    the step's loss and logits; `finish()` returns the epoch's record, reduced over the trainers.
+
+    Loss and accuracy accumulate on the device; every --log-every steps every trainer reads the group's sums
+    (the same host sync on every rank, and a NaN anywhere stops them all). A `cold` process's first
+    --warmup-steps steps (epoch 1, or the first epoch after a restart) are left out of throughput and phase
+    times. Phase times: `data` is the wait for the next batch, the method's marks name the rest; mean and max
+    over the trainers of `group` (None: every rank). `state` (an EpochState from a checkpoint) continues an
+    epoch from its step; `at_step(done, snapshot)` runs after each step, `snapshot()` giving the EpochState so
+    far (a host sync: call it only for a checkpoint), and returns True when it wrote one (its time is then the
+    step's "checkpoint" phase). `proxy` (a compute_model.ComputeModel): the model trains on its proxy of each
+    batch, each proxy image counted as `proxy.weight` modeled images.
+    """
+
+    def __init__(self, ctx, args, epoch, loader, steps, *, group=None, state=None, cold=None, at_step=None,
+                 proxy=None):
+        self.ctx, self.args, self.epoch, self.loader, self.steps = ctx, args, epoch, loader, steps
+        self.group, self.at_step, self.proxy = group, at_step, proxy
+        self.state = state = state or measure.EpochState(epoch)
+        self.first = first = state.step
+        cold = epoch == 1 if cold is None else cold
+        self.warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
+        self.clock, self.lrs, self.lr = measure.StepClock(ctx.device), list(state.lrs), None
+        self.sums, self.losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
+        self.seen, self.timed_seen = state.seen, state.timed_seen  # counts known on the host: no per-step copy
+        reports = ctx.rank == common.first_rank(group)
+        self.progress = measure.Progress(f"epoch {epoch}", steps, reports)
+        self.tracer = measure.Tracer(args, ctx, self.warmup, steps) if args.profile and reports else None
+        self.trainers = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.step = first
+
+    def __iter__(self):
+        """Each step's (images, targets) on the device; `self.clock` has begun the step and `self.lr` is its rate."""
+        if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
+            self.loader.sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every replica
+            self.loader.sampler.start = self.first * self.args.accumulate * self.args.batch_size
+        try:
+            measure.synchronize(self.ctx.device)
+            self.t_start = self.t_timed = time.perf_counter()
+            batches = iter(self.loader)
+            for self.step in range(self.first, self.steps):
+                if self.step == self.warmup > self.first:
+                    measure.synchronize(self.ctx.device)
+                    self.t_timed = time.perf_counter()
+                if self.tracer:
+                    self.tracer.at(self.step)
+                self.clock.begin()
+                images, targets = measure.next_step_batches(batches, self.ctx, self.args, self.proxy)
+                self.clock.mark("data")
+                self.lr = common.lr_at(self.args, self.epoch - 1 + self.step / self.steps)
+                self.lrs.append(self.lr)
+                yield images, targets
+        finally:
+            self.progress.close()  # before any error line, so that line starts clean
+
+    def count(self, loss, logits, targets):
+        """The step's loss and accuracy into the sums; the --log-every progress line; the step's at_step."""
+        step, args = self.step, self.args
+        targets = torch.cat(targets) if isinstance(targets, list) else targets
+        weight = self.proxy.weight if self.proxy else 1
+        n = targets.numel() * weight
+        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
+        self.seen, self.timed_seen = self.seen + n, self.timed_seen + (n if step >= self.warmup else 0)
+        self.losses.append(loss.detach())
+        if (step + 1) % args.log_every == 0 or step + 1 == self.steps:
+            loss_sum, correct = measure.all_reduce(self.sums.clone(), group=self.group).tolist()
+            measure.check_finite(loss_sum, self.epoch, step)
+            seen, rate = self.seen * self.trainers, (self.seen - self.state.seen) * self.trainers
+            self.progress.update(step + 1, loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}%",
+                                 img_s=f"{rate / (time.perf_counter() - self.t_start):.1f}")
+        if self.at_step and step + 1 < self.steps and self.at_step(step + 1, lambda: self.snapshot(step + 1)):
+            self.clock.mark("checkpoint")  # a --checkpoint-every checkpoint was written after this step
+
+    def snapshot(self, done):
+        """The EpochState after `done` steps (a host sync)."""
+        measure.synchronize(self.ctx.device)
+        now, state, skip = time.perf_counter(), self.state, self.warmup - self.first
+        phases, times = self.clock.phase_sums(skip=skip), self.clock.step_times(skip=skip)
+        compute = self.clock.per_step("compute", skip=skip)
+        return measure.EpochState(
+            self.epoch, done, self.sums.tolist(), self.seen, self.timed_seen,
+            state.losses + torch.stack(self.losses).float().tolist(), list(self.lrs),
+            state.elapsed + now - self.t_start, state.timed + (now - self.t_timed if done > self.warmup else 0.0),
+            state.timed_steps + len(times), {k: state.phases.get(k, 0.0) + phases.get(k, 0.0)
+                                             for k in {*state.phases, *phases}},
+            [a + b for a, b in zip(state.step_moments, (sum(times), sum(t * t for t in times)))],
+            [a + b for a, b in zip(state.compute_moments, (sum(compute), sum(t * t for t in compute)))])
+
+    def finish(self):
+        """The epoch's record, reduced over the trainers (every trainer calls it after the last step)."""
+        if self.tracer:
+            self.tracer.at(self.steps)
+        record = measure.epoch_record(self.ctx, self.group, self.snapshot(self.steps), self.steps, self.trainers)
+        return {**record, **({"profile": self.tracer.summary} if self.tracer and self.tracer.summary else {})}
+
+
+
+def run_epoch(ctx, args, epoch, loader, steps, train_step, *, end_of_epoch=None, **options):
+    """One epoch of `train_step(images, targets, clock, lr) -> (loss, logits)`, the loop the scripts write out;
+    `end_of_epoch(clock)` runs inside the last step's clock; `options` as Epoch's. Returns the epoch's record."""
+    epoch_steps = Epoch(ctx, args, epoch, loader, steps, **options)
+    for images, targets in epoch_steps:
+        epoch_steps.count(*train_step(images, targets, epoch_steps.clock, epoch_steps.lr), targets)
+    if end_of_epoch:
+        end_of_epoch(epoch_steps.clock)
+    return epoch_steps.finish()
+
 
 
 def _restore(ctx, method, ckpt, resumed, restarted, results, writer):

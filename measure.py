@@ -1,5 +1,5 @@
-"""How the kit measures, the same way for every method: clocks, the epoch loop, exact evaluation, the
-communication yardstick and the link counters. Every number in a results JSON comes from here or from a
+"""How the kit measures, the same way for every method: the step clock, the epoch's record, exact evaluation,
+the communication yardstick and the link counters (the epoch loop that uses them: driver.Epoch). Every number in a results JSON comes from here or from a
 method's own clock marks; docs/results_schema.md says what each one means.
 """
 import collections
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, autocast, first_rank, lr_at
+from common import UserError, autocast
 from data import to_device
 
 
@@ -152,104 +152,6 @@ class EpochState:
     compute_moments: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # the same of "compute"
 
 
-class Epoch:
-    """One epoch of training steps on this rank, as each script's `train` runs it: iterating gives each step's
-    batch on the device (its wait is the step's "data" phase) with `clock` begun and `lr` set; `count()` takes
-    the step's loss and logits; `finish()` returns the epoch's record, reduced over the trainers.
-
-    Loss and accuracy accumulate on the device; every --log-every steps every trainer reads the group's sums
-    (the same host sync on every rank, and a NaN anywhere stops them all). A `cold` process's first
-    --warmup-steps steps (epoch 1, or the first epoch after a restart) are left out of throughput and phase
-    times. Phase times: `data` is the wait for the next batch, the method's marks name the rest; mean and max
-    over the trainers of `group` (None: every rank). `state` (an EpochState from a checkpoint) continues an
-    epoch from its step; `at_step(done, snapshot)` runs after each step, `snapshot()` giving the EpochState so
-    far (a host sync: call it only for a checkpoint), and returns True when it wrote one (its time is then the
-    step's "checkpoint" phase). `proxy` (a compute_model.ComputeModel): the model trains on its proxy of each
-    batch, each proxy image counted as `proxy.weight` modeled images.
-    """
-
-    def __init__(self, ctx, args, epoch, loader, steps, *, group=None, state=None, cold=None, at_step=None,
-                 proxy=None):
-        self.ctx, self.args, self.epoch, self.loader, self.steps = ctx, args, epoch, loader, steps
-        self.group, self.at_step, self.proxy = group, at_step, proxy
-        self.state = state = state or EpochState(epoch)
-        self.first = first = state.step
-        cold = epoch == 1 if cold is None else cold
-        self.warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
-        self.clock, self.lrs, self.lr = StepClock(ctx.device), list(state.lrs), None
-        self.sums, self.losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
-        self.seen, self.timed_seen = state.seen, state.timed_seen  # counts known on the host: no per-step copy
-        self.progress = Progress(f"epoch {epoch}", steps, ctx.rank == first_rank(group))
-        self.tracer = Tracer(args, ctx, self.warmup, steps) if args.profile and ctx.rank == first_rank(group) \
-            else None
-        self.trainers = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.step = first
-
-    def __iter__(self):
-        """Each step's (images, targets) on the device; `self.clock` has begun the step and `self.lr` is its rate."""
-        if hasattr(getattr(self.loader, "sampler", None), "set_epoch"):
-            self.loader.sampler.set_epoch(self.epoch)  # a new shuffle each epoch, the same on every replica
-            self.loader.sampler.start = self.first * self.args.accumulate * self.args.batch_size
-        try:
-            synchronize(self.ctx.device)
-            self.t_start = self.t_timed = time.perf_counter()
-            batches = iter(self.loader)
-            for self.step in range(self.first, self.steps):
-                if self.step == self.warmup > self.first:
-                    synchronize(self.ctx.device)
-                    self.t_timed = time.perf_counter()
-                if self.tracer:
-                    self.tracer.at(self.step)
-                self.clock.begin()
-                images, targets = next_step_batches(batches, self.ctx, self.args, self.proxy)
-                self.clock.mark("data")
-                self.lr = lr_at(self.args, self.epoch - 1 + self.step / self.steps)
-                self.lrs.append(self.lr)
-                yield images, targets
-        finally:
-            self.progress.close()  # before any error line, so that line starts clean
-
-    def count(self, loss, logits, targets):
-        """The step's loss and accuracy into the sums; the --log-every progress line; the step's at_step."""
-        step, args = self.step, self.args
-        targets = torch.cat(targets) if isinstance(targets, list) else targets
-        weight = self.proxy.weight if self.proxy else 1
-        n = targets.numel() * weight
-        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
-        self.seen, self.timed_seen = self.seen + n, self.timed_seen + (n if step >= self.warmup else 0)
-        self.losses.append(loss.detach())
-        if (step + 1) % args.log_every == 0 or step + 1 == self.steps:
-            loss_sum, correct = all_reduce(self.sums.clone(), group=self.group).tolist()
-            check_finite(loss_sum, self.epoch, step)
-            seen = self.seen * self.trainers
-            self.progress.update(step + 1, loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}%",
-                                 img_s=f"{(self.seen - self.state.seen) * self.trainers / (time.perf_counter() - self.t_start):.1f}")
-        if self.at_step and step + 1 < self.steps and self.at_step(step + 1, lambda: self.snapshot(step + 1)):
-            self.clock.mark("checkpoint")  # a --checkpoint-every checkpoint was written after this step
-
-    def snapshot(self, done):
-        """The EpochState after `done` steps (a host sync)."""
-        synchronize(self.ctx.device)
-        now, state, skip = time.perf_counter(), self.state, self.warmup - self.first
-        phases, times = self.clock.phase_sums(skip=skip), self.clock.step_times(skip=skip)
-        compute = self.clock.per_step("compute", skip=skip)
-        return EpochState(
-            self.epoch, done, self.sums.tolist(), self.seen, self.timed_seen,
-            state.losses + torch.stack(self.losses).float().tolist(), list(self.lrs),
-            state.elapsed + now - self.t_start, state.timed + (now - self.t_timed if done > self.warmup else 0.0),
-            state.timed_steps + len(times), {k: state.phases.get(k, 0.0) + phases.get(k, 0.0)
-                                             for k in {*state.phases, *phases}},
-            [a + b for a, b in zip(state.step_moments, (sum(times), sum(t * t for t in times)))],
-            [a + b for a, b in zip(state.compute_moments, (sum(compute), sum(t * t for t in compute)))])
-
-    def finish(self):
-        """The epoch's record, reduced over the trainers (every trainer calls it after the last step)."""
-        if self.tracer:
-            self.tracer.at(self.steps)
-        record = epoch_record(self.ctx, self.group, self.snapshot(self.steps), self.steps, self.trainers)
-        return {**record, **({"profile": self.tracer.summary} if self.tracer and self.tracer.summary else {})}
-
-
 def epoch_record(ctx, group, done, steps, trainers):
     """The record of an epoch whose EpochState is `done`, every figure reduced over the trainers in `group`."""
     # Every rank reduces the same phases: a rank may have none of some (a sharded PS rank that owns no tensor never
@@ -279,17 +181,6 @@ def epoch_record(ctx, group, done, steps, trainers):
     }
 
 
-def run_epoch(ctx, args, epoch, loader, steps, train_step, *, end_of_epoch=None, **options):
-    """One epoch of `train_step(images, targets, clock, lr) -> (loss, logits)`, the loop the scripts write out;
-    `end_of_epoch(clock)` runs inside the last step's clock; `options` as Epoch's. Returns the epoch's record."""
-    epoch_steps = Epoch(ctx, args, epoch, loader, steps, **options)
-    for images, targets in epoch_steps:
-        epoch_steps.count(*train_step(images, targets, epoch_steps.clock, epoch_steps.lr), targets)
-    if end_of_epoch:
-        end_of_epoch(epoch_steps.clock)
-    return epoch_steps.finish()
-
-
 def next_step_batches(batches, ctx, args, proxy=None):
     """The next step's batch on the device (the proxy's with --compute-model); with --accumulate K, lists of its K
     micro-batches' images and targets."""
@@ -300,6 +191,15 @@ def next_step_batches(batches, ctx, args, proxy=None):
     if args.accumulate == 1:
         return pairs[0]
     return [images for images, _ in pairs], [targets for _, targets in pairs]
+
+
+def scaling_efficiency(record, overhead, trainers, args):
+    """{"scaling_efficiency": measured throughput over trainers x the yardstick's no-communication throughput of
+    one}, or {} without a yardstick."""
+    if not overhead:
+        return {}
+    ideal = len(trainers) * args.batch_size * args.accumulate / overhead["local_step_time"]
+    return {"scaling_efficiency": record["train_throughput"] / ideal}
 
 
 def _stdev(total, squares, n):

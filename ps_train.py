@@ -316,7 +316,7 @@ def make_method(args, ctx, info, model, weights=None):
 def train(run, worker_step, end_of_epoch):
     """A worker's training loop (the guide's worker): on each batch, forward and backward, push the gradients,
     pull the new parameters (driver.Run keeps the rest: resume or yardstick, validation, checkpoints, results;
-    measure.Epoch the clock, the sums, the learning rate)."""
+    driver.Epoch the clock, the sums, the learning rate)."""
     for epoch in run.epochs():
         steps = run.steps()  # this epoch's batches on this worker's shard, its clock and learning rate
         for images, targets in steps:

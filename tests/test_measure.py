@@ -39,7 +39,7 @@ def test_run_epoch_counts_losses_and_phases():
         seen_lrs.append(lr)
         return next(losses), torch.tensor([[1.0, 0.0]] * 4)  # always predicts class 0: 50% correct
 
-    rec = measure.run_epoch(_ctx(), args, 1, [(images, targets)] * 5, 3, step)  # the loader has more: 3 steps
+    rec = driver.run_epoch(_ctx(), args, 1, [(images, targets)] * 5, 3, step)  # the loader has more: 3 steps
     assert rec["all_losses"] == [1.0, 2.0, 3.0] and rec["steps"] == 3
     assert rec["train_loss"] == pytest.approx(2.0) and rec["train_accuracy"] == pytest.approx(50.0)
     assert rec["images_trained"] == 12 and rec["warmup_steps"] == 1
@@ -51,7 +51,7 @@ def test_run_epoch_counts_losses_and_phases():
 def test_progress_without_a_terminal_is_plain_lines(capsys):
     args = _args("--log-every", "2")
     batch = (torch.randn(2, 3), torch.tensor([0, 1]))
-    measure.run_epoch(_ctx(), args, 1, [batch] * 5, 5, lambda x, y, c, lr: (torch.tensor(1.0), torch.zeros(2, 2)))
+    driver.run_epoch(_ctx(), args, 1, [batch] * 5, 5, lambda x, y, c, lr: (torch.tensor(1.0), torch.zeros(2, 2)))
     out = capsys.readouterr().out
     assert "\r" not in out
     assert [line.split(" loss")[0] for line in out.splitlines()] == [
@@ -62,7 +62,7 @@ def _nan_on_rank_1(rank, world_size):
     def step(x, y, clock, lr):
         return torch.tensor(float("nan") if rank == 1 else 1.0), torch.zeros(2, 2)
     try:
-        measure.run_epoch(_ctx(rank, world_size), _args("--log-every", "2"), 1,
+        driver.run_epoch(_ctx(rank, world_size), _args("--log-every", "2"), 1,
                           [(torch.randn(2, 3), torch.tensor([0, 1]))] * 4, 4, step)
     except common.UserError as e:
         return str(e)
@@ -81,7 +81,7 @@ def _update_on_rank_0_only(rank, world_size):
             clock.mark("update")
         return torch.tensor(1.0), torch.zeros(2, 2)
     args = _args("--log-every", "2", "--timeout", "0.5")
-    return measure.run_epoch(_ctx(rank, world_size), args, 1, [(torch.randn(2, 3), torch.tensor([0, 1]))] * 3, 3,
+    return driver.run_epoch(_ctx(rank, world_size), args, 1, [(torch.randn(2, 3), torch.tensor([0, 1]))] * 3, 3,
                              step)["phase_times"]
 
 
@@ -338,3 +338,30 @@ def test_the_report_says_the_slow_link_the_run_named():
     rec["slow"] = None
     assert node_link_words([{"epoch": 1, "node_links": rec}]).startswith("no node's link was slower")
     assert node_link_words([{"epoch": 1}]) is None
+
+
+def test_a_declared_phase_is_timed_on_the_main_thread_only():
+    """measure.phase: the clock the owner holds closes `after` on entry and the phase on return; a call on another
+    thread (a communication thread) and an owner without a clock record nothing."""
+    import threading
+
+    class Room:
+        clock = None
+
+        @measure.phase("pull", after="compute")
+        def wait(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+    room = Room()
+    assert room.wait(0.0) == 0.0  # no clock: nothing to time, the result unchanged
+    room.clock = measure.StepClock(torch.device("cpu"))
+    room.clock.begin()
+    time.sleep(0.02)
+    assert room.wait(0.03) == 0.03
+    other = threading.Thread(target=room.wait, args=(0.0,))
+    other.start()
+    other.join()
+    assert [name for name, _ in room.clock.steps[-1]] == ["begin", "compute", "pull"]
+    sums = room.clock.phase_sums()
+    assert sums["compute"] >= 0.02 and 0.03 <= sums["pull"] < 0.03 + 0.02
