@@ -57,7 +57,8 @@ class _Exchanges:
     (the same on every rank): next_partition's rule. The first exchange of a step knows nothing yet: partition 0.
     A communication thread decides, starts and ends the exchanges, on a process group of its own, so the training
     thread's collectives (buffers, the loss sums, validation) never interleave with them.
-    The gradient hook (_full) tells the thread that a partition is full."""
+    The gradient hook (_full) tells the thread that a partition is full; the training thread waits in _receive for
+    the partitions it updates."""
 
     def _full(self, i):  # in the gradient hook (autograd's thread)
         event = record_event(self.device)  # the communication thread's stream waits for it
@@ -97,6 +98,23 @@ class _Exchanges:
         work.wait()
         counts = wire[-len(self.buckets):].tolist()
         return {i for i, n in enumerate(counts) if n > self.world_size - 0.5}
+
+    @measure.phase("comm", after="compute")
+    def _receive(self, job, parts):
+        """Waits for the exchanges of `parts` (the step's "comm"; what ran before, its "compute"); their averages into
+        the buckets."""
+        for b in parts:
+            with self.changed:
+                self.changed.wait_for(lambda: job.works[b] is not None or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            work, wire = job.works[b]
+            work.wait()
+            bucket = self.buckets[b]
+            if wire is not bucket.flat:
+                bucket.grads.copy_(wire[:bucket.grads.numel()])
+                if wire.is_cuda:
+                    wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
 
 
 class _StandIns:
@@ -260,20 +278,12 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         parts = [b for b in parts if b not in job.applied]
         if not parts:
             return
-        self.clock.mark("compute")
-        for b in parts:
-            with self.changed:
-                self.changed.wait_for(lambda: job.works[b] is not None or self.error is not None)
-            if self.error is not None:
-                raise self.error
-            work, wire = job.works[b]
-            work.wait()
-            bucket = self.buckets[b]
-            if wire is not bucket.flat:
-                bucket.grads.copy_(wire[:bucket.grads.numel()])
-                if wire.is_cuda:
-                    wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
-        self.clock.mark("comm")
+        self._receive(job, parts)
+        self._update(job, parts)
+
+    @measure.phase("update")
+    def _update(self, job, parts):
+        """The update of the parameters of `parts`, whose exchanges have landed."""
         params = [p for b in parts for p in self.buckets[b].tensors]
         left = self._step_grads(job, params)
         with torch.autocast(self.device.type, enabled=False):
@@ -281,4 +291,3 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         if left is not None:
             self._settle(job, params, left)
         job.applied.update(parts)
-        self.clock.mark("update")
