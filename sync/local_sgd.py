@@ -38,8 +38,8 @@ class LocalSGD:
             flat.unpack()
         self.model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
-    def begin(self, kind, clock=None, lr=None):
-        self.kind = kind
+    def begin(self, clock=None, lr=None, *, communicate=True, overlap=True):
+        pass  # nothing to set up: the exchange is the average after the update (average_parameters)
 
     def broadcast_buffers(self):
         pass  # each rank keeps its own buffers between averages

@@ -155,8 +155,8 @@ class _StandIns:
 class PipelinedSync(_Exchanges, _StandIns, GradSync):
     """--sync pipelined (P3, ByteScheduler): the buckets are partitions of <= --bucket-mb, each all-reduced as backward
     fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
-    same math as one optimizer.step(). A "comm" step returns with exchanges in flight; the next forward waits, in a
-    forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
+    same math as one optimizer.step(). An overlapped step returns with exchanges in flight; the next forward waits,
+    in a forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
     update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
 
     The order of the exchanges, which every rank agrees on, and the thread that starts them: _Exchanges.
@@ -197,15 +197,14 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
     def _tail(self, count, params):
         return count  # the readiness vector
 
-    def begin(self, kind, clock=None, lr=None):
-        self.clock = clock or measure.NoClock()
-        if kind != "comm":
-            self.flush()  # "local" and "blocking" start with nothing in flight
-        super().begin(kind)
-        if kind == "comm":
+    def begin(self, clock=None, lr=None, *, communicate=True, overlap=True):
+        super().begin(clock or measure.NoClock(), lr, communicate=communicate, overlap=overlap)
+        if self.overlapped:  # this step's exchange runs on into the next forward
             self.pending, self.job = self.job, _AllReduceJob(len(self.buckets), lr)
             self.last_order = self.job.order
             self.jobs.put(self.job)
+        else:
+            self.flush()  # no exchange, or one after backward: the step starts with nothing in flight
 
     def _take_in(self):
         """Before gradients are touched again, the update the last forward took in must be complete: a partition it
@@ -232,7 +231,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
 
     def zero_grad(self):
         self._take_in()
-        if self.kind == "comm":
+        if self.overlapped:
             # The forward is over, so rank 0's buffers are already those the next forward starts from (backward and
             # the update leave them alone): their broadcast starts now, while the link is free, not behind the
             # exchange at the next step's start.
@@ -249,7 +248,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
             buffer.unpack()
 
     def _finish(self):
-        if self.kind != "comm":
+        if not self.overlapped:
             return super()._finish()
         self.job.unused = self._end_backward()  # the exchanges run on into the next forward
         if not self.driven:  # the learning rates of this step, whatever a scheduler does before the update
@@ -268,7 +267,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         self.pending = self.job = self.early = None
 
     def _before_forward(self, needs):
-        if self.pending is not None and self.kind == "comm":
+        if self.pending is not None and self.overlapped:
             self._apply(self.pending, needs)
             if len(self.pending.applied) == len(self.buckets):
                 self.pending = None
