@@ -65,8 +65,9 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
     criterion = nn.CrossEntropyLoss()
 
     def train_step(images, targets, clock, lr, kind="comm"):
-        sync.begin(kind, clock, lr)
-        if kind != "local":
+        communicate, overlap = kind != "local", kind == "comm"  # the yardstick's kind in the sync's own terms
+        sync.begin(clock, lr, communicate=communicate, overlap=overlap)
+        if communicate:
             sync.broadcast_buffers()
             clock.mark("buffers")
         micro, losses, outputs = common.micro_batches(images, targets), [], []
@@ -82,17 +83,17 @@ def make_train_step(model, sync, optimizer, scaler, args, ctx):
             losses.append(loss)
             outputs.append(logits)
         clock.mark("compute")
-        if kind != "local":
+        if communicate:
             sync.finish()  # averages the scaled gradients; scaler.step unscales them, as under DDP
             clock.mark("comm")
         loss, logits = (loss, logits) if len(micro) == 1 else common.accumulated(losses, outputs)
-        if kind == "comm" and sync.pipelined:
+        if overlap and sync.pipelined:
             return loss, logits
         common.set_lr(optimizer, lr)
         scaler.step(optimizer)
         scaler.update()
         clock.mark("update")
-        if kind != "local" and sync.averages_parameters:  # local SGD: every H steps, after the update
+        if communicate and sync.averages_parameters:  # local SGD: every H steps, after the update
             sync.average_parameters()
             clock.mark("comm")
         return loss, logits

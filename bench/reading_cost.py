@@ -47,13 +47,13 @@ VARIANTS = {
                                            "sync/pipelined_allreduce.py:_StandIns",
                                            "sync/pipelined_allreduce.py:_optimizer_step",
                                            "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
-                                           "sync/buckets.py:sgd_step"] + LOOP,
+                                           "sync/buckets.py:sgd_step", "measure.py:phase"] + LOOP,
     "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
     "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:Pipelined",
                                    "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer"] + LOOP,
-    "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD"] + LOOP,
+    "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD", "measure.py:phase"] + LOOP,
 }
 
 

@@ -197,7 +197,8 @@ class GradSync(_DdpContract):
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
         self.buffer_list = list(model.buffers())
         self.buffers = common.flat_by_dtype(self.buffer_list)
-        self._take_kind("comm")  # a loop of its own never calls begin(): every step is a "comm" one
+        # a loop of its own never calls begin(): every step communicates, overlapped as the mode says
+        self.communicates, self.overlapped = True, mode in OVERLAPPED
         self.driven = False  # True once a loop calls begin(): it then broadcasts the buffers and finishes itself
         # no_sync() turns sync_grads off; each forward with grad copies it into sync_backward, and says whether the
         # next forward takes rank 0's buffers (DDP's require_backward_grad_sync and require_forward_param_sync)
@@ -213,17 +214,12 @@ class GradSync(_DdpContract):
     def _tail(self, count, params):
         return 0  # elements after a bucket's gradients
 
-    def begin(self, kind, clock=None, lr=None):
-        """A step of `kind` at learning rate `lr` starts: "comm" synchronizes as the mode says, "blocking" the same
-        buckets after backward, "local" not at all (the yardstick's kinds). The kit's loop calls it."""
-        self._take_kind(kind)
-        self.driven = True
-
-    def _take_kind(self, kind):
-        """The step's kind in the exchange's own terms, so that no test of `kind` sits inside it: whether this step
-        communicates at all, and whether its buckets start from the gradient hooks (else after backward)."""
-        self.kind = kind  # PipelinedSync still reads it
-        self.communicates, self.overlapped = kind != "local", kind == "comm" and self.mode in OVERLAPPED
+    def begin(self, clock=None, lr=None, *, communicate=True, overlap=True):
+        """A step at learning rate `lr` starts, timed by `clock`: it synchronizes (`communicate`) or not, its buckets
+        starting from the gradient hooks in the overlapped modes (`overlap`) or after backward. The kit's loop calls
+        it (its train_step turns the yardstick's kind of step into these terms)."""
+        self.clock, self.driven = clock, True
+        self.communicates, self.overlapped = communicate, communicate and overlap and self.mode in OVERLAPPED
 
     def zero_grad(self):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
@@ -278,7 +274,7 @@ class GradSync(_DdpContract):
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world_size)
             return
-        if self.overlapped:  # overlap, hierarchical (a pipelined "comm" step ends in PipelinedSync._finish)
+        if self.overlapped:  # overlap, hierarchical (an overlapped pipelined step ends in PipelinedSync._finish)
             for work, wire, bucket in self.in_flight:
                 work.wait()
                 if wire is not bucket.flat:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import measure
 
 
 class LocalSGD:
@@ -37,8 +38,8 @@ class LocalSGD:
             flat.unpack()
         self.model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
-    def begin(self, kind, clock=None, lr=None):
-        self.kind = kind
+    def begin(self, clock=None, lr=None, *, communicate=True, overlap=True):
+        pass  # nothing to set up: the exchange is the average after the update (average_parameters)
 
     def broadcast_buffers(self):
         pass  # each rank keeps its own buffers between averages
@@ -61,9 +62,16 @@ class LocalSGD:
         if self.steps % self.local_steps == 0:
             self.average_now()
 
-    @torch.no_grad()
     def average_now(self, clock=None):
-        """The average, whatever the count: at the end of an epoch, so that every rank validates one model."""
+        """The average, whatever the count: at the end of an epoch, so that every rank validates one model (inside
+        `clock` when given, its "comm")."""
+        self.clock = clock
+        self._average()
+
+    @measure.phase("comm")
+    @torch.no_grad()
+    def _average(self):
+        """Parameters and buffers become their mean over the ranks."""
         for flat in self.flats:
             tensor = flat.pack()
             dist.all_reduce(tensor)
@@ -72,8 +80,6 @@ class LocalSGD:
             else:
                 tensor.div_(self.world_size, rounding_mode="floor")
             flat.unpack()
-        if clock is not None:
-            clock.mark("comm")
 
     def state_dict(self):
         return {"steps": self.steps}

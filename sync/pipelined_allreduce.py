@@ -57,7 +57,8 @@ class _Exchanges:
     (the same on every rank): next_partition's rule. The first exchange of a step knows nothing yet: partition 0.
     A communication thread decides, starts and ends the exchanges, on a process group of its own, so the training
     thread's collectives (buffers, the loss sums, validation) never interleave with them.
-    The gradient hook (_full) tells the thread that a partition is full."""
+    The gradient hook (_full) tells the thread that a partition is full; the training thread waits in _receive for
+    the partitions it updates."""
 
     def _full(self, i):  # in the gradient hook (autograd's thread)
         event = record_event(self.device)  # the communication thread's stream waits for it
@@ -98,6 +99,23 @@ class _Exchanges:
         counts = wire[-len(self.buckets):].tolist()
         return {i for i, n in enumerate(counts) if n > self.world_size - 0.5}
 
+    @measure.phase("comm", after="compute")
+    def _receive(self, job, parts):
+        """Waits for the exchanges of `parts` (the step's "comm"; what ran before, its "compute"); their averages into
+        the buckets."""
+        for b in parts:
+            with self.changed:
+                self.changed.wait_for(lambda: job.works[b] is not None or self.error is not None)
+            if self.error is not None:
+                raise self.error
+            work, wire = job.works[b]
+            work.wait()
+            bucket = self.buckets[b]
+            if wire is not bucket.flat:
+                bucket.grads.copy_(wire[:bucket.grads.numel()])
+                if wire.is_cuda:
+                    wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
+
 
 class _StandIns:
     """PipelinedSync in a loop of its own: between backward and the update .grad points at stand-ins, and what the
@@ -137,8 +155,8 @@ class _StandIns:
 class PipelinedSync(_Exchanges, _StandIns, GradSync):
     """--sync pipelined (P3, ByteScheduler): the buckets are partitions of <= --bucket-mb, each all-reduced as backward
     fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
-    same math as one optimizer.step(). A "comm" step returns with exchanges in flight; the next forward waits, in a
-    forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
+    same math as one optimizer.step(). An overlapped step returns with exchanges in flight; the next forward waits,
+    in a forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
     update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
 
     The order of the exchanges, which every rank agrees on, and the thread that starts them: _Exchanges.
@@ -179,15 +197,14 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
     def _tail(self, count, params):
         return count  # the readiness vector
 
-    def begin(self, kind, clock=None, lr=None):
-        self.clock = clock or measure.NoClock()
-        if kind != "comm":
-            self.flush()  # "local" and "blocking" start with nothing in flight
-        super().begin(kind)
-        if kind == "comm":
+    def begin(self, clock=None, lr=None, *, communicate=True, overlap=True):
+        super().begin(clock or measure.NoClock(), lr, communicate=communicate, overlap=overlap)
+        if self.overlapped:  # this step's exchange runs on into the next forward
             self.pending, self.job = self.job, _AllReduceJob(len(self.buckets), lr)
             self.last_order = self.job.order
             self.jobs.put(self.job)
+        else:
+            self.flush()  # no exchange, or one after backward: the step starts with nothing in flight
 
     def _take_in(self):
         """Before gradients are touched again, the update the last forward took in must be complete: a partition it
@@ -214,7 +231,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
 
     def zero_grad(self):
         self._take_in()
-        if self.kind == "comm":
+        if self.overlapped:
             # The forward is over, so rank 0's buffers are already those the next forward starts from (backward and
             # the update leave them alone): their broadcast starts now, while the link is free, not behind the
             # exchange at the next step's start.
@@ -231,7 +248,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
             buffer.unpack()
 
     def _finish(self):
-        if self.kind != "comm":
+        if not self.overlapped:
             return super()._finish()
         self.job.unused = self._end_backward()  # the exchanges run on into the next forward
         if not self.driven:  # the learning rates of this step, whatever a scheduler does before the update
@@ -250,7 +267,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         self.pending = self.job = self.early = None
 
     def _before_forward(self, needs):
-        if self.pending is not None and self.kind == "comm":
+        if self.pending is not None and self.overlapped:
             self._apply(self.pending, needs)
             if len(self.pending.applied) == len(self.buckets):
                 self.pending = None
@@ -260,20 +277,12 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         parts = [b for b in parts if b not in job.applied]
         if not parts:
             return
-        self.clock.mark("compute")
-        for b in parts:
-            with self.changed:
-                self.changed.wait_for(lambda: job.works[b] is not None or self.error is not None)
-            if self.error is not None:
-                raise self.error
-            work, wire = job.works[b]
-            work.wait()
-            bucket = self.buckets[b]
-            if wire is not bucket.flat:
-                bucket.grads.copy_(wire[:bucket.grads.numel()])
-                if wire.is_cuda:
-                    wire.record_stream(torch.cuda.current_stream())  # made on the thread's stream, read here
-        self.clock.mark("comm")
+        self._receive(job, parts)
+        self._update(job, parts)
+
+    @measure.phase("update")
+    def _update(self, job, parts):
+        """The update of the parameters of `parts`, whose exchanges have landed."""
         params = [p for b in parts for p in self.buckets[b].tensors]
         left = self._step_grads(job, params)
         with torch.autocast(self.device.type, enabled=False):
@@ -281,4 +290,3 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
         if left is not None:
             self._settle(job, params, left)
         job.applied.update(parts)
-        self.clock.mark("update")

@@ -64,7 +64,7 @@ def make_sync(model, mode, bucket_mb, compress="none", optimizer=None, scaler=No
 def ours_step(sync, model, opt, x, y, lr=0.1, scaler=None, autocast=None):
     """One step of ours as train_step takes it; returns the buckets launched during backward. Pipelined: the
     update happens in the next forward (or flush), every other mode updates here."""
-    sync.begin("comm", lr=lr)
+    sync.begin(lr=lr)
     sync.broadcast_buffers()
     with autocast or contextlib.nullcontext():
         loss = nn.functional.cross_entropy(model(x), y)
@@ -97,7 +97,7 @@ def _match_ddp(rank, world_size, configs, steps=3):
         for step in range(steps):
             x, y = _batch(step, rank)
             if sync.pipelined:
-                sync.begin("comm", lr=0.1)
+                sync.begin(lr=0.1)
                 pending = sync.pending  # the step before's exchange: this forward waits for it and applies it
                 untouched = pending is not None and not pending.applied
                 sync.broadcast_buffers()
@@ -303,7 +303,7 @@ def _refusals(rank, mode):
     x, y = _batch(0, rank)
     model = WithUnused()
     sync = make_sync(model, mode, TINY_MB, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    sync.begin("comm", lr=0.1)
+    sync.begin(lr=0.1)
     sync.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     try:
@@ -313,7 +313,7 @@ def _refusals(rank, mode):
         out["unused"] = str(e)
     model = small_model(0)
     sync = make_sync(model, mode, TINY_MB, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    sync.begin("comm", lr=0.1)
+    sync.begin(lr=0.1)
     sync.zero_grad()
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
@@ -339,7 +339,7 @@ def _pipelined_priority(rank):
     backward_done, exchange = threading.Event(), sync._exchange
     sync._exchange = lambda job: (backward_done.wait(), exchange(job))
     x, y = _batch(0, rank)
-    sync.begin("comm", lr=0.1)
+    sync.begin(lr=0.1)
     loss = nn.functional.cross_entropy(model(x), y)
     sync.zero_grad()
     loss.backward()
