@@ -18,10 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # The loop itself is in each script (its `train`); around it, what every one calls: the run's epochs and an
-# epoch's steps (driver.py). The step clock and the epoch's record (measure.py) are how the kit measures, called
-# by name like data or checkpoints; the last column counts them too (the count before the loop moved to driver.py).
+# epoch's steps (driver.py). The step clock, its phase declarations and the epoch's record (measure.py) are how
+# the kit measures, called by name like data or checkpoints; the last column counts them too.
 LOOP = ["driver.py:Run", "driver.py:_epoch_lines", "driver.py:Epoch"]
-CLOCKS = ["measure.py:StepClock", "measure.py:epoch_record"]
+CLOCKS = ["measure.py:StepClock", "measure.py:phase", "measure.py:epoch_record"]
 DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
        "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
@@ -47,13 +47,13 @@ VARIANTS = {
                                            "sync/pipelined_allreduce.py:_StandIns",
                                            "sync/pipelined_allreduce.py:_optimizer_step",
                                            "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
-                                           "sync/buckets.py:sgd_step", "measure.py:phase"] + LOOP,
+                                           "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
     "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:Pipelined",
                                    "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer"] + LOOP,
-    "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD", "measure.py:phase"] + LOOP,
+    "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD"] + LOOP,
 }
 
 
