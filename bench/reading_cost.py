@@ -29,8 +29,10 @@ AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "
 PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:make_transport",
       "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:train", "ps_train.py:serve",
       "ps_train.py:main",
-      "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:update",
-      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
+      "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:gather",
+      "sync/ps_server.py:server_update", "sync/ps_server.py:update",
+      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport",
+      "measure.py:phase"]  # the rooms' phases are declared with measure.phase
 GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
 
 VARIANTS = {
@@ -50,8 +52,10 @@ VARIANTS = {
                                            "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
-    "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:Pipelined",
-                                   "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
+    "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:_PushPullJob",
+                                   "sync/ps_pipelined.py:_Updater", "sync/ps_pipelined.py:_Exchange",
+                                   "sync/ps_pipelined.py:Pipelined", "sync/buckets.py:run_jobs",
+                                   "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer"] + LOOP,
     "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD"] + LOOP,
 }

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import measure
 from sync.buckets import record_event
 from sync.ps_collective import Collective, Transport
 from sync.ps_layout import SERVER
@@ -21,9 +22,10 @@ class _AsyncServer:
     (_read_tickets) and a sender thread answers the pulls (_send_pulls), under Async's rules."""
 
     @torch.no_grad()
-    def serve(self, pushes, optimizer, lr_of, clock, after_push=None):
+    def serve(self, pushes, optimizer, lr_of, after_push=None):
         """Server: answers tickets until `pushes` gradients have been applied (`after_push(n)` after the n-th, in
-        this thread); returns their staleness. The tickets after the last push are left to the next call."""
+        this thread); returns their staleness. The tickets after the last push are left to the next call. Its
+        phases (on the clock it holds): the wait for a push, its receive, its update."""
         inbox, outbox, staleness = queue.Queue(), queue.Queue(), []
         self.sent_seconds = 0.0
         threads = [threading.Thread(target=self._read_tickets, args=(pushes, inbox, outbox), daemon=True),
@@ -31,37 +33,51 @@ class _AsyncServer:
         for thread in threads:
             thread.start()
         while len(staleness) < pushes:
-            item = inbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            worker, version = item
-            clock.mark("wait")
-            for bucket in self.layout.push:
-                dist.recv(bucket.flat, src=worker, group=self.pushes)
-            with self.changed:
-                self.received += 1
-            dist.send(torch.zeros(1), dst=worker, group=self.receipts)
-            clock.mark("receive")
-            with self.changed:
-                if self.packed is not None:
-                    torch.cuda.current_stream().wait_event(self.packed)
-                staleness.append(self.version - version)
-                self.latest[worker] = [b.flat.clone() for b in self.layout.buffer_buckets]
-                for i, bucket in enumerate(self.layout.buffer_buckets):
-                    bucket.flat.copy_(sum(latest[i] for latest in self.latest.values()) / len(self.latest))
-                    bucket.unpack()
-                common.set_lr(optimizer, lr_of(len(staleness) - 1) / self.num_workers)
-                optimizer.step()  # the gradients are views of what was just received
-                self.version += 1
-                self.applied += 1
-                self.updated = record_event(self.device)
-                self.changed.notify_all()
-            clock.mark("update")
+            worker, version = self._next_push(inbox)
+            self._receive(worker)
+            staleness.append(self._apply_push(worker, version, optimizer, lr_of(len(staleness))))
             if after_push:
                 after_push(len(staleness))
         for thread in threads:
             thread.join()
         return staleness
+
+    @measure.phase("wait")
+    def _next_push(self, inbox):
+        """The next push's (worker, version), in ticket order (a reader's or sender's error: raised here)."""
+        item = inbox.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    @measure.phase("receive")
+    def _receive(self, worker):
+        """A worker's gradients (and buffers) received whole, then its receipt sent."""
+        for bucket in self.layout.push:
+            dist.recv(bucket.flat, src=worker, group=self.pushes)
+        with self.changed:
+            self.received += 1
+        dist.send(torch.zeros(1), dst=worker, group=self.receipts)
+
+    @measure.phase("update")
+    def _apply_push(self, worker, version, optimizer, lr):
+        """The push received from `worker` (computed on `version`) applied at `lr`, under the state's lock: the
+        buffers' mean of each worker's latest, one optimizer step. Returns its staleness."""
+        with self.changed:
+            if self.packed is not None:
+                torch.cuda.current_stream().wait_event(self.packed)
+            stale = self.version - version
+            self.latest[worker] = [b.flat.clone() for b in self.layout.buffer_buckets]
+            for i, bucket in enumerate(self.layout.buffer_buckets):
+                bucket.flat.copy_(sum(latest[i] for latest in self.latest.values()) / len(self.latest))
+                bucket.unpack()
+            common.set_lr(optimizer, lr / self.num_workers)
+            optimizer.step()  # the gradients are views of what was just received
+            self.version += 1
+            self.applied += 1
+            self.updated = record_event(self.device)
+            self.changed.notify_all()
+        return stale
 
     def _read_tickets(self, pushes, inbox, outbox):
         """The server's reader: pushes to the server's thread in arrival order; pulls to the sender, each with
@@ -140,8 +156,9 @@ class Async(_AsyncServer, Transport):
     def load_state_dict(self, state):
         self.version, self.latest = state["version"], {int(w): b for w, b in state["latest"].items()}
 
-    def _ticket(self, kind):
-        dist.send(torch.tensor([kind, self.version]), dst=SERVER, group=self.tickets)
+    def _ticket(self, what):
+        """A worker: tells the server what it asks for next (PULL or PUSH), with the version it holds."""
+        dist.send(torch.tensor([what, self.version]), dst=SERVER, group=self.tickets)
 
     @torch.no_grad()
     def pull(self):  # worker
@@ -166,7 +183,8 @@ class Async(_AsyncServer, Transport):
         self.final.final_pull(scaler)
 
     def serve_step(self, optimizer, scaler, lr, clock):
-        self.serve(self.num_workers, optimizer, lambda i: lr, clock)
+        self.clock = clock
+        self.serve(self.num_workers, optimizer, lambda i: lr)
 
     def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
         """A step's worth of gradients (one per worker) between checkpoints, so that a checkpoint after step k
@@ -178,8 +196,9 @@ class Async(_AsyncServer, Transport):
             if after_step and applied % w == 0 and start + applied // w < steps:
                 after_step(start + applied // w)
 
+        self.clock = clock
         clock.begin()
-        stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), clock, at)
+        stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), at)
         self.final_pull(scaler)  # the epoch's model, to everyone
         sums, served = clock.phase_sums(), steps - start
         return ServerStats(self.sent_seconds / served, sums.get("wait", 0.0) / served,

@@ -54,20 +54,20 @@ class Transport:
             serve(self, scaler)
 
     def serve_step(self, optimizer, scaler, lr, clock):
-        server_step(self, optimizer, scaler, lr, clock)
+        self.clock = clock
+        server_step(self, optimizer, scaler, lr)
 
     def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
         """The single server's epoch: steps `start` to `steps`, `after_step(done)` after each (the trainers'
         checkpoints), then the final pull as part of the last. Returns its figures, seconds per step after the
         first `warmup` of those steps."""
-        lrs = [lr_at(step) for step in range(steps)]
+        lrs, self.clock = [lr_at(step) for step in range(steps)], clock
         for step in range(start, steps):
             clock.begin()
-            server_step(self, optimizer, scaler, lrs[step], clock)
+            server_step(self, optimizer, scaler, lrs[step])
             if after_step and step + 1 < steps:
                 after_step(step + 1)
         serve(self, scaler)
-        clock.mark("serve")
         sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
         return ServerStats(*(sums.get(k, 0.0) / timed for k in ("serve", "push_wait", "update")), lrs=lrs)
 
@@ -162,15 +162,18 @@ class Overlap(Collective):
     def finish_pull(self):
         self._wait_pull(sorted(self.pending))
 
-    @torch.no_grad()
     def _wait_pull(self, indices):
         for i in indices:
             if i in self.pending and self.active:
-                self.clock.mark("compute")
-                self.pending.pop(i).wait()
-                if self.rank != self.layout.pull[i].owner:
-                    self.layout.pull[i].unpack()
-                self.clock.mark("pull")
+                self._take_pull(i)
+
+    @measure.phase("pull", after="compute")
+    @torch.no_grad()
+    def _take_pull(self, i):
+        """Waits for pull bucket `i` and takes it into the model."""
+        self.pending.pop(i).wait()
+        if self.rank != self.layout.pull[i].owner:
+            self.layout.pull[i].unpack()
 
     def _grad_ready(self, param):
         if not self.active:

@@ -27,7 +27,173 @@ class _PushPullJob:
         self.arrived = [False] * count  # ServerRanks --push-order priority: an owner's partition, all pushes in
 
 
-class Pipelined(Transport):
+class _Updater:
+    """An owner's updater thread (Pipelined's): each partition it owns summed, averaged, updated and packed for its
+    pull as soon as its pushes are in."""
+
+    @torch.no_grad()
+    def _update_owned(self, job):
+        """Each partition this rank owns, in the order its pushes arrive, so that the pull phase finds them ready
+        (only the last one waits)."""
+        for p in self.owned:
+            self._wait(lambda: job.receives[p] is not None)
+            if self.trains:
+                self._ready_here(job, p)
+            for received in job.receives[p]:
+                received.wait()
+            self._update_and_pack(job, p)
+
+    def _update_and_pack(self, job, p):
+        """Partition `p` updated and packed for its pull (its seconds added to the job's), then said to be."""
+        start = time.perf_counter()
+        self._update(job, p)
+        self.layout.pull[p].pack()
+        job.update_seconds += time.perf_counter() - start
+        event = record_event(self.device)  # the owner's next forward, and this partition's pull, wait for it
+        self._publish(job.updated, p, True if event is None else event)
+
+    def _update(self, job, p):
+        """The owner: the sum of the pushes in the trainers' order (its own at its place: the sum p2p and the
+        reference make, exactly), the mean, the update of that partition's parameters alone."""
+        bucket, boxes = self.layout.push[p], iter(self.inbox[p])
+        terms = [bucket.flat if trainer == self.rank else next(boxes) for trainer in self.trainers]
+        total = terms[0]  # the first trainer's own buffer, or the received one (scratch until the next step)
+        for term in terms[1:]:
+            total.add_(term)
+        if total is not bucket.flat:
+            bucket.flat.copy_(total)
+        bucket.flat.div_(len(self.trainers))
+        bucket.unpack_buffers()
+        sgd_step(self.optimizer, bucket.tensors[:bucket.grads], job.lr)
+
+
+class _Exchange(_Updater, Transport):
+    """The pipelined exchange's sequence, as the communication thread (or a server that does not train, in
+    serve_step) runs it, with the owner's updater beside it, and the threads' shared state (a lock, the jobs).
+
+    The order: every rank issues its sends and receives in one sequence fixed by the layout alone: the pushes in
+    partition order (the order backward fills them), then the pulls in reverse (the order the next forward needs
+    them), each owner's sends to its peers in rank order. A pair of ranks therefore issues its matching sends and
+    receives in the same order (NCCL matches them by order and has no any-source receive), and every operation
+    comes after every earlier one in the sequence on both sides, so none can wait for one that comes after it.
+    Rank-local timing (which partition a rank's backward filled first) only delays when a rank issues its part,
+    never the order: there is nothing to agree on while running. The sequence runs on a process group of its own
+    (the training thread's collectives never interleave with it), waiting where it needs its own backward (before
+    a push) or the update of a partition it owns (before that pull). On a GPU both threads issue on one stream of
+    their own, ordered against the training stream by events only, never a host sync. A server's phases (on the
+    clock serve_step gives it): push, push_wait and serve; a trainer's thread is not timed."""
+
+    def __init__(self, layout, rank, trainers, optimizer=None):
+        super().__init__(layout, rank, trainers)
+        self.optimizer, self.device = optimizer, layout.params[0].device
+        self.group = dist.new_group()  # every rank must call new_group
+        self.count = len(layout.push)
+        self.inbox = {p: [torch.empty_like(b.flat) for _ in self.peers(rank)]
+                      for p, b in enumerate(layout.push) if b.owner == rank}  # the others' pushes to my partitions
+        self.changed, self.jobs, self.updates, self.error = threading.Condition(), queue.Queue(), queue.Queue(), None
+        self.owned = [p for p, b in enumerate(layout.push) if b.owner == rank]
+        # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.owned:
+            threading.Thread(target=run_jobs, args=(self, self.updates, self._update_owned, self.stream),
+                             daemon=True).start()
+
+    def _wait(self, condition):
+        with self.changed:
+            self.changed.wait_for(lambda: condition() or self.error is not None)
+        if self.error is not None:
+            raise self.error
+
+    def _publish(self, slots, p, value):
+        """`slots[p] = value`, said to the waiting threads."""
+        with self.changed:
+            slots[p] = value
+            self.changed.notify_all()
+
+    @torch.no_grad()
+    def _exchange(self, job):
+        """This rank's part of the sequence: the step's pushes, then its pulls. The updates of its own partitions
+        run beside it, in the updater, as soon as their pushes are in."""
+        sends = self._push_all(job)
+        for p in reversed(range(self.count)):
+            bucket, work, event = self.layout.pull[p], None, None
+            if bucket.owner == self.rank:
+                event = self._updated(job, p)
+                sends += self._send_out(p, self.peers(self.rank))
+            elif self.trains:
+                work = dist.irecv(bucket.flat, bucket.owner, group=self.group, tag=self.count + p)
+            self._publish(job.pulled, p, (work, event))
+        self._sent(job, sends)
+
+    @measure.phase("push")
+    def _push_all(self, job):
+        """The pushes in partition order: an owner posts its receives, a trainer sends each partition once its
+        backward has filled it. Returns the sends."""
+        sends, peers = [], self.peers(self.rank)
+        if self.owned:
+            self.updates.put(job)
+        for p, bucket in enumerate(self.layout.push):
+            if bucket.owner == self.rank:
+                receives = [dist.irecv(box, peer, group=self.group, tag=p) for box, peer in zip(self.inbox[p], peers)]
+                self._publish(job.receives, p, receives)
+            elif self.trains:
+                self._ready_here(job, p)
+                sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
+        return sends
+
+    @measure.phase("push_wait")
+    def _updated(self, job, p):
+        """Waits for the update of own partition `p`; its event (None on a CPU)."""
+        self._wait(lambda: job.updated[p] is not None)
+        return None if job.updated[p] is True else job.updated[p]
+
+    @measure.phase("serve")
+    def _send_out(self, p, peers):
+        """Own partition `p`, updated, sent to `peers` (the pull tags follow the push tags); its sends."""
+        return [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p) for peer in peers]
+
+    def _sent(self, job, sends):
+        """The step's pushes (and a server's pulls) have left: the exchange is over, said to the waiting threads."""
+        self._wait_sends(sends)
+        with self.changed:
+            job.finished = True
+            self.changed.notify_all()
+
+    @measure.phase("serve")
+    def _wait_sends(self, sends):
+        for work in sends:
+            work.wait()
+
+    def _ready_here(self, job, p):
+        """Waits until this rank's backward has filled partition p, then packs its buffers behind the gradients."""
+        self._wait(lambda: job.ready[p])
+        if job.events[p] is not None:
+            torch.cuda.current_stream().wait_event(job.events[p])
+        self.layout.push[p].pack_buffers()
+
+    # a server that does not train
+    def serve_step(self, optimizer, scaler, lr, clock):
+        self.clock = clock
+        job = _PushPullJob(self.count, lr)
+        self._exchange(job)
+        return job
+
+    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+        """The single server's epoch: one exchange per step, each ending with the trainers' pulls (the epoch's
+        final pull is its last step's). Its update time is the updater's, its wait the rest until a pull."""
+        lrs, updates = [lr_at(step) for step in range(steps)], []
+        for step in range(start, steps):
+            clock.begin()
+            updates.append(self.serve_step(optimizer, scaler, lrs[step], clock).update_seconds)
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
+        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
+        update = sum(updates[warmup:]) / timed
+        return ServerStats(sums.get("serve", 0.0) / timed, sums.get("push_wait", 0.0) / timed - update, update,
+                           lrs=lrs)
+
+
+class Pipelined(_Exchange):
     """--comm pipelined (BytePS's push-sum-pull per partition, P3's order), on the Partitions layout. A partition is
     pushed (its gradients and its modules' buffers, one message) point-to-point to its owner as soon as backward has
     filled it; its owner sums the pushes in the trainers' order (p2p's exact sum), averages and updates that
@@ -42,37 +208,17 @@ class Pipelined(Transport):
     2(N-1)/N x state through every link, each way at once, the all-reduce's bytes (gloo's reduce is not this
     pattern and moved 28% more); with one server, a star of the same messages.
 
-    The order: every rank issues its sends and receives in one sequence fixed by the layout alone: the pushes in
-    partition order (the order backward fills them), then the pulls in reverse (the order the next forward needs
-    them), each owner's sends to its peers in rank order. A pair of ranks therefore issues its matching sends and
-    receives in the same order (NCCL matches them by order and has no any-source receive), and every operation
-    comes after every earlier one in the sequence on both sides, so none can wait for one that comes after it.
-    Rank-local timing (which partition a rank's backward filled first) only delays when a rank issues its part,
-    never the order: there is nothing to agree on while running. A communication thread issues them, on a process
-    group of its own (the training thread's collectives never interleave with them), waiting where the sequence
-    needs its own backward (before a push) or the update of a partition it owns (before that pull). An owner's
-    updater thread sums, updates and packs each of its partitions as soon as its pushes are in (during backward,
-    for all but the last few), so the pulls find them ready. On a GPU both threads issue on one stream of their
-    own, ordered against the training stream by events only, never a host sync. A server that does not train
-    (one server) runs the same sequence in serve_step, with its updater beside it.
+    The threads: the training thread (this class) hands each step's exchange to a communication thread, which
+    issues it in the order _Exchange keeps; an owner's updater thread sums, updates and packs each of its
+    partitions as soon as its pushes are in (during backward, for all but the last few), so the pulls find them
+    ready. A server that does not train (one server) runs the same sequence in serve_step, with its updater beside
+    it.
     """
     overlaps, updates_itself = True, True
 
     def __init__(self, layout, rank, trainers, model, optimizer=None):
-        super().__init__(layout, rank, trainers)
-        self.optimizer, self.device = optimizer, layout.params[0].device
-        self.group = dist.new_group()  # every rank must call new_group
-        self.count = len(layout.push)
-        self.inbox = {p: [torch.empty_like(b.flat) for _ in self.peers(rank)]
-                      for p, b in enumerate(layout.push) if b.owner == rank}  # the others' pushes to my partitions
+        super().__init__(layout, rank, trainers, optimizer)
         self.pending = self.job = None  # the exchange the next forward takes in; the one this step started
-        self.changed, self.jobs, self.updates, self.error = threading.Condition(), queue.Queue(), queue.Queue(), None
-        self.owned = [p for p, b in enumerate(layout.push) if b.owner == rank]
-        # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        if self.owned:
-            threading.Thread(target=run_jobs, args=(self, self.updates, self._update_owned, self.stream),
-                             daemon=True).start()
         if not self.trains:
             return
         part_of = {id(t): i for i, b in enumerate(layout.pull) for t in b.tensors}
@@ -89,7 +235,6 @@ class Pipelined(Transport):
     def blocking_twin(self):
         return self  # inactive, push() runs the whole exchange after backward
 
-    # the training thread
     def pull(self):
         if self.active:  # the exchange the last step left in flight is taken in by this forward, module by module
             if self.pending is not None:
@@ -145,18 +290,15 @@ class Pipelined(Transport):
         self._apply(job, range(self.count))
         self._wait(lambda: job.finished)
 
-    def _wait(self, condition):
-        with self.changed:
-            self.changed.wait_for(lambda: condition() or self.error is not None)
-        if self.error is not None:
-            raise self.error
-
     def _apply(self, job, parts):
-        """Waits for the pulls of `parts` (once each) and takes them into the model."""
+        """Takes the pulls of `parts` into the model, once each."""
         parts = [p for p in parts if p not in job.applied]
-        if not parts:
-            return
-        self.clock.mark("compute")
+        if parts:
+            self._take_in(job, parts)
+
+    @measure.phase("pull", after="compute")
+    def _take_in(self, job, parts):
+        """Waits for the pulls of `parts` and takes them into the model."""
         for p in parts:
             self._wait(lambda: job.pulled[p] is not None)
             work, event = job.pulled[p]
@@ -166,7 +308,6 @@ class Pipelined(Transport):
             elif event is not None:  # the owner: its own update, made on the communication stream
                 torch.cuda.current_stream().wait_event(event)
             job.applied.add(p)
-        self.clock.mark("pull")
 
     def final_pull(self, scaler):
         """Every rank, nothing in flight after it: each owner sends its partitions to every trainer."""
@@ -185,106 +326,3 @@ class Pipelined(Transport):
         for work, bucket in receives:
             work.wait()
             bucket.unpack()
-
-    # the communication thread (on a server that does not train: serve_step) and the owner's updater
-    @torch.no_grad()
-    def _exchange(self, job, clock=None):
-        """This rank's part of the sequence (see the class): the step's pushes, then its pulls. The updates of its
-        own partitions run beside it, in the updater, as soon as their pushes are in."""
-        clock = clock or measure.NoClock()
-        sends, peers = [], self.peers(self.rank)
-        if self.owned:
-            self.updates.put(job)
-        for p, bucket in enumerate(self.layout.push):
-            if bucket.owner == self.rank:
-                receives = [dist.irecv(box, peer, group=self.group, tag=p) for box, peer in zip(self.inbox[p], peers)]
-                with self.changed:
-                    job.receives[p] = receives
-                    self.changed.notify_all()
-            elif self.trains:
-                self._ready_here(job, p)
-                sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
-        clock.mark("push")
-        for p in reversed(range(self.count)):
-            bucket, work, event = self.layout.pull[p], None, None
-            if bucket.owner == self.rank:
-                self._wait(lambda: job.updated[p] is not None)
-                event = None if job.updated[p] is True else job.updated[p]
-                clock.mark("push_wait")
-                sends += [dist.isend(bucket.flat, peer, group=self.group, tag=self.count + p) for peer in peers]
-                clock.mark("serve")
-            elif self.trains:
-                work = dist.irecv(bucket.flat, bucket.owner, group=self.group, tag=self.count + p)
-            with self.changed:
-                job.pulled[p] = work, event
-                self.changed.notify_all()
-        self._sent(job, sends, clock)
-
-    def _sent(self, job, sends, clock):
-        """The step's pushes (and a server's pulls) have left: the exchange is over, said to the waiting threads."""
-        for work in sends:
-            work.wait()
-        clock.mark("serve")
-        with self.changed:
-            job.finished = True
-            self.changed.notify_all()
-
-    @torch.no_grad()
-    def _update_owned(self, job):
-        """The updater: each partition this rank owns, in the order its pushes arrive, summed, averaged, updated
-        and packed for its pull, so that the pull phase finds them ready (only the last one waits)."""
-        for p in self.owned:
-            self._wait(lambda: job.receives[p] is not None)
-            if self.trains:
-                self._ready_here(job, p)
-            for received in job.receives[p]:
-                received.wait()
-            start = time.perf_counter()
-            self._update(job, p)
-            self.layout.pull[p].pack()
-            job.update_seconds += time.perf_counter() - start
-            event = record_event(self.device)  # the owner's next forward, and this partition's pull, wait for it
-            with self.changed:
-                job.updated[p] = True if event is None else event
-                self.changed.notify_all()
-
-    def _ready_here(self, job, p):
-        """Waits until this rank's backward has filled partition p, then packs its buffers behind the gradients."""
-        self._wait(lambda: job.ready[p])
-        if job.events[p] is not None:
-            torch.cuda.current_stream().wait_event(job.events[p])
-        self.layout.push[p].pack_buffers()
-
-    def _update(self, job, p):
-        """The owner: the sum of the pushes in the trainers' order (its own at its place: the sum p2p and the
-        reference make, exactly), the mean, the update of that partition's parameters alone."""
-        bucket, boxes = self.layout.push[p], iter(self.inbox[p])
-        terms = [bucket.flat if trainer == self.rank else next(boxes) for trainer in self.trainers]
-        total = terms[0]  # the first trainer's own buffer, or the received one (scratch until the next step)
-        for term in terms[1:]:
-            total.add_(term)
-        if total is not bucket.flat:
-            bucket.flat.copy_(total)
-        bucket.flat.div_(len(self.trainers))
-        bucket.unpack_buffers()
-        sgd_step(self.optimizer, bucket.tensors[:bucket.grads], job.lr)
-
-    # a server that does not train
-    def serve_step(self, optimizer, scaler, lr, clock):
-        job = _PushPullJob(self.count, lr)
-        self._exchange(job, clock)
-        return job
-
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
-        """The single server's epoch: one exchange per step, each ending with the trainers' pulls (the epoch's
-        final pull is its last step's). Its update time is the updater's, its wait the rest until a pull."""
-        lrs, updates = [lr_at(step) for step in range(steps)], []
-        for step in range(start, steps):
-            clock.begin()
-            updates.append(self.serve_step(optimizer, scaler, lrs[step], clock).update_seconds)
-            if after_step and step + 1 < steps:
-                after_step(step + 1)
-        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
-        update = sum(updates[warmup:]) / timed
-        return ServerStats(sums.get("serve", 0.0) / timed, sums.get("push_wait", 0.0) / timed - update, update,
-                           lrs=lrs)

@@ -8,21 +8,32 @@ import common
 import measure
 
 
-def server_step(comm, optimizer, scaler, lr, clock):
-    """The single server's step: serve the parameters, gather the workers' gradients, average them, update."""
+def server_step(comm, optimizer, scaler, lr):
+    """The single server's step: serve the parameters, gather the workers' gradients, average them, update (each
+    a phase of the server's step, on the clock `comm` holds)."""
     serve(comm, scaler)
-    clock.mark("serve")
-    comm.push()
-    clock.mark("push_wait")  # includes the workers' forward and backward
-    update(comm, optimizer, scaler, lr, len(comm.trainers))
-    clock.mark("update")
+    gather(comm)
+    server_update(comm, optimizer, scaler, lr)
 
 
+@measure.phase("serve")
 def serve(comm, scaler):
     """The server: puts the loss scale (1 without fp16) into the served state, then serves a pull."""
     comm.layout.scale.copy_(scaler.scale(torch.ones((), device=comm.layout.scale.device)))
     comm.pull()
     comm.finish_pull()
+
+
+@measure.phase("push_wait")
+def gather(comm):
+    """The server: receives the workers' pushes (its wait includes their forward and backward)."""
+    comm.push()
+
+
+@measure.phase("update")
+def server_update(comm, optimizer, scaler, lr):
+    """The server: averages the pushes of every trainer and updates."""
+    update(comm, optimizer, scaler, lr, len(comm.trainers))
 
 
 def update(comm, optimizer, scaler, lr, trainers):

@@ -2,14 +2,12 @@
 others that only train, on the pipelined transport (ServerRanks)."""
 import os
 import threading
-import time
 
 import torch
 import torch.distributed as dist
 
 import common
 import measure
-from sync.buckets import record_event
 from sync.ps_pipelined import Pipelined
 from sync.ps_server import ServerStats
 
@@ -62,43 +60,47 @@ class ServerRanks(Pipelined):
         self.servers = list(servers)
 
     @torch.no_grad()
-    def _exchange(self, job, clock=None):
+    def _exchange(self, job):
         """BytePS's order (not P3's): a worker sends each partition as backward fills it and posts its pull right
         after; a server posts every push it will receive at once and sends each partition back as soon as it is
         updated. A link's pulls then overlap its later pushes (both directions at once), where pulls in the next
         forward's order would all wait behind the push of the first layers, the last one backward fills."""
-        clock, sends = clock or measure.NoClock(), []
         if self.priority:
-            return self._exchange_by_priority(job, clock)
+            return self._exchange_by_priority(job)
+        sends = []
         if self.owned:  # a server
-            self.updates.put(job)
+            self._post_pushes(job)
             for p in self.owned:
-                receives = [dist.irecv(box, peer, group=self.group, tag=p)
-                            for box, peer in zip(self.inbox[p], self.trainers)]
-                self._publish(job.receives, p, receives)
-            clock.mark("push")
-            for p in self.owned:
-                self._wait(lambda: job.updated[p] is not None)
-                clock.mark("push_wait")
-                sends += self._send_back(job, p, clock)
+                self._updated(job, p)
+                sends += self._send_back(job, p)
         elif self.trains:  # a worker
             for p, bucket in enumerate(self.layout.push):
                 self._ready_here(job, p)
                 sends.append(dist.isend(bucket.flat, bucket.owner, group=self.group, tag=p))
                 pull = dist.irecv(self.layout.pull[p].flat, bucket.owner, group=self.group, tag=self.count + p)
                 self._publish(job.pulled, p, (pull, None))
-        self._sent(job, sends, clock)
+        self._sent(job, sends)
 
-    def _send_back(self, job, p, clock):
+    @measure.phase("push")
+    def _post_pushes(self, job, watched=False):
+        """A server: every receive of the step's pushes posted at once, the updater told; `watched`: a watcher per
+        partition says when its pushes are all in."""
+        self.updates.put(job)
+        for p in self.owned:
+            receives = [dist.irecv(box, peer, group=self.group, tag=p)
+                        for box, peer in zip(self.inbox[p], self.trainers)]
+            self._publish(job.receives, p, receives)
+            if watched:
+                _watch(self, receives, lambda p=p: job.arrived.__setitem__(p, True))
+
+    def _send_back(self, job, p):
         """A server: partition `p`, updated, sent to every trainer; its sends."""
-        sends = [dist.isend(self.layout.pull[p].flat, peer, group=self.group, tag=self.count + p)
-                 for peer in self.trainers]
-        clock.mark("serve")
+        sends = self._send_out(p, self.trainers)
         self._publish(job.pulled, p, (None, None if job.updated[p] is True else job.updated[p]))
         return sends
 
     # --push-order priority (P3's priority on BytePS's placement, gloo only)
-    def _exchange_by_priority(self, job, clock):
+    def _exchange_by_priority(self, job):
         """P3's priority: a worker keeps at most one push in flight per server and, whenever a server's slot is
         free, sends it the ready partition the next forward needs first (the highest-numbered: the first layers).
         During backward that is the one just filled; once the links fall behind, the first layers' partitions,
@@ -107,20 +109,12 @@ class ServerRanks(Pipelined):
         soon as all its pushes are in, whatever the order, and sends it back at once. The sums, means and updates
         are _update's (exact, in the trainers' order); only the order of the messages changes, matched by tag."""
         sends = []
-        if self.owned:  # a server: every receive posted at once; a watcher per partition says when it is all in
-            self.updates.put(job)
-            for p in self.owned:
-                receives = [dist.irecv(box, peer, group=self.group, tag=p)
-                            for box, peer in zip(self.inbox[p], self.trainers)]
-                self._publish(job.receives, p, receives)
-                _watch(self, receives, lambda p=p: job.arrived.__setitem__(p, True))
-            clock.mark("push")
+        if self.owned:  # a server: every receive posted at once, each partition sent back once it is updated
+            self._post_pushes(job, watched=True)
             left = set(self.owned)
             while left:
-                p = self._take(lambda: [q for q in left if job.updated[q] is not None])
-                left.discard(p)
-                clock.mark("push_wait")
-                sends += self._send_back(job, p, clock)
+                p = self._next_updated(job, left)
+                sends += self._send_back(job, p)
         elif self.trains:  # a worker
             left, busy = set(range(self.count)), set()  # the servers with a push of this rank in flight
             owner = lambda q: self.layout.push[q].owner  # noqa: E731
@@ -134,7 +128,14 @@ class ServerRanks(Pipelined):
                 self._publish(job.pulled, p, (pull, None))
                 _watch(self, [send], lambda s=owner(p): busy.discard(s))
             self._wait(lambda: not busy)  # every push sent (its watcher waited for it: a gloo work is waited once)
-        self._sent(job, sends, clock)
+        self._sent(job, sends)
+
+    @measure.phase("push_wait")
+    def _next_updated(self, job, left):
+        """A server: waits for an update among the partitions `left`; the highest-numbered, taken off `left`."""
+        p = self._take(lambda: [q for q in left if job.updated[q] is not None])
+        left.discard(p)
+        return p
 
     def _take(self, candidates):
         """Waits until `candidates()` (under the lock) names a partition; the highest-numbered one."""
@@ -154,17 +155,7 @@ class ServerRanks(Pipelined):
         while left:
             p = self._take(lambda: [q for q in left if job.arrived[q]])
             left.discard(p)  # its receives were waited for by their watcher (a gloo work is waited for once)
-            start = time.perf_counter()
-            self._update(job, p)
-            self.layout.pull[p].pack()
-            job.update_seconds += time.perf_counter() - start
-            event = record_event(self.device)
-            self._publish(job.updated, p, True if event is None else event)
-
-    def _publish(self, slots, p, value):
-        with self.changed:
-            slots[p] = value
-            self.changed.notify_all()
+            self._update_and_pack(job, p)
 
     @torch.no_grad()
     def swap_shards(self):

@@ -251,7 +251,7 @@ def _async_run(rank, world_size, net, serialize):
     final = ps_collective.Collective(layout, rank, workers)  # the epoch's end: the newest state to everyone
     if rank == 0:
         optimizer = common.make_optimizer(args, model.parameters())
-        staleness = comm.serve(STEPS * len(workers), optimizer, lambda i: args.lr, measure.NoClock())
+        staleness = comm.serve(STEPS * len(workers), optimizer, lambda i: args.lr)
         final.pull()
         # The references, in this same 1-thread process (threads change the rounding of a convolution).
         reference = _reference(2, net, [], None)[0] if world_size == 2 else _sequential_reference(world_size, net)
@@ -320,13 +320,13 @@ def _duplex_run(rank, world_size):
     side = dist.new_group([1, 2])  # every rank must call new_group
     if rank == 0:
         optimizer = common.make_optimizer(args, model.parameters())
-        return comm.serve(2, optimizer, lambda i: args.lr, measure.NoClock()), comm.version
+        return comm.serve(2, optimizer, lambda i: args.lr), comm.version
     if rank == 2:
         ticket = comm._ticket
 
-        def held(kind):
-            ticket(kind)
-            if kind == ps_async.PUSH:
+        def held(what):
+            ticket(what)
+            if what == ps_async.PUSH:
                 dist.send(torch.zeros(1), dst=1, group=side)
                 time.sleep(HOLD)
 
