@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 # epoch's steps (driver.py). The step clock, its phase declarations and the epoch's record (measure.py) are how
 # the kit measures, called by name like data or checkpoints; the last column counts them too.
 LOOP = ["driver.py:Run", "driver.py:_epoch_lines", "driver.py:Epoch"]
-CLOCKS = ["measure.py:StepClock", "measure.py:phase", "measure.py:epoch_record"]
+CLOCKS = ["measure.py:StepClock", "measure.py:epoch_record"]
 DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
        "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
@@ -31,8 +31,7 @@ PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:mak
       "ps_train.py:main",
       "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:gather",
       "sync/ps_server.py:server_update", "sync/ps_server.py:update",
-      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport",
-      "measure.py:phase"]  # the rooms' phases are declared with measure.phase
+      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
 GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
 
 VARIANTS = {
