@@ -197,6 +197,27 @@ def messages_per_step(comm, layout, args):
     return len(layout.pull) + len(layout.push)
 
 
+def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, after_step=None):
+    """The guide's server, one epoch, on a rank that does not train: each step it serves the workers' pull,
+    gathers their pushes, averages and updates (comm.serve_step; async: the epoch's pushes as they come, in one
+    call), `after_step(done)` after each (the trainers' checkpoints); after the last, the epoch's final pull.
+    Returns its figures per step, over the steps after the first `warmup`."""
+    comm.clock = clock  # the transport declares its phases (measure.phase): serve, push_wait, update, ...
+    if comm.asynchronous:
+        clock.begin()  # one clock step for the epoch
+        comm.serve_epoch(optimizer, lr_at, steps, start, after_step)
+        warmup = 0
+    else:
+        for step in range(start, steps):
+            clock.begin()
+            comm.serve_step(optimizer, scaler, lr_at(step))
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
+    comm.end_serving(scaler)
+    return comm.server_figures(clock.phase_sums(skip=warmup), steps - start - warmup,
+                               [lr_at(s) for s in range(steps)])
+
+
 def server_role(args, ctx, comm, optimizer, scaler, method):
     """A server that does not train (the single one, or one of --server-ranks): it serves the trainers' steps, in
     the yardstick too, and has epochs of its own; the first server logs them."""
@@ -204,22 +225,23 @@ def server_role(args, ctx, comm, optimizer, scaler, method):
 
     def step(images, targets, clock, lr, kind="comm"):
         if kind != "local":  # the workers' no-communication step needs no server
-            comm.serve_step(optimizer, scaler, lr, clock)
+            comm.clock = clock
+            comm.serve_step(optimizer, scaler, lr)
 
-    def serve_epoch(epoch, steps, start, after_step):
-        cold = not serve_epoch.ran  # the process's first epoch (epoch 1, or the first after a restart)
-        serve_epoch.ran = True
-        stats = comm.serve_epoch(optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
-                                 min(args.warmup_steps, steps - start - 1) if cold else 0,
-                                 measure.StepClock(ctx.device), start, after_step)
+    def epoch_served(epoch, steps, start, after_step):
+        cold = not epoch_served.ran  # the process's first epoch (epoch 1, or the first after a restart)
+        epoch_served.ran = True
+        stats = serve_epoch(comm, optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
+                            start, min(args.warmup_steps, steps - start - 1) if cold else 0,
+                            measure.StepClock(ctx.device), after_step)
         common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * stats.serve:.1f}ms, wait "
                         f"{1e3 * stats.push_wait:.1f}ms, aggregate+update {1e3 * stats.update:.1f}ms"
                         + (f", staleness {stats.staleness_mean:.2f} (max {stats.staleness_max:.0f})"
                            if args.mode == "async" else ""), rank=first)
         return stats
 
-    serve_epoch.ran = False
-    method.step, method.serve_epoch = step, serve_epoch
+    epoch_served.ran = False
+    method.step, method.serve_epoch = step, epoch_served
     method.before_epochs = lambda: comm.final_pull(scaler)  # the initial state, before any clock
 
 

@@ -182,25 +182,29 @@ class Async(_AsyncServer, Transport):
         self.final.fresh = False
         self.final.final_pull(scaler)
 
-    def serve_step(self, optimizer, scaler, lr, clock):
-        self.clock = clock
+    # the server: ps_train.serve_epoch runs these, on the clock it hands over as `clock`
+    asynchronous = True  # the epoch's pushes served as they come, in one call (serve_epoch), not step by step
+
+    def serve_step(self, optimizer, scaler, lr):
         self.serve(self.num_workers, optimizer, lambda i: lr)
 
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
+    def serve_epoch(self, optimizer, lr_at, steps, start, after_step=None):
         """A step's worth of gradients (one per worker) between checkpoints, so that a checkpoint after step k
         finds every worker's k-th gradient applied: each worker stops there, after its k-th push, and the server
-        writes its part once it has applied k x workers of them."""
+        writes its part once it has applied k x workers of them. `lr_at(step)`: at a fraction of a step too."""
         w = self.num_workers
 
         def at(applied):
             if after_step and applied % w == 0 and start + applied // w < steps:
                 after_step(start + applied // w)
 
-        self.clock = clock
-        clock.begin()
-        stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), at)
+        self.stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), at)
+
+    def end_serving(self, scaler):
         self.final_pull(scaler)  # the epoch's model, to everyone
-        sums, served = clock.phase_sums(), steps - start
-        return ServerStats(self.sent_seconds / served, sums.get("wait", 0.0) / served,
-                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / served,
-                           sum(stale) / len(stale), max(stale), [lr_at(s) for s in range(steps)])
+
+    def server_figures(self, sums, timed, lrs):
+        """Per step served: sending pulls, waiting for a push, receiving and applying it; the staleness."""
+        return ServerStats(self.sent_seconds / timed, sums.get("wait", 0.0) / timed,
+                           (sums.get("update", 0.0) + sums.get("receive", 0.0)) / timed,
+                           sum(self.stale) / len(self.stale), max(self.stale), lrs)

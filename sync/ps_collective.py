@@ -11,7 +11,7 @@ class Transport:
     """How the state and the gradients travel. Synchronous transports: every rank calls pull() then push() each
     step, in the same order; pull() is skipped while the trainers already hold the owners' state (after the
     epoch's final pull); push() leaves the sums on the owners. A server that does not train serves with
-    serve_step() and serve_epoch(); final_pull() (every rank) hands every trainer the owners' newest state, and
+    serve_step() and end_serving() (ps_train.serve_epoch's loop); final_pull() (every rank) hands every trainer the owners' newest state, and
     end_epoch() (every trainer) does what the epoch's last step still owes them of it."""
     overlaps = False  # pushes and pulls overlap backward and forward: the yardstick measures a blocking twin
     updates_itself = False  # the owners' updates happen inside the exchange (pipelined), not in the step
@@ -53,22 +53,19 @@ class Transport:
         else:
             serve(self, scaler)
 
-    def serve_step(self, optimizer, scaler, lr, clock):
-        self.clock = clock
+    # a server that does not train: ps_train.serve_epoch runs these, on the clock it hands over as `clock`
+    asynchronous = False  # the server serves step by step (async: the epoch's pushes as they come)
+
+    def serve_step(self, optimizer, scaler, lr):
+        """The single server's step: serve the pull, gather the pushes, average, update."""
         server_step(self, optimizer, scaler, lr)
 
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
-        """The single server's epoch: steps `start` to `steps`, `after_step(done)` after each (the trainers'
-        checkpoints), then the final pull as part of the last. Returns its figures, seconds per step after the
-        first `warmup` of those steps."""
-        lrs, self.clock = [lr_at(step) for step in range(steps)], clock
-        for step in range(start, steps):
-            clock.begin()
-            server_step(self, optimizer, scaler, lrs[step])
-            if after_step and step + 1 < steps:
-                after_step(step + 1)
+    def end_serving(self, scaler):
+        """After the epoch's last step: its final pull (every trainer gets the epoch's model)."""
         serve(self, scaler)
-        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
+
+    def server_figures(self, sums, timed, lrs):
+        """The server's figures per step from its phase sums over `timed` steps."""
         return ServerStats(*(sums.get(k, 0.0) / timed for k in ("serve", "push_wait", "update")), lrs=lrs)
 
     def _start(self, bucket):

@@ -81,7 +81,7 @@ class _Exchange(_Updater, Transport):
     (the training thread's collectives never interleave with it), waiting where it needs its own backward (before
     a push) or the update of a partition it owns (before that pull). On a GPU both threads issue on one stream of
     their own, ordered against the training stream by events only, never a host sync. A server's phases (on the
-    clock serve_step gives it): push, push_wait and serve; a trainer's thread is not timed."""
+    clock the server's loop hands over): push, push_wait and serve; a trainer's thread is not timed."""
 
     def __init__(self, layout, rank, trainers, optimizer=None):
         super().__init__(layout, rank, trainers)
@@ -92,6 +92,7 @@ class _Exchange(_Updater, Transport):
                       for p, b in enumerate(layout.push) if b.owner == rank}  # the others' pushes to my partitions
         self.changed, self.jobs, self.updates, self.error = threading.Condition(), queue.Queue(), queue.Queue(), None
         self.owned = [p for p, b in enumerate(layout.push) if b.owner == rank]
+        self.update_seconds = []  # a server's, per step served
         # The threads' one CUDA stream: an update, then the pull of what it updated, in the order they are issued.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if self.owned:
@@ -172,23 +173,20 @@ class _Exchange(_Updater, Transport):
         self.layout.push[p].pack_buffers()
 
     # a server that does not train
-    def serve_step(self, optimizer, scaler, lr, clock):
-        self.clock = clock
+    def serve_step(self, optimizer, scaler, lr):
+        """The single server's step: one exchange, ending with the trainers' pulls (the epoch's final pull is its
+        last step's); the updater's seconds kept for its figures."""
         job = _PushPullJob(self.count, lr)
         self._exchange(job)
+        self.update_seconds.append(job.update_seconds)
         return job
 
-    def serve_epoch(self, optimizer, scaler, lr_at, steps, warmup, clock, start=0, after_step=None):
-        """The single server's epoch: one exchange per step, each ending with the trainers' pulls (the epoch's
-        final pull is its last step's). Its update time is the updater's, its wait the rest until a pull."""
-        lrs, updates = [lr_at(step) for step in range(steps)], []
-        for step in range(start, steps):
-            clock.begin()
-            updates.append(self.serve_step(optimizer, scaler, lrs[step], clock).update_seconds)
-            if after_step and step + 1 < steps:
-                after_step(step + 1)
-        sums, timed = clock.phase_sums(skip=warmup), steps - start - warmup
-        update = sum(updates[warmup:]) / timed
+    def end_serving(self, scaler):
+        pass  # the last step's pulls were the epoch's final pull
+
+    def server_figures(self, sums, timed, lrs):
+        """Its update time is the updater's (over the last `timed` steps), its wait the rest until a pull."""
+        update, self.update_seconds = sum(self.update_seconds[-timed:]) / timed, []
         return ServerStats(sums.get("serve", 0.0) / timed, sums.get("push_wait", 0.0) / timed - update, update,
                            lrs=lrs)
 

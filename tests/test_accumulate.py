@@ -115,7 +115,7 @@ def _ps_case(rank, world_size):
     scaler = common.make_scaler(args, ctx)
     comm = ps_train.make_transport("collective", layout, model, rank, trainers)
     if rank == 0:
-        comm.serve_epoch(optimizer, scaler, lambda s: args.lr, STEPS, 0, measure.StepClock(ctx.device))
+        ps_train.serve_epoch(comm, optimizer, scaler, lambda s: args.lr, STEPS, 0, 0, measure.StepClock(ctx.device))
         return None
     step = ps_train.make_worker_step(model, comm, args, ctx, None, scaler)
     for i in range(STEPS):

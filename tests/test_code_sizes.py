@@ -1,6 +1,8 @@
-"""Issue 37's size rule, kept from rotting: outside the tests no function over 60 lines and no class over 150
-(a definition's lines: end_lineno - lineno + 1 of its ast node, docstring included)."""
+"""Issue 37's rules, kept from rotting: outside the tests no function over 60 lines and no class over 150 (a
+definition's lines: end_lineno - lineno + 1 of its ast node, docstring included); no timing and no test of the
+step's kind inside the exchange rooms (sync/)."""
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +46,23 @@ def test_no_long_definitions():
 def test_allow_list_is_current():
     stale = sorted(ALLOWED - set(oversized()))
     assert not stale, f"within the limits now, take them off ALLOWED: {', '.join(stale)}"
+
+
+def room_timing_and_kinds():
+    """["file:line: text"] of every clock call and every test of the step's kind inside the exchange rooms
+    (sync/): the clock wraps the rooms from outside (measure.phase declares a room's function a phase), and a
+    room takes the step in its own terms."""
+    clock_call = re.compile(r"\bclock\.(mark|begin|phase_sums|per_step|step_times)\(")
+    kind_test = re.compile(r"\bkind\s*(==|!=|in\b)|\bself\.kind\b")
+    found = []
+    for path in sorted((ROOT / "sync").glob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if clock_call.search(code) or kind_test.search(code):
+                found.append(f"sync/{path.name}:{number}: {line.strip()}")
+    return found
+
+
+def test_rooms_hold_no_timing_and_no_kind_tests():
+    found = room_timing_and_kinds()
+    assert not found, "timing or a kind test inside a room (issue 37):\n" + "\n".join(f"  {f}" for f in found)

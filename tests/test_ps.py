@@ -91,7 +91,8 @@ def _ps_run(rank, world_size, net, comm, extra, poison):
     if sharded:
         assert {layout.owner[id(p)] for p in model.parameters()} == set(range(world_size))  # every rank serves
     if rank == 0 and not sharded:  # its epoch ends with the trainers' final pull
-        transport.serve_epoch(optimizer, scaler, lambda step: args.lr, STEPS, 0, measure.StepClock(ctx.device))
+        ps_train.serve_epoch(transport, optimizer, scaler, lambda step: args.lr, STEPS, 0, 0,
+                             measure.StepClock(ctx.device))
         scales = scaler.get_scale()
     else:
         step = ps_train.make_worker_step(model, transport, args, ctx, optimizer if sharded else None, scaler)

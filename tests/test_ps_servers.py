@@ -28,7 +28,8 @@ def _servers_run(rank, world_size, k, order="fill"):
     transport = ps_train.make_transport("pipelined", layout, model, rank, where["trainer_ranks"], optimizer,
                                         where["server_ranks"], order == "priority")
     if rank in where["server_ranks"]:
-        transport.serve_epoch(optimizer, scaler, lambda step: args.lr, STEPS, 0, measure.StepClock(ctx.device))
+        ps_train.serve_epoch(transport, optimizer, scaler, lambda step: args.lr, STEPS, 0, 0,
+                             measure.StepClock(ctx.device))
         transport.swap_shards()
     else:
         step = ps_train.make_worker_step(model, transport, args, ctx, None, scaler)
