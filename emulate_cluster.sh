@@ -6,7 +6,7 @@
 # nodes by their address as a string), and are never connected to this host's network.
 usage() {
   cat <<'EOF'
-usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]... [--delay D] [--name NAME]
+usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]... [--delay D] [--tcp CC] [--name NAME]
        emulate_cluster.sh torchrun [--name NAME] [--nproc-per-node P] [--nodes K] [--server-nodes S]
                                    [--max-restarts R] [--logs DIR] -- SCRIPT ARGS...
        emulate_cluster.sh run [up options] [--nproc-per-node P] [--server-nodes S] [--max-restarts R] [--logs DIR]
@@ -20,6 +20,8 @@ usage: emulate_cluster.sh up [--nodes N] [--rate RATE] [--node-rate NODE=RATE]..
             each on its own link of RATE (default 1gbit; tc's bit units: kbit, mbit, gbit, ...) both ways.
             --node-rate NODE=RATE (repeatable): node NODE's link at RATE instead (a slow link from the start).
             --delay D (e.g. 2ms): one-way latency between two nodes; needs the kernel's netem qdisc.
+            --tcp CC (e.g. reno, bbr): the nodes' TCP congestion control (default: this host's), one of those
+            a namespace may use (/proc/sys/net/ipv4/tcp_allowed_congestion_control).
   torchrun  one torchrun per node (the first K nodes; default all), P processes each (default 1), torchrun's
             c10d rendezvous on node 0. Every node's output goes to the terminal, node i's lines prefixed
             "[node i] ", and to DIR/node<i>.log (default DIR: ./cluster_logs). --max-restarts R (default 0): a
@@ -131,6 +133,7 @@ cluster_up() {
     try ip -n "$ns" link set lo up
     try ip -n "$ns" link set "eth-n$i" up
     try ip -n "$SW" link set "sw-p$i" master br0 up
+    [ -z "$TCP_CC" ] || try ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$TCP_CC"
     shape "$ns" "eth-n$i" "$DELAY"  # node -> switch
     shape "$SW" "sw-p$i"            # switch -> node
   done
@@ -147,7 +150,7 @@ cluster_up() {
   echo "NODES=$NODES RATE=$RATE RATE_BITS=$RATE_BITS DELAY=$DELAY" > "$STATE_DIR/$NAME"
   [ "$CMD" = run ] || trap - EXIT  # run: removed at its exit
   echo "$PROG: cluster '$NAME' up: $NODES nodes $SUBNET.100-$SUBNET.$((99 + NODES)) (namespaces $NAME-node0..$((NODES - 1)))," \
-       "each on its own $RATE link (both ways) into switch $SW${NODE_RATES[*]:+ (--node-rate ${NODE_RATES[*]})}${DELAY:+, $DELAY one-way delay}"
+       "each on its own $RATE link (both ways) into switch $SW${NODE_RATES[*]:+ (--node-rate ${NODE_RATES[*]})}${DELAY:+, $DELAY one-way delay}${TCP_CC:+, TCP $TCP_CC}"
 }
 
 load_state() {
@@ -379,19 +382,20 @@ case "$CMD" in
   '') usage >&2; exit 2 ;;
   *) die "unknown command '$CMD'" "commands: up, torchrun, run, status, down, link-down, link-rate; see --help" ;;
 esac
-NAME=kit NODES=4 RATE=1gbit DELAY='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 SERVER_NODES=0 ARGS=() NODE_RATES=()
+NAME=kit NODES=4 RATE=1gbit DELAY='' TCP_CC='' NPROC=1 LOGS=./cluster_logs USE_NODES='' MAX_RESTARTS=0 SERVER_NODES=0 ARGS=() NODE_RATES=()
 while [ $# -gt 0 ]; do
   case "$CMD:$1" in
     *:-h|*:--help) usage; exit 0 ;;
     torchrun:--|run:--) shift; break ;;
     *:--name|up:--nodes|up:--rate|up:--delay|run:--nodes|run:--rate|run:--delay|run:--nproc-per-node|run:--logs|\
-    up:--node-rate|run:--node-rate|\
+    up:--node-rate|run:--node-rate|up:--tcp|run:--tcp|\
     torchrun:--nodes|torchrun:--nproc-per-node|torchrun:--logs|torchrun:--max-restarts|run:--max-restarts|\
     torchrun:--server-nodes|run:--server-nodes)
       [ $# -ge 2 ] || die "$1 needs a value" "see $PROG --help"
       case "$CMD:$1" in
         *:--name) NAME=$2 ;; torchrun:--nodes) USE_NODES=$2 ;; *:--nodes) NODES=$2 ;; *:--rate) RATE=$2 ;;
         *:--node-rate) NODE_RATES+=("$2") ;; *:--delay) DELAY=$2 ;; *:--nproc-per-node) NPROC=$2 ;;
+        *:--tcp) TCP_CC=$2 ;;
         *:--server-nodes) SERVER_NODES=$2 ;; *:--logs) LOGS=$2 ;; *:--max-restarts) MAX_RESTARTS=$2 ;;
       esac
       shift ;;
@@ -404,6 +408,10 @@ while [ $# -gt 0 ]; do
 done
 [[ $NAME =~ ^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$ ]] || die "--name '$NAME' is not a valid name" "letters, digits, - and _, up to 32"
 SW="$NAME-switch"
+if [ -n "$TCP_CC" ] && ! grep -qw -- "$TCP_CC" /proc/sys/net/ipv4/tcp_allowed_congestion_control; then
+  die "--tcp '$TCP_CC' is not a congestion control a namespace may use here" \
+      "one of: $(cat /proc/sys/net/ipv4/tcp_allowed_congestion_control); the host's sysctl net.ipv4.tcp_allowed_congestion_control lists them"
+fi
 for v in NODES=--nodes NPROC=--nproc-per-node USE_NODES=--nodes; do
   var=${v%%=*}; val=${!var}
   [ -z "$val" ] && [ "$var" = USE_NODES ] && continue

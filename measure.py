@@ -385,7 +385,15 @@ def network_info():
             "nodes": int(env.get("KIT_NET_NODES", 1)), "procs_per_node": int(env.get("KIT_NET_PROCS_PER_NODE", 1)),
             "link_rate": env.get("KIT_NET_RATE"), "link_rate_bits": float(env["KIT_NET_RATE_BITS"]),
             "delay": env.get("KIT_NET_DELAY") or None,
-            "server_nodes": int(env.get("KIT_NET_SERVER_NODES") or 0)}  # the last nodes: the PS's, 1 process each
+            "server_nodes": int(env.get("KIT_NET_SERVER_NODES") or 0),  # the last nodes: the PS's, 1 process each
+            "tcp_congestion_control": _read("/proc/sys/net/ipv4/tcp_congestion_control")}  # this node's (--tcp)
+
+
+def _read(path):
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def read_link_bytes(ctx):

@@ -96,6 +96,7 @@ def parse_args():
     p.add_argument("--workers", type=int, default=4, help="worker nodes (1 process each)")
     p.add_argument("--servers-k", type=int, nargs="+", default=[1, 2, 4], help="server node counts")
     p.add_argument("--rate", default="1gbit")
+    p.add_argument("--tcp", default=None, help="the nodes' TCP congestion control (emulate_cluster.sh --tcp)")
     p.add_argument("--name", default="servers", help="the emulated cluster's name (one of your own)")
     p.add_argument("--pairs", type=int, default=3, help="the yardstick's --overhead-pairs")
     p.add_argument("--extra", default="", help="more flags for every run")
@@ -113,7 +114,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     todo = experiments(args)
     nodes = args.workers + max(args.servers_k)
-    subprocess.run(["bash", EMU, "up", "--name", args.name, "--nodes", str(nodes), "--rate", args.rate], check=True)
+    subprocess.run(["bash", EMU, "up", "--name", args.name, "--nodes", str(nodes), "--rate", args.rate,
+                    *(["--tcp", args.tcp] if args.tcp else [])], check=True)
     start, repeats = time.time(), []
     try:
         for rep in range(args.repeats):

@@ -101,8 +101,14 @@ def test_up_status_down(tmp_path):
             master = subprocess.run(["ip", "-n", f"{name}-switch", "-o", "link", "show", "dev", port],
                                     capture_output=True, text=True).stdout
             assert "master br0" in master
-        again = emu("up", "--nodes", 2, "--rate", "50mbit", "--name", name)  # a stale cluster is replaced
-        assert again.returncode == 0 and len(namespaces(name + "-")) == 3
+        host = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+        allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+        tcp = next((cc for cc in allowed if cc != host), host)  # another than the host's where one is allowed
+        again = emu("up", "--nodes", 2, "--rate", "50mbit", "--tcp", tcp, "--name", name)  # a stale one is replaced
+        assert again.returncode == 0 and len(namespaces(name + "-")) == 3 and f"TCP {tcp}" in again.stdout
+        inside = subprocess.run(["ip", "netns", "exec", f"{name}-node1", "cat",
+                                 "/proc/sys/net/ipv4/tcp_congestion_control"], capture_output=True, text=True)
+        assert inside.stdout.strip() == tcp  # the nodes' own, not the host's
     finally:
         down = emu("down", "--name", name)
     assert down.returncode == 0, down.stderr
@@ -305,6 +311,7 @@ def test_mistakes_are_one_line_errors(tmp_path):
              (["up", "--nodes", "101"], "--nodes '101'"), (["up", "--rate", "1gbps"], "BYTES per second"),
              (["up", "--rate", "100"], "no unit"), (["up", "--rate", "fast"], "not a rate"),
              (["up", "--delay", "soon"], "--delay 'soon'"), (["up", "--bogus"], "'--bogus' is not an option"),
+             (["up", "--tcp", "nosuch"], "--tcp 'nosuch' is not a congestion control"),
              (["torchrun", "--nproc-per-node", "0", "--", "x.py"], "--nproc-per-node '0'"),
              (["torchrun", "--"], "no training script given"),
              (["run", "--", "no_such_script.py"], "script 'no_such_script.py' not found"),
