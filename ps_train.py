@@ -2,37 +2,26 @@
 
     torchrun --nproc_per_node=4 ps_train.py --epochs 3 --batch-size 64 --workers 16 --data-dir ./ --backend nccl
 
-Sync strategy: synchronous PS. Each step every worker pulls the server's parameters, computes gradients on its
-own shard and pushes them; the server averages them, takes the optimizer step and serves the result.
---comm chooses how pulls and pushes travel:
-  p2p         the guide's original: one dist.send / dist.recv per tensor and per worker (a star).
-  collective  (default) the guide's improvement: tensors packed into --bucket-mb flat buffers; pull =
-              dist.broadcast from the owner, push = dist.reduce(SUM) to it; all buckets in flight at once.
-  overlap     collective, BytePS-style: each gradient bucket is pushed (async reduce) from gradient hooks as
-              soon as backward has filled it; the pull is launched async and each module's forward waits, in a
-              pre-hook, only for the bucket holding its own tensors.
-  pipelined   BytePS's push-sum-pull per partition (partitions of <= --bucket-mb, default 4 MiB): each is pushed
-              point-to-point to its owner as soon as backward has filled it, updated by its owner as soon as every
-              push to it has arrived, and pulled back in the order the next forward needs it, whose modules wait
-              for their own partitions; the step ends with its exchange in flight (Pipelined).
---servers all shards the server: every rank trains AND owns a slice of the parameters (whole tensors, contiguous
-in the order backward produces them, balanced by bytes, so pushes can start early; pipelined: whole partitions,
-dealt out balanced so that consecutive ones have different owners), with its optimizer state; each bucket travels
-between its owner and the others, so every link carries ~2(N-1)/N of the model per step instead of 2(N-1) models
-through one server's link. --server-ranks K (BytePS's placement, with --comm pipelined): the last K ranks only
-serve, each owning whole partitions balanced by bytes, with their optimizer state, and the others only train; a
-worker's link carries the model once each way per step, a server's n x its shard; each partition is pulled as soon
-as its server has updated it (BytePS's order, so pulls overlap the later pushes; ServerRanks); on the emulated
-cluster, `--cluster NxP+K` gives each server a node of its own. With one server, pipelined is the same exchange on a star: the server owns every
-partition. --mode async: one server applies each worker's gradient as it arrives (with lr / workers, so a round of
-updates moves as far as one synchronous step) and every worker pulls the newest parameters; staleness = server
-updates between a worker's pull and its push. The async server is full duplex: it sends one worker's pull while
-it receives another's push (Async).
-BatchNorm: workers push their running statistics with their gradients; the owner keeps the mean (async: of each
-worker's latest) and serves it with the parameters, so every worker holds, and validates, the same model; the
-server validates its share of the val set too. fp16 (one server, sync, not pipelined): the server owns the
-GradScaler and serves its scale with the parameters; workers push scaled gradients; the server averages, unscales
-once, skips the step on inf/NaN for everyone and adjusts the scale.
+Synchronous PS (the guide's): each step every worker pulls the parameters, computes gradients on its own shard and
+pushes them; the server averages them, takes the optimizer step and serves the result (serve_epoch, the worker's
+step: make_worker_step). --comm, how pulls and pushes travel (sync/ps_*.py):
+  p2p         the guide's original: one send / recv per tensor and per worker (a star).
+  collective  (default) the guide's improvement: --bucket-mb flat buffers, pull = broadcast from the owner,
+              push = reduce(SUM) to it, all buckets in flight at once.
+  overlap     collective, BytePS-style: each bucket pushed from the gradient hooks as backward fills it; each
+              module's forward waits only for the bucket holding its own tensors.
+  pipelined   BytePS's push-sum-pull per partition (<= --bucket-mb, default 4 MiB): pushed point-to-point to its
+              owner as backward fills it, updated once its pushes are in, pulled in the next forward's order; the
+              step ends with its exchange in flight.
+--servers all shards the server: every rank trains and owns a slice of the parameters and optimizer state
+(balanced by bytes), so every link carries ~2(N-1)/N of the model per step instead of 2(N-1) models through one
+server's link. --server-ranks K (BytePS's placement, --comm pipelined): the last K ranks only serve; a worker's
+link carries the model once each way, a server's n x its shard (on the emulated cluster, --cluster NxP+K gives
+each server a node of its own). --mode async: one server applies each gradient as it arrives (lr / workers) and
+every worker pulls the newest parameters; staleness = server updates between a worker's pull and its push.
+BatchNorm: workers push their running statistics with their gradients and the owner serves their mean, so every
+worker validates the same model. fp16 (one server, sync, not pipelined): the server owns the GradScaler, unscales
+the average once and skips the step on inf/NaN for everyone.
 Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async][_servers<K>].json unless --output
 is given.
 """
@@ -46,9 +35,9 @@ import measure
 from modes import DEFAULT_BUCKET_MB, PARTITION_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
 from sync.ps_async import Async
 from sync.ps_collective import P2P, Collective, Overlap
-from sync.ps_layout import SERVER, make_layout
+from sync.ps_layout import make_layout, messages_per_step
 from sync.ps_pipelined import Pipelined
-from sync.ps_servers import ServerRanks, server_ranks, share_of
+from sync.ps_servers import ServerRanks, placement, share_of, trainers_of, who_serves
 from sync.ps_server import update  # the guide's server step (server_step, serve, update)
 COMMS = PS_COMMS  # the first is the default
 
@@ -186,17 +175,6 @@ def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=
 
 
 # --------------------------------------------------------------------------- the two roles
-def messages_per_step(comm, layout, args):
-    """Messages per training step: per tensor and peer (p2p), per partition and peer (pipelined), per bucket
-    (collective: one call each), per worker two tickets, a version, a receipt and every bucket each way (async)."""
-    if args.mode == "async":
-        return comm.num_workers * (4 + len(layout.pull) + len(layout.push))
-    if args.comm in ("p2p", "pipelined"):
-        return sum(len(comm.peers(b.owner)) * (len(b.tensors) if args.comm == "p2p" else 1)
-                   for b in layout.pull + layout.push)
-    return len(layout.pull) + len(layout.push)
-
-
 def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, after_step=None):
     """The guide's server, one epoch, on a rank that does not train: each step it serves the workers' pull,
     gathers their pushes, averages and updates (comm.serve_step; async: the epoch's pushes as they come, in one
@@ -269,28 +247,6 @@ def trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded):
         return out
 
     method.end_of_epoch, method.figures = end_of_epoch, figures
-
-
-def trainers_of(args, world_size):
-    """The ranks that train: every rank with --servers all, all but the last K with --server-ranks K, else all but
-    the server."""
-    if args.server_ranks:
-        return list(range(world_size - args.server_ranks))
-    return list(range(world_size)) if args.servers == "all" else [r for r in range(world_size) if r != SERVER]
-
-
-def placement(args, world_size):
-    """Which ranks serve and which train: the results' record of the PS's placement."""
-    servers = server_ranks(world_size, args.server_ranks) if args.server_ranks else \
-        list(range(world_size)) if args.servers == "all" else [SERVER]
-    return dict(server_ranks=servers, num_servers=len(servers), trainer_ranks=trainers_of(args, world_size),
-                dedicated_servers=bool(args.server_ranks))
-
-
-def who_serves(args, where):
-    if args.server_ranks:
-        return f"ranks {where['server_ranks'][0]}-{where['server_ranks'][-1]} only serve (--server-ranks {args.server_ranks})"
-    return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
 
 
 def make_method(args, ctx, info, model, weights=None):

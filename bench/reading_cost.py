@@ -27,8 +27,8 @@ DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_s
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
       "all_reduce_train.py:make_method", "all_reduce_train.py:train", "all_reduce_train.py:main"]
 PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:make_transport",
-      "ps_train.py:server_role", "ps_train.py:trainer_role", "ps_train.py:make_method", "ps_train.py:train", "ps_train.py:serve",
-      "ps_train.py:main",
+      "ps_train.py:server_role", "ps_train.py:serve_epoch", "ps_train.py:trainer_role", "ps_train.py:make_method",
+      "ps_train.py:train", "ps_train.py:serve", "ps_train.py:main",
       "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:gather",
       "sync/ps_server.py:server_update", "sync/ps_server.py:update",
       "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]

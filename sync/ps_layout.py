@@ -141,3 +141,14 @@ def make_layout(comm, model, bucket_mb, world_size, sharded, servers=None):
         return Partitions(model, bucket_mb, servers or (list(range(world_size)) if sharded else [SERVER]))
     params = [p for p in model.parameters() if p.requires_grad]
     return Layout(model, bucket_mb, shard_owners(params, world_size) if sharded else None)
+
+
+def messages_per_step(comm, layout, args):
+    """Messages per training step: per tensor and peer (p2p), per partition and peer (pipelined), per bucket
+    (collective: one call each), per worker two tickets, a version, a receipt and every bucket each way (async)."""
+    if args.mode == "async":
+        return comm.num_workers * (4 + len(layout.pull) + len(layout.push))
+    if args.comm in ("p2p", "pipelined"):
+        return sum(len(comm.peers(b.owner)) * (len(b.tensors) if args.comm == "p2p" else 1)
+                   for b in layout.pull + layout.push)
+    return len(layout.pull) + len(layout.push)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 import common
 import measure
+from sync.ps_layout import SERVER
 from sync.ps_pipelined import Pipelined
 from sync.ps_server import ServerStats
 
@@ -191,3 +192,25 @@ def _watch(engine, works, then):
             then()
             engine.changed.notify_all()
     threading.Thread(target=watch, daemon=True).start()
+
+
+def trainers_of(args, world_size):
+    """The ranks that train: every rank with --servers all, all but the last K with --server-ranks K, else all but
+    the server."""
+    if args.server_ranks:
+        return list(range(world_size - args.server_ranks))
+    return list(range(world_size)) if args.servers == "all" else [r for r in range(world_size) if r != SERVER]
+
+
+def placement(args, world_size):
+    """Which ranks serve and which train: the results' record of the PS's placement."""
+    servers = server_ranks(world_size, args.server_ranks) if args.server_ranks else \
+        list(range(world_size)) if args.servers == "all" else [SERVER]
+    return dict(server_ranks=servers, num_servers=len(servers), trainer_ranks=trainers_of(args, world_size),
+                dedicated_servers=bool(args.server_ranks))
+
+
+def who_serves(args, where):
+    if args.server_ranks:
+        return f"ranks {where['server_ranks'][0]}-{where['server_ranks'][-1]} only serve (--server-ranks {args.server_ranks})"
+    return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
