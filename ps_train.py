@@ -5,7 +5,7 @@
 Synchronous PS (the guide's): each step every worker pulls the parameters, computes gradients on its own shard and
 pushes them; the server averages them, takes the optimizer step and serves the result (serve_epoch, the worker's
 step: make_worker_step). --comm, how pulls and pushes travel (sync/ps_*.py):
-  p2p         the guide's original: one send / recv per tensor and per worker (a star).
+  p2p         the guide's original: one dist.send / dist.recv per tensor and per worker (a star).
   collective  (default) the guide's improvement: --bucket-mb flat buffers, pull = broadcast from the owner,
               push = reduce(SUM) to it, all buckets in flight at once.
   overlap     collective, BytePS-style: each bucket pushed from the gradient hooks as backward fills it; each
