@@ -1,6 +1,7 @@
 """How the kit measures, the same way for every method: the step clock, the epoch's record, exact evaluation,
-the communication yardstick and the link counters (the epoch loop that uses them: driver.Epoch). Every number in a results JSON comes from here or from a
-method's own clock marks; docs/results_schema.md says what each one means.
+the communication yardstick and the link counters (the epoch loop that uses them: driver.Epoch). Every number in
+a results JSON comes from here: the scripts mark their step's phases on the clock, the exchange rooms declare
+theirs with `phase`; docs/results_schema.md says what each one means.
 """
 import collections
 import contextlib
