@@ -11,8 +11,8 @@ class Transport:
     """How the state and the gradients travel. Synchronous transports: every rank calls pull() then push() each
     step, in the same order; pull() is skipped while the trainers already hold the owners' state (after the
     epoch's final pull); push() leaves the sums on the owners. A server that does not train serves with
-    serve_step() and end_serving() (ps_train.serve_epoch's loop); final_pull() (every rank) hands every trainer the owners' newest state, and
-    end_epoch() (every trainer) does what the epoch's last step still owes them of it."""
+    serve_step() and end_serving() (ps_train.serve_epoch's loop); final_pull() (every rank) hands every trainer
+    the owners' newest state, and end_epoch() (every trainer) does what the epoch's last step still owes them."""
     overlaps = False  # pushes and pulls overlap backward and forward: the yardstick measures a blocking twin
     updates_itself = False  # the owners' updates happen inside the exchange (pipelined), not in the step
 

@@ -179,7 +179,6 @@ class _Exchange(_Updater, Transport):
         job = _PushPullJob(self.count, lr)
         self._exchange(job)
         self.update_seconds.append(job.update_seconds)
-        return job
 
     def end_serving(self, scaler):
         pass  # the last step's pulls were the epoch's final pull
