@@ -13,8 +13,10 @@ that can be used, and read only after checking that it belongs to this run.
                               restart, how many steps are redone
 
 The checkpoint before the latest is kept until a newer one is complete, so a torn or corrupt latest part falls
-back to it with a one-line notice, never to a silent fresh start.
+back to it with a one-line notice, never to a silent fresh start. RunCheckpoints is what the training loop does
+with them (driver.Run calls it): resume, the progress mark, a checkpoint after a step or at an epoch's end.
 """
+import dataclasses
 import hashlib
 import io
 import json
@@ -241,3 +243,115 @@ class Checkpoints:
                 return {**mine, "state": parts[self.owner]["state"], "results": mine.get("results")}
         raise UserError(f"no readable checkpoint in {self.root} (every one is incomplete or corrupt; remove it, or "
                         "drop --resume, to start over)")
+
+
+# --------------------------------------------------------------------------- what the training loop does with them
+class RunCheckpoints:
+    """The checkpoints as a run's loop uses them (driver.Run): found (for_run) before anything is touched; a resumed
+    run's training state put back and a restart recorded (`restore(results)`: from then on every checkpoint holds
+    those results on the writer); the progress mark after each step; a checkpoint after a step when --checkpoint-every
+    or a stop is due, and at an epoch's end (every epoch without --checkpoint-every), their time in the epoch's
+    results."""
+
+    def __init__(self, args, ctx, info, method, writer):
+        self.args, self.ctx, self.method, self.writer = args, ctx, method, writer
+        self.store, self.resumed, self.restarted, self.attempt = for_run(args, ctx, info, method, writer)
+        resumed = self.resumed
+        self.saved_results = resumed["results"] if resumed and ctx.rank == writer else None
+        self.epochs_done, self.in_epoch = (resumed["epoch"], resumed.get("in_epoch")) if resumed else (0, None)
+        self.results, self.restart, self.cost = None, None, {"seconds": 0.0, "count": 0}
+
+    def restore(self, results):
+        """A restart recorded (the writer); a resumed run's state put back on this rank, the resume said and
+        recorded."""
+        ctx, method, resumed, self.results = self.ctx, self.method, self.resumed, results
+        if self.restarted and ctx.rank == self.writer:
+            self.restart = Restart(self.store, resumed, self.attempt, results)
+        if not resumed:
+            return
+        for name, obj in method.state.items():
+            obj.load_state_dict(resumed["state"][name])
+        if method.after_resume:
+            method.after_resume()
+        if not self.restarted:
+            results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), self.epochs_done])
+        log(ctx, f"{'restarted' if self.restarted else 'resumed'} after epoch {self.epochs_done}"
+                 + (f", step {resumed['done']} of epoch {self.epochs_done + 1}" if resumed["done"] else "")
+                 + f" from {self.store.root}", rank=self.writer)
+
+    def global_step(self, steps):
+        """The global step the run continues after (0 for a fresh run), at `steps` steps an epoch."""
+        return self.epochs_done * steps + (self.resumed["done"] if self.resumed else 0)
+
+    def continued(self, epoch):
+        """(the step `epoch` starts at, its measure.EpochState so far or None): a resumed epoch's, else (0, None)."""
+        if not (self.resumed and epoch == self.epochs_done + 1):
+            return 0, None
+        return self.resumed["done"], measure.EpochState(**self.in_epoch) if self.in_epoch else None
+
+    def progress(self, step, done):
+        """After each step: when a restarted run was back to training (the writer's Restart), and every --log-every
+        steps of the epoch the mark a later restart counts its redone steps from."""
+        if self.restart:
+            self.restart.reached(step)
+        if self.store.saving and self.ctx.rank == self.writer and done % self.args.log_every == 0:
+            self.store.mark_progress(step)
+
+    def at_step(self, step, epoch, done, snapshot=None, due=False):
+        """After `done` steps of epoch `epoch` (global step `step`; every rank): a checkpoint when --checkpoint-every
+        says so or `due` (a stop). A pipelined step's exchange ends first, so the checkpoint holds every update of
+        it; `snapshot()`: the epoch's EpochState so far. True when it wrote one."""
+        every = self.args.checkpoint_every
+        if not (self.store.saving and (due or every and step % every == 0)):
+            return False
+        if self.method.flush:
+            self.method.flush()
+        self._save(step, epoch - 1, done, dataclasses.asdict(snapshot()) if snapshot else None)
+        return True
+
+    def at_epoch_end(self, step, epoch, due=False):
+        """After epoch `epoch` (global step `step`; every rank): its checkpoint (without --checkpoint-every, or on
+        its multiple, or `due`), and the epoch's checkpoint time and count into its results (the writer)."""
+        every = self.args.checkpoint_every
+        if self.store.saving and (due or not every or step % every == 0):
+            self._save(step, epoch, 0, None)
+        if self.store.saving and self.ctx.rank == self.writer:
+            self.results.data["epochs"][-1].update(checkpoint_time=self.cost["seconds"], checkpoints=self.cost["count"])
+            self.results.save()
+        self.cost = {"seconds": 0.0, "count": 0}
+
+    def after(self, step):
+        """The checkpoint written after `step`, or None when checkpoints are not (or no longer) written."""
+        return self.store.root / f"step{step:08d}" if self.store.saving else None
+
+    def _save(self, step, epoch, done, in_epoch):
+        """This rank's part of the checkpoint after `done` steps of the epoch after `epoch`, written and timed."""
+        ctx, method = self.ctx, self.method
+        state = None if method.replicated and ctx.rank != 0 else {  # rank 0's alone when every rank holds the same
+            name: obj.state_dict() for name, obj in method.state.items()}
+        part = {"epoch": epoch, "done": done, "in_epoch": in_epoch, "state": state,
+                "results": self.results.data if ctx.rank == self.writer else None}
+        self.cost["seconds"] += self.store.save(step, part)
+        self.cost["count"] += 1
+
+
+class Restart:
+    """The writer's record of a restart by torchrun: when, from which checkpoint step, how far the failed
+    attempt had got (its last progress mark), how many steps are redone, and when training was back there."""
+
+    def __init__(self, ckpt, resumed, attempt, results):
+        self.results, self.before = results, ckpt.last_progress()
+        self.entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "unix_time": time.time(), "attempt": attempt,
+                      "resumed_from_step": resumed["step"] if resumed else 0,
+                      "last_step_before": self.before[0] if self.before else None}
+        if self.before:
+            self.entry["steps_redone"] = max(0, self.before[0] - self.entry["resumed_from_step"])
+        results.data.setdefault("restarts", []).append(self.entry)
+        results.save()
+
+    def reached(self, step):
+        if "first_step_unix_time" not in self.entry:
+            self.entry["first_step_unix_time"] = time.time()
+            self.entry["seconds_to_first_step"] = self.entry["first_step_unix_time"] - self.entry["unix_time"]
+        if self.before and "seconds_lost" not in self.entry and step >= self.before[0]:
+            self.entry["seconds_lost"] = time.time() - self.before[1]  # from the failed attempt's last mark

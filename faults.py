@@ -18,10 +18,13 @@ process as a test or a user would make one.
 import os
 import re
 import signal
+import sys
 import threading
 import time
 
 import torch.distributed as dist
+
+import common
 
 
 STOP_KEY = "kit/stop_at_step"
@@ -74,6 +77,20 @@ class StopOnSignal:
             elif self.store is not None and self.store.check([STOP_KEY]):  # another rank's signal
                 self.at, self.signum = map(int, self.store.get(STOP_KEY).decode().split())
         return self.at is not None and step >= self.at
+
+    def stopped(self, step, steps, saved, results, writer):
+        """At the agreed step `step` (every rank; `steps` an epoch): the results say where the run stopped (rank
+        `writer`); returns the common.Stopped to raise, its line saying how to continue (`saved`: the checkpoint
+        written after `step`, or None)."""
+        epoch, done = (step - 1) // steps + 1, (step - 1) % steps + 1
+        if self.rank == writer:
+            results.update(stopped={"signal": self.name, "after_step": step,
+                                    "checkpoint": str(saved) if saved else None})
+        return common.Stopped(self.signum, step, (
+            f"stopped by {self.name} after step {step} (epoch {epoch}, step {done} of {steps}): "
+            + (f"checkpoint {saved}, rerun with --resume to continue; " if saved else "no checkpoint (--resume or "
+               "--checkpoint-every writes them); ")
+            + f"the {len(results.data['epochs'])} finished epoch(s) are kept in {results.path}"))
 
     @property
     def name(self):
@@ -155,3 +172,14 @@ def linger(ctx, report, seconds, stop=None):
     with _quietly():
         while time.monotonic() < deadline and not (stop and stop.signum) and not store.check(keys):
             time.sleep(0.05)  # short sleeps: the signal's handler runs between them
+
+
+def report_hang(ctx, kind, stop, error, results, writer, timeout):
+    """A peer failed or hung: this rank's line on stderr and the report in the results (the writer); rank 0, which
+    hosts the store, waits for the others to have read it (linger, up to the --timeout `timeout` in minutes). The
+    caller raises the error again."""
+    report, line = hang_report(ctx, kind, stop, error)
+    print(line, file=sys.stderr, flush=True)
+    if ctx.rank == writer:
+        results.update(hang=report)
+    linger(ctx, report, 60 * timeout + 5, stop)

@@ -1,5 +1,6 @@
-"""How the kit measures, the same way for every method: the step clock, the epoch's record, exact evaluation,
-the communication yardstick and the link counters (the epoch loop that uses them: driver.Epoch). Every number in
+"""How the kit measures, the same way for every method: the step clock, an epoch's meter and record, exact
+evaluation, the communication yardstick and the link counters (the loop that uses them: driver.Run and
+driver.Epoch). Every number in
 a results JSON comes from here: the scripts mark their step's phases on the clock, the exchange rooms declare
 theirs with `phase`; docs/results_schema.md says what each one means.
 """
@@ -21,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import UserError, autocast
+import common
+from common import UserError, autocast, log
 from data import to_device
 
 
@@ -180,6 +182,91 @@ def epoch_record(ctx, group, done, steps, trainers):
         "steps": steps, "warmup_steps": steps - n, "images_trained": int(seen),
         "all_losses": done.losses, "lrs": done.lrs,
     }
+
+
+class EpochMeter:
+    """How an epoch of training steps is measured, on this rank (driver.Epoch runs the steps and calls it): the
+    step clock (`data` is the wait for the next batch, the method's marks name the rest); the loss and accuracy
+    sums, kept on the device; every --log-every steps every trainer reads the group's sums (the same host sync on
+    every rank, and a NaN anywhere stops them all) for the progress line; a `cold` process's first --warmup-steps
+    steps (epoch 1, or the first epoch after a restart) left out of throughput and phase times; --profile's trace;
+    the record, mean and max over the trainers of `group` (None: every rank). `state` (an EpochState from a
+    checkpoint) continues an epoch from its step; `proxy` (a compute_model.ComputeModel): each proxy image counts
+    as `proxy.weight` modeled images."""
+
+    def __init__(self, ctx, args, epoch, steps, *, group=None, state=None, cold=None, proxy=None):
+        self.ctx, self.args, self.epoch, self.steps, self.group, self.proxy = ctx, args, epoch, steps, group, proxy
+        self.state = state = state or EpochState(epoch)
+        self.first = first = state.step
+        cold = epoch == 1 if cold is None else cold
+        self.warmup = first + min(args.warmup_steps, steps - first - 1) if cold else first
+        self.clock, self.lrs = StepClock(ctx.device), list(state.lrs)
+        self.sums, self.losses = torch.tensor(state.sums, dtype=torch.float64, device=ctx.device), []
+        self.seen, self.timed_seen = state.seen, state.timed_seen  # counts known on the host: no per-step copy
+        reports = ctx.rank == common.first_rank(group)
+        self.progress = Progress(f"epoch {epoch}", steps, reports)
+        self.tracer = Tracer(args, ctx, self.warmup, steps) if args.profile and reports else None
+        self.trainers = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    @contextlib.contextmanager
+    def running(self):
+        """Around the epoch's steps: the epoch's clock starts; the progress bar is closed at the end, before any
+        error line, so that line starts clean."""
+        try:
+            synchronize(self.ctx.device)
+            self.t_start = self.t_timed = time.perf_counter()
+            yield
+        finally:
+            self.progress.close()
+
+    def begin(self, step):
+        """Before step `step`: the timed part starts after the warm-up, the trace where --profile says; the step
+        clock begins the step."""
+        if step == self.warmup > self.first:
+            synchronize(self.ctx.device)
+            self.t_timed = time.perf_counter()
+        if self.tracer:
+            self.tracer.at(step)
+        self.clock.begin()
+
+    def count(self, step, loss, logits, targets, lr):
+        """Step `step`'s loss and accuracy into the sums, its learning rate into the record; the --log-every
+        progress line."""
+        self.lrs.append(lr)
+        targets = torch.cat(targets) if isinstance(targets, list) else targets
+        weight = self.proxy.weight if self.proxy else 1
+        n = targets.numel() * weight
+        self.sums += torch.stack([loss.detach().double() * n, (logits.argmax(1) == targets).sum().double() * weight])
+        self.seen, self.timed_seen = self.seen + n, self.timed_seen + (n if step >= self.warmup else 0)
+        self.losses.append(loss.detach())
+        if (step + 1) % self.args.log_every == 0 or step + 1 == self.steps:
+            loss_sum, correct = all_reduce(self.sums.clone(), group=self.group).tolist()
+            check_finite(loss_sum, self.epoch, step)
+            seen, rate = self.seen * self.trainers, (self.seen - self.state.seen) * self.trainers
+            self.progress.update(step + 1, loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}%",
+                                 img_s=f"{rate / (time.perf_counter() - self.t_start):.1f}")
+
+    def snapshot(self, done):
+        """The EpochState after `done` steps (a host sync)."""
+        synchronize(self.ctx.device)
+        now, state, skip = time.perf_counter(), self.state, self.warmup - self.first
+        phases, times = self.clock.phase_sums(skip=skip), self.clock.step_times(skip=skip)
+        compute = self.clock.per_step("compute", skip=skip)
+        return EpochState(
+            self.epoch, done, self.sums.tolist(), self.seen, self.timed_seen,
+            state.losses + torch.stack(self.losses).float().tolist(), list(self.lrs),
+            state.elapsed + now - self.t_start, state.timed + (now - self.t_timed if done > self.warmup else 0.0),
+            state.timed_steps + len(times), {k: state.phases.get(k, 0.0) + phases.get(k, 0.0)
+                                             for k in {*state.phases, *phases}},
+            [a + b for a, b in zip(state.step_moments, (sum(times), sum(t * t for t in times)))],
+            [a + b for a, b in zip(state.compute_moments, (sum(compute), sum(t * t for t in compute)))])
+
+    def record(self):
+        """The epoch's record after its last step, reduced over the trainers (every trainer calls it)."""
+        if self.tracer:
+            self.tracer.at(self.steps)
+        record = epoch_record(self.ctx, self.group, self.snapshot(self.steps), self.steps, self.trainers)
+        return {**record, **({"profile": self.tracer.summary} if self.tracer and self.tracer.summary else {})}
 
 
 def next_step_batches(batches, ctx, args, proxy=None):
@@ -375,6 +462,50 @@ def fixed_batch(args, info, ctx):
     return to_device(images, targets, ctx, args)
 
 
+def yardstick(args, ctx, info, method):
+    """The communication overhead of the method's step against its no-communication step (and its blocking
+    one), on one fixed batch, leaving the training state exactly as it was. None on a rank that does not train."""
+    clock, lr = NoClock(), common.lr_at(args, 0)
+    kinds = ("comm", "local", "blocking") if method.overlaps else ("comm", "local")
+    steps = {kind: (lambda x, y, kind=kind: method.step(x, y, clock, lr, kind)) for kind in kinds}
+    with preserved(method.model, *stateful(method)):
+        overhead = measure_overhead(ctx, args, steps, *method.batch(args, info, ctx),
+                                    group=method.group, run_length=method.run_length, flush=method.flush)
+    return overhead if ctx.rank in method.trainers else None
+
+
+def record_yardstick(args, ctx, info, method, results):
+    """A fresh run's yardstick (driver.Run), into the results and the log (by the trainers; the first writes)."""
+    overhead = yardstick(args, ctx, info, method)
+    if ctx.rank in method.trainers:
+        results.update(comm_overhead=overhead)
+        log(ctx, overhead_line(overhead, len(method.trainers)), rank=method.trainers[0])
+
+
+def stateful(method):
+    """A method's training state besides its model (optimizer, scaler, ...): what `preserved` puts back with it."""
+    return [obj for obj in method.state.values() if obj is not method.model]
+
+
+def overhead_line(overhead, trainers):
+    """The yardstick's result in one line, with its spread; the hidden share only where it is beyond the noise."""
+    ms = lambda key: f"{1e3 * overhead[key]:.1f}"  # noqa: E731
+    line = (f"communication overhead: {ms('overhead')} ms/step ({100 * overhead['overhead_share']:.0f}% of a "
+            f"{ms('step_time')} ms step; {overhead['pairs']} pairs, min {ms('overhead_min')}, max "
+            f"{ms('overhead_max')})")
+    if trainers == 1:
+        line += ("; one trainer: no byte crosses a link, so this is the method's own bookkeeping (e.g. DDP's "
+                 "bucket copies and hooks)" + (", within noise of zero" if overhead["overhead_min"] <= 0 else ""))
+    if overhead.get("blocking_overhead") is not None:
+        noise = max(overhead["overhead_max"] - overhead["overhead_min"],
+                    overhead["blocking_overhead_max"] - overhead["blocking_overhead_min"])
+        line += f"; blocking after backward {ms('blocking_overhead')} ms, so " + (
+            f"{100 * overhead['hidden_share']:.0f}% is hidden behind backward"
+            if overhead["hidden_share"] is not None and overhead["blocking_overhead"] - overhead["overhead"] > noise else
+            f"no share is hidden beyond the noise ({1e3 * noise:.1f} ms)")
+    return line
+
+
 # --------------------------------------------------------------------------- network links
 def network_info():
     """The network the run used when declared (emulate_cluster.sh declares its emulated links in KIT_NET_*
@@ -470,7 +601,16 @@ class LinkMeter:
             self._fds = None
 
     def start_epoch(self):
+        """Before an epoch's steps: its link counters (read_link_bytes) and the meter's sums so far."""
+        self.before = read_link_bytes(self.ctx)
         self.marks = [self.sums]
+
+    def end_epoch(self, steps):
+        """After the epoch's `steps` steps (world collectives: every rank calls it): {"link": the busiest node
+        link's bytes per step, "node_links": each node's link time and rate (epoch)}."""
+        self.mark()
+        link = busiest_link(self.ctx, self.before, steps)
+        return {"link": link, "node_links": self.epoch(self.ctx.rank // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))}
 
     def mark(self):
         """After a step: keeps the sums so far (cheap: a tuple)."""

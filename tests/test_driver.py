@@ -1,12 +1,13 @@
 """The driver's rooms: results.py (the results JSON, rewritten atomically, a finished run never replaced),
 checkpoint.py (a checkpoint of another run refused before anything is touched; a torn or corrupt latest falls
-back to the one before), and the driver's own lines (start-up, overhead, epoch)."""
+back to the one before), and the lines the user reads (start-up, overhead, epoch)."""
 import json
 
 import pytest
 import torch
 
 import checkpoint
+import measure
 import driver
 import results
 from data import DataInfo
@@ -165,27 +166,27 @@ def test_a_checkpoint_of_another_run_is_refused_naming_both_values(tmp_path):
 # --------------------------------------------------------------------------- what the user reads
 def test_epoch_line_and_data_bound_warning(capsys):
     record = {**RECORD, "avg_batch_time": 0.1, "avg_data_time": 0.05}
-    line = driver.epoch_line(record)
+    line = results.epoch_line(record)
     assert line.startswith("epoch 1: train loss 1.0000 acc 10.00%") and "(data 10.0 compute 90.0 ms)" in line
     assert line.endswith("val loss 1.2000 acc 12.00%")
-    driver.warn_if_data_bound(_ctx(), record)
-    driver.warn_if_data_bound(_ctx(), {**record, "avg_data_time": 0.01})
-    driver.warn_if_data_bound(_ctx(1, 2), record)  # not the reporting rank
+    results.warn_if_data_bound(_ctx(), record)
+    results.warn_if_data_bound(_ctx(), {**record, "avg_data_time": 0.01})
+    results.warn_if_data_bound(_ctx(1, 2), record)  # not the reporting rank
     assert capsys.readouterr().out.count("warning: data loading is 50% of each step") == 1
 
 
 def test_overhead_line_says_what_one_process_measures_and_when_the_hidden_share_is_noise():
     block = {"overhead": 0.02, "overhead_share": 0.1, "step_time": 0.2, "pairs": 3, "overhead_min": -0.001,
              "overhead_max": 0.03}
-    one = driver.overhead_line(block, trainers=1)
+    one = measure.overhead_line(block, trainers=1)
     assert "one trainer: no byte crosses a link" in one and "within noise of zero" in one
-    assert "one trainer" not in driver.overhead_line(block, trainers=2)
+    assert "one trainer" not in measure.overhead_line(block, trainers=2)
     noisy = {**block, "blocking_overhead": 0.025, "blocking_overhead_min": 0.01, "blocking_overhead_max": 0.04,
              "hidden_share": 0.2}
-    assert "no share is hidden beyond the noise" in driver.overhead_line(noisy, 2)
+    assert "no share is hidden beyond the noise" in measure.overhead_line(noisy, 2)
     clear = {**noisy, "blocking_overhead": 0.2, "blocking_overhead_min": 0.19, "blocking_overhead_max": 0.21,
              "hidden_share": 0.9}
-    assert "90% is hidden behind backward" in driver.overhead_line(clear, 2)
+    assert "90% is hidden behind backward" in measure.overhead_line(clear, 2)
 
 
 @pytest.mark.parametrize("change,named", [(dict(arch="resnet34"), "--arch resnet18 there, resnet34 here"),

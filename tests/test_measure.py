@@ -162,9 +162,9 @@ def _yardstick(rank, world_size, name, hook, seconds):
     run()
     calls = hook.calls
     before = _state(method.model, *method.state.values())
-    plain = driver.yardstick(args, ctx, INFO, method)
+    plain = measure.yardstick(args, ctx, INFO, method)
     hook.seconds = seconds
-    delayed = driver.yardstick(args, ctx, INFO, method)
+    delayed = measure.yardstick(args, ctx, INFO, method)
     hook.seconds = 0.0
     return plain, delayed, calls, _same_state(before, _state(method.model, *method.state.values()))
 
