@@ -18,10 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # The loop itself is in each script (its `train`); around it, what every one calls: the run's epochs and an
-# epoch's steps (driver.py). The step clock, its phase declarations and the epoch's record (measure.py) are how
-# the kit measures, called by name like data or checkpoints; the last column counts them too.
-LOOP = ["driver.py:Run", "driver.py:_epoch_lines", "driver.py:Epoch"]
-CLOCKS = ["measure.py:StepClock", "measure.py:epoch_record"]
+# epoch's steps (driver.py). The step clock, its phase declarations, the epoch's meter and its record (measure.py)
+# are how the kit measures, called by name like data or checkpoints; the last column counts them too.
+LOOP = ["driver.py:Run", "driver.py:Epoch"]
+CLOCKS = ["measure.py:StepClock", "measure.py:EpochMeter", "measure.py:epoch_record"]
 DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
        "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
