@@ -8,9 +8,8 @@ import torch.distributed as dist
 
 import common
 import measure
-from sync.ps_layout import SERVER
+from sync.ps import SERVER, ServerStats
 from sync.ps_pipelined import Pipelined
-from sync.ps_server import ServerStats
 
 
 def server_ranks(world_size, k):
