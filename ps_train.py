@@ -37,7 +37,7 @@ from modes import DEFAULT_BUCKET_MB, PARTITION_MB, PS_COMMS, PS_MODES, PS_SERVER
 from sync.ps import SERVER, P2P, Collective, Layout, Overlap, epoch_fields, exchange_sizes, shard_owners
 from sync.ps_async import Async
 from sync.ps_pipelined import Partitions, Pipelined
-from sync.ps_servers import ServerRanks, placement, share_of, trainers_of, who_serves
+from sync.ps_servers import ServerRanks, placement, share_of, trainers_of
 COMMS = PS_COMMS  # the first is the default
 
 
@@ -90,23 +90,10 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- the guide's worker
 def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
     """The guide's worker, one step: pull, forward and backward, push; with --servers all also the update of its
-    own shard (`optimizer`). The yardstick's other kinds: "local", nothing exchanged (make_local_step);
-    "blocking", the same buckets exchanged blocking after backward (comm.blocking_twin())."""
+    own shard (`optimizer`). The step the driver runs, with the yardstick's kinds: yardstick_kinds."""
     criterion = nn.CrossEntropyLoss()
-    blocking = comm.blocking_twin() if comm.overlaps else None
-    local_step = make_local_step(model, comm, args, ctx, criterion)
 
-    def train_step(images, targets, clock, lr=None, kind="comm"):
-        if kind != "comm":
-            comm.flush()  # the other kinds start with nothing in flight
-        comm.active = kind == "comm"  # the overlapped transports' hooks stay quiet in the other kinds
-        try:
-            return local_step(images, targets) if kind == "local" else \
-                exchange_step(images, targets, clock, lr, blocking if kind == "blocking" else comm)
-        finally:
-            comm.active = True
-
-    def exchange_step(images, targets, clock, lr, via):
+    def worker_step(images, targets, clock, lr, via):
         via.clock, via.lr = clock, lr
         via.pull()
         clock.mark("pull")
@@ -130,7 +117,26 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
             update(via, optimizer, scaler, lr)  # --servers all: this rank's own shard
         return loss, logits
 
-    return train_step
+    return yardstick_kinds(comm, worker_step, make_local_step(model, comm, args, ctx, criterion))
+
+
+def yardstick_kinds(comm, worker_step, local_step):
+    """The step the driver runs: kind "comm", the worker's step on `comm`; the yardstick's other kinds: "local",
+    nothing exchanged (local_step); "blocking", the same buckets exchanged blocking after backward (on
+    comm.blocking_twin(): overlap's collective, pipelined's whole exchange after backward)."""
+    blocking = comm.blocking_twin() if comm.overlaps else None
+
+    def step(images, targets, clock, lr=None, kind="comm"):
+        if kind != "comm":
+            comm.flush()  # the other kinds start with nothing in flight
+        comm.active = kind == "comm"  # the overlapped transports' hooks stay quiet in the other kinds
+        try:
+            return local_step(images, targets) if kind == "local" else \
+                worker_step(images, targets, clock, lr, blocking if kind == "blocking" else comm)
+        finally:
+            comm.active = True
+
+    return step
 
 
 def make_local_step(model, comm, args, ctx, criterion):
@@ -193,9 +199,8 @@ def update(comm, optimizer, scaler, lr):
 
 
 def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, after_step=None):
-    """A server that does not train, one epoch: server_step each step (async: the epoch's pushes as they come, in
-    one call), `after_step(done)` after each (the trainers' checkpoints); then the epoch's final pull. Returns
-    its figures per step, over the steps after the first `warmup`."""
+    """A server that does not train, one epoch: server_step each step (async: all the epoch's pushes in one call),
+    `after_step(done)` after each, then the final pull; its figures per step over the steps after `warmup`."""
     comm.clock = clock  # the phases' clock (measure.phase): serve, push_wait, update, ...
     if comm.asynchronous:
         clock.begin()  # one clock step for the epoch
@@ -261,11 +266,20 @@ def trainer_role(args, ctx, model, comm, optimizer, scaler, sharded):
         comm.end_epoch()
         clock.mark("pull")
 
-    def figures(record, server):  # the results' per-epoch fields: the pulls' and pushes' times, the server's
-        return epoch_fields(record, server, len(comm.trainers), args.mode == "async")
-
     return dict(step=make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler),
-                end_of_epoch=end_of_epoch, figures=figures, first_pull=comm.final_pull)
+                end_of_epoch=end_of_epoch, first_pull=comm.final_pull,  # the results' fields, each epoch:
+                figures=lambda record, server: epoch_fields(record, server, len(comm.trainers), args.mode == "async"))
+
+
+def describe(args, where, layout, state_bytes):
+    """The variant in words, for the start-up line."""
+    first, last = where["server_ranks"][0], where["server_ranks"][-1]
+    who = f"ranks {first}-{last} only serve (--server-ranks {args.server_ranks})" if args.server_ranks else \
+        "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
+    how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
+           "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"
+           if args.comm == "pipelined" else "")
+    return f"{who}, --comm {args.comm}{how}, --mode {args.mode}, {state_bytes / 1e6:.1f} MB of state"
 
 
 def make_method(args, ctx, info, model, weights=None):
@@ -285,12 +299,8 @@ def make_method(args, ctx, info, model, weights=None):
         server_role(args, ctx, comm, optimizer, scaler)
     share, first_pull = None if sharded else share_of(ctx, info.steps, where, comm), role.pop("first_pull")
     sizes = exchange_sizes(layout, comm, args, ctx.world_size)  # state, largest shard, gradients, messages
-    how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
-           "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"
-           if args.comm == "pipelined" else "")
     return driver.Method(
-        kind="ps", description=f"{who_serves(args, where)}, --comm {args.comm}{how}, --mode {args.mode}, "
-                               f"{sizes['state_bytes'] / 1e6:.1f} MB of state",
+        kind="ps", description=describe(args, where, layout, sizes["state_bytes"]),
         settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb,
                       server_ranks=args.server_ranks),
         model=model, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
@@ -325,13 +335,7 @@ def serve(run, serve_epoch):
 def main(argv=None):
     args = parse_args(argv)
     with driver.session(args) as ctx:
-        if ctx.world_size < 2 and args.servers != "all":
-            raise common.UserError("the parameter server needs at least 2 processes, a server and a worker "
-                                   "(run with torchrun --nproc_per_node=2 or more)")
-        if args.server_ranks and ctx.world_size <= args.server_ranks:
-            raise common.UserError(f"--server-ranks {args.server_ranks} leaves no worker among {ctx.world_size} "
-                                   f"processes (run more than {args.server_ranks} processes, or fewer servers)")
-        # The trainers shard the training set among themselves.
+        # The trainers shard the training set among themselves (trainers_of: a user error if none or no server).
         ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
         method = make_method(args, ctx, ds.info, model, weights)

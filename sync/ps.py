@@ -4,6 +4,7 @@
 BytePS-style); the servers' figures (ServerStats). The other transports build on these: sync/ps_pipelined.py,
 ps_servers.py, ps_async.py."""
 import dataclasses
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -68,13 +69,9 @@ class Layout:
 
     def _buckets(self, tensors, cap, grads=False):
         """Runs of one owner, each cut into buckets of about `cap` bytes."""
-        runs = []
-        for t in tensors:
-            if not runs or runs[-1][0] != self.owner[id(t)]:
-                runs.append((self.owner[id(t)], []))
-            runs[-1][1].append(t)
+        runs = itertools.groupby(tensors, key=lambda t: self.owner[id(t)])
         return [Bucket(group, owner, len(group) if grads else 0)
-                for owner, run in runs for group in common.split_buckets(run, cap, False)]
+                for owner, run in runs for group in common.split_buckets(list(run), cap, False)]
 
     def owned_params(self, rank):
         return [p for p in self.params if self.owner[id(p)] == rank]
@@ -167,11 +164,10 @@ def epoch_fields(record, server, trainers, asynchronous=False):
 
 
 class Transport:
-    """How the state and the gradients travel. Every rank calls pull() then push() each step, in the same order;
-    pull() is skipped while the trainers hold the owners' state already (after a final pull); push() leaves the
-    sums on the owners. final_pull() (every rank) hands every trainer the owners' newest state; end_epoch() (every
-    trainer) does what the epoch's last step still owes. A server that does not train runs the guide's server on
-    these (ps_train.server_step), unless the transport has one of its own (own_server: serve_step, end_serving)."""
+    """How the state and the gradients travel: every rank calls pull() (skipped while the trainers hold the owners'
+    state already) then push() (the sums left on the owners) each step, in the same order; final_pull() (every
+    rank) hands the trainers the owners' newest state, end_epoch() (the trainers) what the epoch's last step owes.
+    A server that does not train runs ps_train.server_step on these, or its own (own_server: serve_step, ...)."""
     overlaps = False  # pushes and pulls overlap backward and forward: the yardstick also times blocking_twin()
     updates_itself = False  # the owners' updates happen inside the exchange (pipelined), not in the step
     own_server = asynchronous = False  # asynchronous: the server serves a whole epoch at once (serve_epoch)
