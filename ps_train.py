@@ -213,8 +213,7 @@ def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, aft
             if after_step and step + 1 < steps:
                 after_step(step + 1)
     comm.end_serving() if comm.own_server else serve_pull(comm, scaler)  # the epoch's final pull
-    return comm.server_figures(clock.phase_sums(skip=warmup), steps - start - warmup,
-                               [lr_at(s) for s in range(steps)])
+    return comm.server_figures(clock.phase_sums(skip=warmup), steps - start - warmup, [lr_at(s) for s in range(steps)])
 
 
 # --------------------------------------------------------------------------- the exchange, the two roles
@@ -247,16 +246,16 @@ def server_role(args, ctx, comm, optimizer, scaler):
             comm.clock = clock
             server_step(comm, optimizer, scaler, lr)
 
+    cold = True  # the process's first epoch (epoch 1, or the first after a restart) leaves out its warm-up
+
     def epoch_served(epoch, steps, start, after_step):
-        cold = not epoch_served.ran  # the process's first epoch (epoch 1, or the first after a restart)
-        epoch_served.ran = True
+        nonlocal cold
+        warmup, cold = min(args.warmup_steps, steps - start - 1) if cold else 0, False
         stats = serve_epoch(comm, optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
-                            start, min(args.warmup_steps, steps - start - 1) if cold else 0,
-                            measure.StepClock(ctx.device), after_step)
+                            start, warmup, measure.StepClock(ctx.device), after_step)
         common.log(ctx, f"server epoch {epoch}: per step: {stats.describe(args.mode == 'async')}", rank=first)
         return stats
 
-    epoch_served.ran = False
     return dict(step=step, serve_epoch=epoch_served, first_pull=lambda: serve_pull(comm, scaler))
 
 

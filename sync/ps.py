@@ -1,8 +1,8 @@
 """The parameter server's exchange: what travels (Layout: flat float32 buckets, each owned by the server or, with
 --servers all, by the rank owning its tensors), how (Transport: pull and push) and the guide's two transports,
 --comm p2p (its original) and collective (its improvement, the default); --comm overlap (collective from hooks,
-BytePS-style); the servers' figures (ServerStats). The other transports build on these: sync/ps_pipelined.py,
-ps_servers.py, ps_async.py."""
+BytePS-style); the results' records (ServerStats, the servers' figures; exchange_sizes, epoch_fields). The other
+transports build on these: sync/ps_pipelined.py, ps_servers.py, ps_async.py."""
 import dataclasses
 import itertools
 
@@ -141,9 +141,9 @@ class ServerStats:
 
     def describe(self, asynchronous=False):
         """The server's epoch line, per step."""
-        return (f"serve {1e3 * self.serve:.1f}ms, wait {1e3 * self.push_wait:.1f}ms, aggregate+update "
-                f"{1e3 * self.update:.1f}ms" + (f", staleness {self.staleness_mean:.2f} (max {self.staleness_max:.0f})"
-                                                if asynchronous else ""))
+        line = f"serve {1e3 * self.serve:.1f}ms, wait {1e3 * self.push_wait:.1f}ms, aggregate+update " \
+               f"{1e3 * self.update:.1f}ms"
+        return line + (f", staleness {self.staleness_mean:.2f} (max {self.staleness_max:.0f})" if asynchronous else "")
 
 
 def epoch_fields(record, server, trainers, asynchronous=False):
