@@ -58,8 +58,8 @@ class _PushPullJob:
     the event after its update; the partitions the training thread has taken in, whether every send has ended,
     the step's lr and the seconds its updates took."""
 
-    def __init__(self, count, lr, ready=False):
-        self.lr, self.ready, self.events, self.filled = lr, [ready] * count, [None] * count, [0] * count
+    def __init__(self, count, lr):
+        self.lr, self.ready, self.events, self.filled = lr, [False] * count, [None] * count, [0] * count
         self.receives, self.updated, self.update_seconds = [None] * count, [None] * count, 0.0
         self.pulled, self.applied, self.finished = [None] * count, set(), False
         self.arrived = [False] * count  # ServerRanks --push-order priority: an owner's partition, all pushes in
