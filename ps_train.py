@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=4 ps_train.py --epochs 3 --batch-size 64 --workers 16 --data-dir ./ --backend nccl
 
 Synchronous PS (the guide's): each step every worker pulls the parameters, computes gradients on its own shard and
-pushes them; the server averages them, takes the optimizer step and serves the result (serve_epoch, the worker's
-step: make_worker_step). --comm, how pulls and pushes travel (sync/ps_*.py):
+pushes them; the server averages them, takes the optimizer step and serves the result (server_step; the worker's:
+make_worker_step). --comm, how pulls and pushes travel (sync/ps.py, ps_pipelined.py):
   p2p         the guide's original: one dist.send / dist.recv per tensor and per worker (a star).
   collective  (default) the guide's improvement: --bucket-mb flat buffers, pull = broadcast from the owner,
               push = reduce(SUM) to it, all buckets in flight at once.
@@ -25,6 +25,7 @@ the average once and skips the step on inf/NaN for everyone.
 Writes results_ps.json (--comm collective) or results_ps_<comm>[_sharded][_async][_servers<K>].json unless --output
 is given.
 """
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 
@@ -33,12 +34,10 @@ import data
 import driver
 import measure
 from modes import DEFAULT_BUCKET_MB, PARTITION_MB, PS_COMMS, PS_MODES, PS_SERVERS, variant_output
+from sync.ps import SERVER, P2P, Collective, Layout, Overlap, epoch_fields, exchange_sizes, shard_owners
 from sync.ps_async import Async
-from sync.ps_collective import P2P, Collective, Overlap
-from sync.ps_layout import make_layout, messages_per_step
-from sync.ps_pipelined import Pipelined
-from sync.ps_servers import ServerRanks, placement, share_of, trainers_of, who_serves
-from sync.ps_server import update  # the guide's server step (server_step, serve, update)
+from sync.ps_pipelined import Partitions, Pipelined
+from sync.ps_servers import ServerRanks, placement, share_of, trainers_of
 COMMS = PS_COMMS  # the first is the default
 
 
@@ -62,9 +61,8 @@ def parse_args(argv=None):
                    help="BytePS's placement: the last K ranks only serve, each a shard of the partitions by bytes, "
                         "the others only train (needs --comm pipelined)")
     p.add_argument("--push-order", choices=("fill", "priority"), default="fill",
-                   help="--server-ranks: fill: each partition pushed as backward fills it (BytePS's order); "
-                        "priority: at most one push in flight per server, the ready partition the next forward "
-                        "needs first going next (P3's priority; gloo only)")
+                   help="--server-ranks: fill: each partition pushed as backward fills it (BytePS's order); priority: "
+                        "one push in flight per server, the partition the next forward needs first (P3's; gloo only)")
     args = common.parse(p, argv)
     if args.bucket_mb is None:
         args.bucket_mb = PARTITION_MB if args.comm == "pipelined" else DEFAULT_BUCKET_MB
@@ -82,35 +80,20 @@ def parse_args(argv=None):
                 "without --servers all or --mode async)")
     if args.push_order != "fill" and not args.server_ranks:
         p.error("--push-order orders the pushes to servers of their own (add --server-ranks K)")
-    if args.amp and args.amp_dtype == "fp16" and (args.mode == "async" or args.servers == "all"):
-        p.error("fp16 loss scaling needs the single synchronous server (use --amp-dtype bf16)")
-    if args.amp and args.amp_dtype == "fp16" and args.comm == "pipelined":
-        p.error("fp16 loss scaling checks every gradient before any update, which --comm pipelined updates one "
-                "partition at a time (use --amp-dtype bf16, or --comm collective, p2p or overlap)")
+    if args.amp and args.amp_dtype == "fp16" and (args.mode == "async" or args.servers == "all" or
+                                                  args.comm == "pipelined"):
+        p.error("fp16 loss scaling needs the single synchronous server, checking every gradient before the update "
+                "(use --amp-dtype bf16, or one server with --comm collective, p2p or overlap)")
     return args
 
 
+# --------------------------------------------------------------------------- the guide's worker
 def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
-    """A worker's step: pull, forward and backward, push; with --servers all also the update of its own shard
-    (`optimizer`, at `lr`; otherwise the lr is the server's business). kind "local": the same forward and
-    backward and an SGD step on every parameter here, nothing exchanged (the yardstick's no-communication step,
-    while the servers wait); "blocking": the same buckets exchanged blocking after backward (overlap: by the
-    collective transport; pipelined: its partitions, the whole exchange inside the step)."""
+    """The guide's worker, one step: pull, forward and backward, push; with --servers all also the update of its
+    own shard (`optimizer`). The step the driver runs, with the yardstick's kinds: yardstick_kinds."""
     criterion = nn.CrossEntropyLoss()
-    blocking = comm.blocking_twin() if comm.overlaps else None
-    local_step = make_local_step(model, comm, args, ctx, criterion)
 
-    def train_step(images, targets, clock, lr=None, kind="comm"):
-        if kind != "comm":
-            comm.flush()  # the other kinds start with nothing in flight
-        comm.active = kind == "comm"  # the overlapped transports' hooks stay quiet in the other kinds
-        try:
-            return local_step(images, targets) if kind == "local" else \
-                exchange_step(images, targets, clock, lr, blocking if kind == "blocking" else comm)
-        finally:
-            comm.active = True
-
-    def exchange_step(images, targets, clock, lr, via):
+    def worker_step(images, targets, clock, lr, via):
         via.clock, via.lr = clock, lr
         via.pull()
         clock.mark("pull")
@@ -123,8 +106,7 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
                 via.finish_pull()
                 clock.mark("compute")
                 comm.layout.zero_grad()
-            # overlap: the gradient hooks push buckets while backward runs
-            (loss * comm.layout.scale / len(micro)).backward()
+            (loss * comm.layout.scale / len(micro)).backward()  # overlap: the hooks push as backward fills buckets
             losses.append(loss)
             outputs.append(logits)
         clock.mark("compute")
@@ -132,11 +114,29 @@ def make_worker_step(model, comm, args, ctx, optimizer=None, scaler=None):
         via.push()  # pipelined: returns with the exchange (and the owners' updates) in flight
         clock.mark("push")
         if optimizer is not None and not via.updates_itself:
-            update(via, optimizer, scaler, lr, len(comm.trainers))
-            clock.mark("update")
+            update(via, optimizer, scaler, lr)  # --servers all: this rank's own shard
         return loss, logits
 
-    return train_step
+    return yardstick_kinds(comm, worker_step, make_local_step(model, comm, args, ctx, criterion))
+
+
+def yardstick_kinds(comm, worker_step, local_step):
+    """The step the driver runs: kind "comm", the worker's step on `comm`; the yardstick's other kinds: "local",
+    nothing exchanged (local_step); "blocking", the same buckets exchanged blocking after backward (on
+    comm.blocking_twin(): overlap's collective, pipelined's whole exchange after backward)."""
+    blocking = comm.blocking_twin() if comm.overlaps else None
+
+    def step(images, targets, clock, lr=None, kind="comm"):
+        if kind != "comm":
+            comm.flush()  # the other kinds start with nothing in flight
+        comm.active = kind == "comm"  # the overlapped transports' hooks stay quiet in the other kinds
+        try:
+            return local_step(images, targets) if kind == "local" else \
+                worker_step(images, targets, clock, lr, blocking if kind == "blocking" else comm)
+        finally:
+            comm.active = True
+
+    return step
 
 
 def make_local_step(model, comm, args, ctx, criterion):
@@ -164,6 +164,68 @@ def make_local_step(model, comm, args, ctx, criterion):
     return local_step
 
 
+# --------------------------------------------------------------------------- the guide's server
+def server_step(comm, optimizer, scaler, lr):
+    """The guide's server, one step: serve the parameters, gather the workers' gradients, average them, update;
+    each a phase on the clock `comm` holds. A transport with a server of its own (pipelined, async) runs its own."""
+    if comm.own_server:
+        return comm.serve_step(optimizer, lr)
+    serve_pull(comm, scaler)
+    gather(comm)
+    update(comm, optimizer, scaler, lr)
+
+
+@measure.phase("serve")
+def serve_pull(comm, scaler):
+    """The state to every worker's pull, with the server's loss scale (1 without fp16) for their backward."""
+    comm.layout.scale.copy_(scaler.scale(torch.ones((), device=comm.layout.scale.device)))
+    comm.final_pull()  # the server's side of a whole pull (skipped while the trainers hold this state already)
+
+
+@measure.phase("push_wait")
+def gather(comm):
+    """The workers' pushes, summed on the server (its wait includes their forward and backward)."""
+    comm.push()
+
+
+@measure.phase("update")
+def update(comm, optimizer, scaler, lr):
+    """An owner (the server; --servers all: each rank, its shard): the mean of the pushed sums, one optimizer step
+    (fp16: unscaled once, skipped on inf/NaN for everyone)."""
+    comm.layout.average(comm.rank, len(comm.trainers))
+    common.set_lr(optimizer, lr)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, after_step=None):
+    """A server that does not train, one epoch: server_step each step (async: all the epoch's pushes in one call),
+    `after_step(done)` after each, then the final pull; its figures per step over the steps after `warmup`."""
+    comm.clock = clock  # the phases' clock (measure.phase): serve, push_wait, update, ...
+    if comm.asynchronous:
+        clock.begin()  # one clock step for the epoch
+        comm.serve_epoch(optimizer, lr_at, steps, start, after_step)
+        warmup = 0
+    else:
+        for step in range(start, steps):
+            clock.begin()
+            server_step(comm, optimizer, scaler, lr_at(step))
+            if after_step and step + 1 < steps:
+                after_step(step + 1)
+    comm.end_serving() if comm.own_server else serve_pull(comm, scaler)  # the epoch's final pull
+    return comm.server_figures(clock.phase_sums(skip=warmup), steps - start - warmup, [lr_at(s) for s in range(steps)])
+
+
+# --------------------------------------------------------------------------- the exchange, the two roles
+def make_layout(comm, model, bucket_mb, world_size, sharded, servers=None):
+    """The layout of `comm`: pipelined's partitions, or the buckets of the others; sharded over every rank, or
+    (pipelined, --server-ranks) over the ranks `servers`."""
+    if comm == "pipelined":
+        return Partitions(model, bucket_mb, servers or (list(range(world_size)) if sharded else [SERVER]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Layout(model, bucket_mb, shard_owners(params, world_size) if sharded else None)
+
+
 def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=None, priority=False):
     if servers:
         return ServerRanks(layout, rank, trainers, servers, model, optimizer, priority)
@@ -174,29 +236,7 @@ def make_transport(comm, layout, model, rank, trainers, optimizer=None, servers=
     return {"p2p": P2P, "collective": Collective}[comm](layout, rank, trainers)
 
 
-# --------------------------------------------------------------------------- the two roles
-def serve_epoch(comm, optimizer, scaler, lr_at, steps, start, warmup, clock, after_step=None):
-    """The guide's server, one epoch, on a rank that does not train: each step it serves the workers' pull,
-    gathers their pushes, averages and updates (comm.serve_step; async: the epoch's pushes as they come, in one
-    call), `after_step(done)` after each (the trainers' checkpoints); after the last, the epoch's final pull.
-    Returns its figures per step, over the steps after the first `warmup`."""
-    comm.clock = clock  # the transport declares its phases (measure.phase): serve, push_wait, update, ...
-    if comm.asynchronous:
-        clock.begin()  # one clock step for the epoch
-        comm.serve_epoch(optimizer, lr_at, steps, start, after_step)
-        warmup = 0
-    else:
-        for step in range(start, steps):
-            clock.begin()
-            comm.serve_step(optimizer, scaler, lr_at(step))
-            if after_step and step + 1 < steps:
-                after_step(step + 1)
-    comm.end_serving(scaler)
-    return comm.server_figures(clock.phase_sums(skip=warmup), steps - start - warmup,
-                               [lr_at(s) for s in range(steps)])
-
-
-def server_role(args, ctx, comm, optimizer, scaler, method):
+def server_role(args, ctx, comm, optimizer, scaler):
     """A server that does not train (the single one, or one of --server-ranks): it serves the trainers' steps, in
     the yardstick too, and has epochs of its own; the first server logs them."""
     first = next(r for r in range(ctx.world_size) if r not in comm.trainers)
@@ -204,49 +244,41 @@ def server_role(args, ctx, comm, optimizer, scaler, method):
     def step(images, targets, clock, lr, kind="comm"):
         if kind != "local":  # the workers' no-communication step needs no server
             comm.clock = clock
-            comm.serve_step(optimizer, scaler, lr)
+            server_step(comm, optimizer, scaler, lr)
+
+    cold = True  # the process's first epoch (epoch 1, or the first after a restart) leaves out its warm-up
 
     def epoch_served(epoch, steps, start, after_step):
-        cold = not epoch_served.ran  # the process's first epoch (epoch 1, or the first after a restart)
-        epoch_served.ran = True
+        nonlocal cold
+        warmup, cold = min(args.warmup_steps, steps - start - 1) if cold else 0, False
         stats = serve_epoch(comm, optimizer, scaler, lambda s: common.lr_at(args, epoch - 1 + s / steps), steps,
-                            start, min(args.warmup_steps, steps - start - 1) if cold else 0,
-                            measure.StepClock(ctx.device), after_step)
-        common.log(ctx, f"server epoch {epoch}: per step: serve {1e3 * stats.serve:.1f}ms, wait "
-                        f"{1e3 * stats.push_wait:.1f}ms, aggregate+update {1e3 * stats.update:.1f}ms"
-                        + (f", staleness {stats.staleness_mean:.2f} (max {stats.staleness_max:.0f})"
-                           if args.mode == "async" else ""), rank=first)
+                            start, warmup, measure.StepClock(ctx.device), after_step)
+        common.log(ctx, f"server epoch {epoch}: per step: {stats.describe(args.mode == 'async')}", rank=first)
         return stats
 
-    epoch_served.ran = False
-    method.step, method.serve_epoch = step, epoch_served
-    method.before_epochs = lambda: comm.final_pull(scaler)  # the initial state, before any clock
+    return dict(step=step, serve_epoch=epoch_served, first_pull=lambda: serve_pull(comm, scaler))
 
 
-def trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded):
+def trainer_role(args, ctx, model, comm, optimizer, scaler, sharded):
     """A worker (or, sharded, a worker that also owns a shard): it trains, and reports the server's figures."""
-    method.step = make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler)
-    method.before_epochs = lambda: comm.final_pull(scaler)
-
     def end_of_epoch(clock):  # the epoch's last update, so every trainer validates the same model
-        comm.end_epoch(scaler)
+        comm.end_epoch()
         clock.mark("pull")
 
-    def figures(record, server):
-        phases = record["phase_times"]
-        out = dict(avg_comm_time_pull=phases["pull"], avg_comm_time_push=phases["push"],
-                   avg_comm_time=phases["pull"] + phases["push"])
-        if server is not None:
-            out.update(avg_server_serve_time=server.serve, avg_server_push_wait_time=server.push_wait,
-                       avg_server_update_time=server.update, lrs=server.lrs)
-        if getattr(server, "links", None):
-            out.update(link_by_role=server.links)
-        if args.mode == "async":
-            out.update(staleness_mean=server.staleness_mean, staleness_max=server.staleness_max,
-                       updates_per_second=record["steps"] * len(comm.trainers) / record["train_time"])
-        return out
+    return dict(step=make_worker_step(model, comm, args, ctx, optimizer if sharded else None, scaler),
+                end_of_epoch=end_of_epoch, first_pull=comm.final_pull,  # the results' fields, each epoch:
+                figures=lambda record, server: epoch_fields(record, server, len(comm.trainers), args.mode == "async"))
 
-    method.end_of_epoch, method.figures = end_of_epoch, figures
+
+def describe(args, where, layout, state_bytes):
+    """The variant in words, for the start-up line."""
+    first, last = where["server_ranks"][0], where["server_ranks"][-1]
+    who = f"ranks {first}-{last} only serve (--server-ranks {args.server_ranks})" if args.server_ranks else \
+        "every rank serves a shard" if args.servers == "all" else "rank 0 serves"
+    how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
+           "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"
+           if args.comm == "pipelined" else "")
+    return f"{who}, --comm {args.comm}{how}, --mode {args.mode}, {state_bytes / 1e6:.1f} MB of state"
 
 
 def make_method(args, ctx, info, model, weights=None):
@@ -262,35 +294,24 @@ def make_method(args, ctx, info, model, weights=None):
     comm = Async(layout, ctx.rank, len(trainers)) if args.mode == "async" else \
         make_transport(args.comm, layout, model, ctx.rank, trainers, optimizer, servers,
                        args.push_order == "priority")
-    state_bytes = sum(4 * t.numel() for t in layout.params + layout.buffers)
-    how = (f" ({len(layout.push)} partitions of <= {args.bucket_mb:g} MiB, each pushed to its owner as backward "
-           "fills it, updated once all its pushes are in, pulled in the order the next forward needs it)"
-           if args.comm == "pipelined" else "")
-    method = driver.Method(
-        kind="ps", description=f"{who_serves(args, where)}, --comm {args.comm}"
-                               f"{how}, --mode {args.mode}, {state_bytes / 1e6:.1f} MB of state",
+    role = trainer_role(args, ctx, model, comm, optimizer, scaler, sharded) if ctx.rank in trainers else \
+        server_role(args, ctx, comm, optimizer, scaler)
+    share, first_pull = None if sharded else share_of(ctx, info.steps, where, comm), role.pop("first_pull")
+    sizes = exchange_sizes(layout, comm, args, ctx.world_size)  # state, largest shard, gradients, messages
+    return driver.Method(
+        kind="ps", description=describe(args, where, layout, sizes["state_bytes"]),
         settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb,
                       server_ranks=args.server_ranks),
-        model=model, step=None, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
+        model=model, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
         run_length=2,  # a pull waits for the server's update of the step before: runs of 2 in the yardstick
         flush=comm.flush,  # pipelined: a step leaves its exchange in flight (the others: nothing to do)
         state={"model": model, "optimizer": optimizer, "scaler": scaler,
                **({"async": comm} if args.mode == "async" else {})} if owned else {},
-        share=None if sharded else share_of(ctx, info.steps, where, comm),
-        fields=dict(weights=weights, num_workers=len(trainers), state_bytes=state_bytes, placement=where,
-                    largest_shard_bytes=max(sum(4 * p.numel() for p in layout.owned_params(r))
-                                            for r in range(ctx.world_size)),
-                    gradient_bytes=sum(4 * p.numel() for p in layout.params),
-                    messages_per_step=messages_per_step(comm, layout, args)))
-    if ctx.rank in trainers:
-        trainer_role(args, ctx, model, comm, optimizer, scaler, method, sharded)
-    else:
-        server_role(args, ctx, comm, optimizer, scaler, method)
-    if method.share:  # the link counters start with the epochs, after the yardstick
-        before, method.before_epochs = method.before_epochs, lambda: (before(), method.share.reset())
-    return method
+        share=share, before_epochs=lambda: (first_pull(), share and share.reset()),  # the link counters start here
+        fields=dict(weights=weights, num_workers=len(trainers), placement=where, **sizes), **role)
 
 
+# --------------------------------------------------------------------------- the loops
 def train(run, worker_step, end_of_epoch):
     """A worker's training loop (the guide's worker): on each batch, forward and backward, push the gradients,
     pull the new parameters (driver.Run keeps the rest: resume or yardstick, validation, checkpoints, results;
@@ -313,13 +334,7 @@ def serve(run, serve_epoch):
 def main(argv=None):
     args = parse_args(argv)
     with driver.session(args) as ctx:
-        if ctx.world_size < 2 and args.servers != "all":
-            raise common.UserError("the parameter server needs at least 2 processes, a server and a worker "
-                                   "(run with torchrun --nproc_per_node=2 or more)")
-        if args.server_ranks and ctx.world_size <= args.server_ranks:
-            raise common.UserError(f"--server-ranks {args.server_ranks} leaves no worker among {ctx.world_size} "
-                                   f"processes (run more than {args.server_ranks} processes, or fewer servers)")
-        # The trainers shard the training set among themselves.
+        # The trainers shard the training set among themselves (trainers_of: a user error if none or no server).
         ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
         method = make_method(args, ctx, ds.info, model, weights)

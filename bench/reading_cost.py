@@ -26,12 +26,16 @@ DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_s
        "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
       "all_reduce_train.py:make_method", "all_reduce_train.py:train", "all_reduce_train.py:main"]
-PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:make_transport",
-      "ps_train.py:server_role", "ps_train.py:serve_epoch", "ps_train.py:trainer_role", "ps_train.py:make_method",
-      "ps_train.py:train", "ps_train.py:serve", "ps_train.py:main",
-      "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:gather",
-      "sync/ps_server.py:server_update", "sync/ps_server.py:update",
-      "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
+# The PS: its script's CLI, the guide's worker and server, the roles and the loops, and the exchange's base
+# (sync/ps.py); not opened, as the shared pieces: the placement (sync/ps_servers.py), the results' records
+# (sync/ps.py: ServerStats, exchange_sizes, epoch_fields), the start-up line (describe), the yardstick's kinds and
+# its no-communication step (yardstick_kinds, make_local_step). GUIDE: the guide's server's gather and update
+# (a transport with a server of its own runs its own), and the transport --comm chooses (async: its own).
+PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:server_step", "ps_train.py:serve_pull",
+      "ps_train.py:serve_epoch", "ps_train.py:make_layout", "ps_train.py:server_role", "ps_train.py:trainer_role",
+      "ps_train.py:make_method", "ps_train.py:train", "ps_train.py:serve", "ps_train.py:main",
+      "sync/ps.py:Bucket", "sync/ps.py:Layout", "sync/ps.py:Transport"]
+GUIDE = ["ps_train.py:gather", "ps_train.py:update", "ps_train.py:make_transport"]
 GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
 
 VARIANTS = {
@@ -49,13 +53,14 @@ VARIANTS = {
                                            "sync/pipelined_allreduce.py:_optimizer_step",
                                            "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
                                            "sync/buckets.py:sgd_step"] + LOOP,
-    "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
-    "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
-    "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:_PushPullJob",
-                                   "sync/ps_pipelined.py:_Updater", "sync/ps_pipelined.py:_Exchange",
-                                   "sync/ps_pipelined.py:Pipelined", "sync/buckets.py:run_jobs",
-                                   "sync/buckets.py:sgd_step"] + LOOP,
-    "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer"] + LOOP,
+    "PS `--comm collective`": PS + GUIDE + ["sync/ps.py:Collective"] + LOOP,
+    "PS `--comm p2p`": PS + GUIDE + ["sync/ps.py:P2P"] + LOOP,
+    "PS `--comm pipelined`": PS + ["ps_train.py:make_transport", "sync/ps_pipelined.py:Partitions",
+                                   "sync/ps_pipelined.py:_PushPullJob", "sync/ps_pipelined.py:_Updater",
+                                   "sync/ps_pipelined.py:_Exchange", "sync/ps_pipelined.py:Pipelined",
+                                   "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
+    "PS `--mode async`": PS + ["sync/ps_async.py:Async", "sync/ps_async.py:_AsyncServer",
+                               "sync/ps.py:Collective"] + LOOP,  # Collective: its final pull
     "all-reduce `--sync local` (local SGD)": AR + ["sync/local_sgd.py:LocalSGD"] + LOOP,
 }
 

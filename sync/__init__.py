@@ -5,9 +5,9 @@
     allreduce            all_reduce_train's GradSync with DDP's contract (--sync per-param, bucketed, overlap, ring)
     hierarchical         --sync hierarchical (two-level all-reduce per bucket)
     pipelined_allreduce  --sync pipelined (each partition's update applied in the next forward)
-    ps_layout            ps_train's buckets and their owners (--servers), --comm pipelined's partitions
-    ps_server            the guide's single server step, and its figures
-    ps_collective        the PS transports' interface, --comm p2p, collective, overlap
-    ps_pipelined         --comm pipelined (push-sum-pull per partition)
+    ps                   ps_train's exchange: its buckets and their owners (--servers), the transports' interface,
+                         --comm p2p, collective, overlap, the servers' figures (the guide's server: ps_train.py)
+    ps_pipelined         --comm pipelined (push-sum-pull per partition, on its partitions)
+    ps_servers           --server-ranks K (servers of their own, on the pipelined transport), the PS's placement
     ps_async             --mode async (one full-duplex server)
 """

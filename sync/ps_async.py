@@ -9,9 +9,7 @@ import torch.distributed as dist
 import common
 import measure
 from sync.buckets import record_event
-from sync.ps_collective import Collective, Transport
-from sync.ps_layout import SERVER
-from sync.ps_server import ServerStats
+from sync.ps import SERVER, Collective, ServerStats, Transport
 
 
 PULL, PUSH = 0, 1
@@ -178,14 +176,14 @@ class Async(_AsyncServer, Transport):
             dist.send(bucket.flat, dst=SERVER, group=self.pushes)
         dist.recv(torch.zeros(1), src=SERVER, group=self.receipts)  # the server has it all
 
-    def final_pull(self, scaler):
+    def final_pull(self):
         self.final.fresh = False
-        self.final.final_pull(scaler)
+        self.final.final_pull()
 
-    # the server: ps_train.serve_epoch runs these, on the clock it hands over as `clock`
-    asynchronous = True  # the epoch's pushes served as they come, in one call (serve_epoch), not step by step
+    # the server, its own: ps_train.serve_epoch runs these, on the clock it hands over as `clock`
+    own_server = asynchronous = True  # the epoch's pushes served as they come, in one call (serve_epoch)
 
-    def serve_step(self, optimizer, scaler, lr):
+    def serve_step(self, optimizer, lr):
         self.serve(self.num_workers, optimizer, lambda i: lr)
 
     def serve_epoch(self, optimizer, lr_at, steps, start, after_step=None):
@@ -200,8 +198,8 @@ class Async(_AsyncServer, Transport):
 
         self.stale = self.serve(w * (steps - start), optimizer, lambda i: lr_at((start * w + i) / w), at)
 
-    def end_serving(self, scaler):
-        self.final_pull(scaler)  # the epoch's model, to everyone
+    def end_serving(self):
+        self.final_pull()  # the epoch's model, to everyone
 
     def server_figures(self, sums, timed, lrs):
         """Per step served: sending pulls, waiting for a push, receiving and applying it; the staleness."""

@@ -1,5 +1,5 @@
-"""--comm pipelined: BytePS's push-sum-pull per partition, each updated by its owner as soon as its pushes are in and
-pulled in the order the next forward needs it (Pipelined)."""
+"""--comm pipelined: BytePS's push-sum-pull per partition (Partitions), each updated by its owner as soon as its
+pushes are in and pulled in the order the next forward needs it (Pipelined)."""
 import queue
 import threading
 import time
@@ -9,8 +9,46 @@ import torch.distributed as dist
 
 import measure
 from sync.buckets import record_event, run_jobs, sgd_step
-from sync.ps_collective import Transport
-from sync.ps_server import ServerStats
+from sync.ps import SERVER, Bucket, Layout, ServerStats, Transport
+
+
+class Partitions(Layout):
+    """--comm pipelined: the parameters, in the order backward produces their gradients, cut into partitions of
+    about `bucket_mb` (a partition under half of it takes the next tensor whatever its size, so a small tensor
+    before a large one does not travel alone), each owned whole by one of `owners`, dealt out largest first to
+    the least loaded in bytes (the shards within a percent of each other on ResNet-50 at 4 MiB, which sets the
+    busiest link's bytes). A module's buffers go with its first parameter's partition (a module without
+    parameters: with the module before it). push[i] holds partition i's gradients (views) then those buffers;
+    pull[i] the same parameters' values then the same buffers: one message each way carries a partition."""
+
+    def __init__(self, model, bucket_mb, owners):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.buffers = list(model.buffers())
+        self.scale = torch.ones((), device=self.params[0].device)  # fp16 is refused: always 1
+        cap, parts, size = bucket_mb * 2 ** 20, [], 0
+        for p in self.params[::-1]:
+            if not parts or (size + 4 * p.numel() > cap and size >= cap / 2):
+                parts.append([])
+                size = 0
+            parts[-1].append(p)
+            size += 4 * p.numel()
+        sizes = [sum(p.numel() for p in part) for part in parts]
+        load, part_owner = {r: 0 for r in owners}, [None] * len(parts)
+        for i in sorted(range(len(parts)), key=lambda i: (-sizes[i], i)):
+            part_owner[i] = min(owners, key=lambda r: (load[r], r))
+            load[part_owner[i]] += sizes[i]
+        part_of = {id(p): i for i, part in enumerate(parts) for p in part}
+        buffers, current = [[] for _ in parts], len(parts) - 1  # forward meets the last partition first
+        for m in model.modules():
+            first = next((p for p in m.parameters(recurse=False) if id(p) in part_of), None)
+            current = part_of[id(first)] if first is not None else current
+            buffers[current] += list(m.buffers(recurse=False))
+        self.owner = {id(t): part_owner[i] for i, part in enumerate(parts) for t in (*part, *buffers[i])}
+        self.owner[id(self.scale)] = SERVER
+        self.grad_buckets = [Bucket([*part, *buffers[i]], part_owner[i], len(part)) for i, part in enumerate(parts)]
+        self.pull = [Bucket([*part, *buffers[i]], part_owner[i], len(part)) for i, part in enumerate(parts)]
+        self.buffer_buckets, self.push = [], self.grad_buckets
+        self._grads_into_push_buckets()
 
 
 class _PushPullJob:
@@ -20,8 +58,8 @@ class _PushPullJob:
     the event after its update; the partitions the training thread has taken in, whether every send has ended,
     the step's lr and the seconds its updates took."""
 
-    def __init__(self, count, lr, ready=False):
-        self.lr, self.ready, self.events, self.filled = lr, [ready] * count, [None] * count, [0] * count
+    def __init__(self, count, lr):
+        self.lr, self.ready, self.events, self.filled = lr, [False] * count, [None] * count, [0] * count
         self.receives, self.updated, self.update_seconds = [None] * count, [None] * count, 0.0
         self.pulled, self.applied, self.finished = [None] * count, set(), False
         self.arrived = [False] * count  # ServerRanks --push-order priority: an owner's partition, all pushes in
@@ -172,15 +210,17 @@ class _Exchange(_Updater, Transport):
             torch.cuda.current_stream().wait_event(job.events[p])
         self.layout.push[p].pack_buffers()
 
-    # a server that does not train
-    def serve_step(self, optimizer, scaler, lr):
-        """The single server's step: one exchange, ending with the trainers' pulls (the epoch's final pull is its
-        last step's); the updater's seconds kept for its figures."""
+    # a server that does not train: its own server (ps_train.server_step runs it)
+    own_server = True
+
+    def serve_step(self, optimizer, lr):
+        """A server's step: one exchange, ending with the trainers' pulls (the updater steps the optimizer it was
+        given); the updater's seconds kept for its figures."""
         job = _PushPullJob(self.count, lr)
         self._exchange(job)
         self.update_seconds.append(job.update_seconds)
 
-    def end_serving(self, scaler):
+    def end_serving(self):
         pass  # the last step's pulls were the epoch's final pull
 
     def server_figures(self, sums, timed, lrs):
@@ -230,7 +270,7 @@ class Pipelined(_Exchange):
         threading.Thread(target=run_jobs, args=(self, self.jobs, self._exchange, self.stream), daemon=True).start()
 
     def blocking_twin(self):
-        return self  # inactive, push() runs the whole exchange after backward
+        return self  # inactive: push() runs the whole exchange after backward
 
     def pull(self):
         if self.active:  # the exchange the last step left in flight is taken in by this forward, module by module
@@ -279,7 +319,7 @@ class Pipelined(_Exchange):
                 self._end(job)
         self.pending = self.job = None
 
-    def end_epoch(self, scaler):
+    def end_epoch(self):
         self.flush()
 
     def _end(self, job):
@@ -306,7 +346,7 @@ class Pipelined(_Exchange):
                 torch.cuda.current_stream().wait_event(event)
             job.applied.add(p)
 
-    def final_pull(self, scaler):
+    def final_pull(self):
         """Every rank, nothing in flight after it: each owner sends its partitions to every trainer."""
         self.flush()
         sends, receives = [], []

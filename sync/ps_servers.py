@@ -8,9 +8,8 @@ import torch.distributed as dist
 
 import common
 import measure
-from sync.ps_layout import SERVER
+from sync.ps import SERVER, ServerStats
 from sync.ps_pipelined import Pipelined
-from sync.ps_server import ServerStats
 
 
 def server_ranks(world_size, k):
@@ -196,7 +195,13 @@ def _watch(engine, works, then):
 
 def trainers_of(args, world_size):
     """The ranks that train: every rank with --servers all, all but the last K with --server-ranks K, else all but
-    the server."""
+    the server; a user error when that leaves no server or no worker."""
+    if world_size < 2 and args.servers != "all":
+        raise common.UserError("the parameter server needs at least 2 processes, a server and a worker "
+                               "(run with torchrun --nproc_per_node=2 or more)")
+    if args.server_ranks and world_size <= args.server_ranks:
+        raise common.UserError(f"--server-ranks {args.server_ranks} leaves no worker among {world_size} "
+                               f"processes (run more than {args.server_ranks} processes, or fewer servers)")
     if args.server_ranks:
         return list(range(world_size - args.server_ranks))
     return list(range(world_size)) if args.servers == "all" else [r for r in range(world_size) if r != SERVER]
@@ -208,9 +213,3 @@ def placement(args, world_size):
         list(range(world_size)) if args.servers == "all" else [SERVER]
     return dict(server_ranks=servers, num_servers=len(servers), trainer_ranks=trainers_of(args, world_size),
                 dedicated_servers=bool(args.server_ranks))
-
-
-def who_serves(args, where):
-    if args.server_ranks:
-        return f"ranks {where['server_ranks'][0]}-{where['server_ranks'][-1]} only serve (--server-ranks {args.server_ranks})"
-    return "every rank serves a shard" if args.servers == "all" else "rank 0 serves"

@@ -16,7 +16,6 @@ import common
 import measure
 import ps_train
 from dist_helpers import FAST_ARGS, run_forked, run_in_group, run_script
-from sync import ps_layout
 
 K, STEPS, TOL = 4, 3, 1e-6
 FLAGS = ["--lr", "0.05", "--momentum", "0.9", "--weight-decay", "0.01", "--bucket-mb", "0.0005"]
@@ -109,7 +108,7 @@ def _ps_case(rank, world_size):
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model, trainers = _net(bn=False), list(range(1, world_size))
     workers = dist.new_group(ranks=trainers)
-    layout = ps_layout.make_layout("collective", model, args.bucket_mb, world_size, False)
+    layout = ps_train.make_layout("collective", model, args.bucket_mb, world_size, False)
     owned = layout.owned_params(rank)
     optimizer = common.make_optimizer(args, owned) if owned else None
     scaler = common.make_scaler(args, ctx)
@@ -122,7 +121,7 @@ def _ps_case(rank, world_size):
         clock = measure.StepClock(ctx.device)
         clock.begin()
         step(*_micro(rank, i), clock, args.lr)
-    comm.end_epoch(scaler)
+    comm.end_epoch()
     ours = [t.detach().clone() for t in model.parameters()]
     return _err(ours, _ddp(rank, workers, bn=False)[:len(ours)])
 

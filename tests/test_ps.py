@@ -12,10 +12,10 @@ import common
 import measure
 import ps_train
 from dist_helpers import FAST_ARGS, error_lines, run_forked, run_in_group
-from sync import ps_async, ps_collective, ps_layout
+from sync import ps, ps_async
 
 STEPS = 3
-SERVER_RANK = ps_layout.SERVER
+SERVER_RANK = ps.SERVER
 COMMS = ("p2p", "collective", "overlap", "pipelined")
 
 
@@ -80,7 +80,7 @@ def _ps_run(rank, world_size, net, comm, extra, poison):
     comm = comm.replace("sharded-", "")
     # A tiny bucket size so every model spans several buckets (bucket order and hooks are exercised); pipelined
     # merges a small partition with the next tensor, so its partitions need a smaller size for as many.
-    layout = ps_layout.make_layout(comm, model, 0.0002 if comm == "pipelined" else 0.0005, world_size, sharded)
+    layout = ps_train.make_layout(comm, model, 0.0002 if comm == "pipelined" else 0.0005, world_size, sharded)
     assert len(layout.pull) > 2 and len(layout.push) > 2
     trainers = range(world_size) if sharded else range(1, world_size)
     scaler = common.make_scaler(args, ctx)
@@ -102,7 +102,7 @@ def _ps_run(rank, world_size, net, comm, extra, poison):
             images, targets = _batch(rank + sharded, i, shape, poison)
             step(images, targets, clock, args.lr)
             assert {"pull", "compute", "push"} <= {name for name, _ in clock.steps[-1]}
-        transport.end_epoch(scaler)  # the workers fetch the final update, as before validation
+        transport.end_epoch()  # the workers fetch the final update, as before validation
         scales = None
     if issued:
         issued.undo()
@@ -246,10 +246,10 @@ def _async_run(rank, world_size, net, serialize):
     args = _args("--mode", "async")
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
-    layout = ps_layout.Layout(model, bucket_mb=0.0005)
+    layout = ps.Layout(model, bucket_mb=0.0005)
     comm, workers = ps_async.Async(layout, rank, world_size - 1), list(range(1, world_size))
     turns = dist.new_group(workers)  # every rank must call new_group
-    final = ps_collective.Collective(layout, rank, workers)  # the epoch's end: the newest state to everyone
+    final = ps.Collective(layout, rank, workers)  # the epoch's end: the newest state to everyone
     if rank == 0:
         optimizer = common.make_optimizer(args, model.parameters())
         staleness = comm.serve(STEPS * len(workers), optimizer, lambda i: args.lr)
@@ -316,7 +316,7 @@ def _duplex_run(rank, world_size):
     args = _args("--mode", "async")
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
-    layout = ps_layout.Layout(model, bucket_mb=0.0005)
+    layout = ps.Layout(model, bucket_mb=0.0005)
     comm = ps_async.Async(layout, rank, world_size - 1)
     side = dist.new_group([1, 2])  # every rank must call new_group
     if rank == 0:
@@ -363,7 +363,7 @@ def test_a_gradient_set_to_none_is_pushed_from_its_bucket_again():
     """DDP's reducer rule on a worker's layout: after optimizer.zero_grad() (set_to_none) backward's fresh gradients
     are copied into the push buckets, and .grad is the bucket view again (no copy while the views stay)."""
     model = _mlp()
-    layout = ps_layout.Layout(model, bucket_mb=0.0005)
+    layout = ps.Layout(model, bucket_mb=0.0005)
     x = torch.randn(5, 8)
     torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
     model(x).sum().backward()

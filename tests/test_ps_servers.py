@@ -9,7 +9,6 @@ import common
 import measure
 import ps_train
 from dist_helpers import FAST_ARGS, run_forked, run_in_group
-from sync import ps_layout
 from test_ps import NETS, STEPS, _args, _arrays, _batch, _reference
 
 
@@ -21,7 +20,7 @@ def _servers_run(rank, world_size, k, order="fill"):
     ctx = common.DistContext(rank, rank, world_size, world_size, torch.device("cpu"), "gloo", rank == 0)
     model = make()
     where = ps_train.placement(args, world_size)
-    layout = ps_layout.make_layout("pipelined", model, 0.0002, world_size, False, where["server_ranks"])
+    layout = ps_train.make_layout("pipelined", model, 0.0002, world_size, False, where["server_ranks"])
     owned = layout.owned_params(rank)
     optimizer = common.make_optimizer(args, owned) if owned else None
     scaler = common.make_scaler(args, ctx)
@@ -37,7 +36,7 @@ def _servers_run(rank, world_size, k, order="fill"):
             clock = measure.StepClock(ctx.device)
             clock.begin()
             step(*_batch(rank + 1, i, shape), clock, args.lr)
-        transport.end_epoch(scaler)
+        transport.end_epoch()
     shard = [sum(4 * p.numel() for p in layout.owned_params(r)) for r in range(world_size)]
     # the reference in the same 1-thread process as the workers (threads change a convolution's rounding)
     return _arrays(model), shard, _reference(world_size - k + 1, "bn", [], None)[0] if rank == 0 else None
