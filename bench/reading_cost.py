@@ -32,23 +32,28 @@ PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:mak
       "sync/ps_server.py:server_step", "sync/ps_server.py:serve", "sync/ps_server.py:gather",
       "sync/ps_server.py:server_update", "sync/ps_server.py:update",
       "sync/ps_layout.py:Bucket", "sync/ps_layout.py:Layout", "sync/ps_collective.py:Transport"]
-GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
+# the class, the contract it inherits, its buckets and the model-change counter (_Unused runs only with
+# find_unused_parameters=True, which the script never passes)
+GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract", "sync/allreduce.py:_grad_bucket",
+            "sync/allreduce.py:_registered"]
 
 VARIANTS = {
     "DDP": DDP + LOOP,
     "DDP `--comm-hook powersgd`": DDP + ["baseline_multi_card.py:register_hook",
                                          "baseline_multi_card.py:PowerSGDSnapshot"] + LOOP,
     "all-reduce `--sync overlap`": AR + GRADSYNC + LOOP,
-    "all-reduce `--sync ring`": AR + GRADSYNC + ["sync/ring.py:ring_all_reduce",
-                                      "sync/ring.py:_exchange"] + LOOP,
-    "all-reduce `--sync hierarchical`": AR + GRADSYNC + ["sync/hierarchical.py:HierarchicalSync",
-                                              "sync/hierarchical.py:_Relay"] + LOOP,
+    "all-reduce `--sync ring`": AR + GRADSYNC + ["sync/allreduce.py:ring_all_reduce",
+                                                 "sync/allreduce.py:_exchange"] + LOOP,
+    "all-reduce `--sync hierarchical`": AR + GRADSYNC + ["sync/allreduce.py:HierarchicalSync",
+                                                         "sync/allreduce.py:_Relay",
+                                                         "sync/allreduce.py:_Exchange"] + LOOP,
     "all-reduce `--sync pipelined`": AR + GRADSYNC + ["sync/pipelined_allreduce.py:PipelinedSync",
-                                           "sync/pipelined_allreduce.py:_Exchanges",
-                                           "sync/pipelined_allreduce.py:_StandIns",
-                                           "sync/pipelined_allreduce.py:_optimizer_step",
-                                           "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
-                                           "sync/buckets.py:sgd_step"] + LOOP,
+                                                      "sync/pipelined_allreduce.py:_Exchanges",
+                                                      "sync/pipelined_allreduce.py:_StandIns",
+                                                      "sync/pipelined_allreduce.py:_AllReduceJob",
+                                                      "sync/pipelined_allreduce.py:_optimizer_step",
+                                                      "sync/pipelined_allreduce.py:next_partition",
+                                                      "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--comm collective`": PS + ["sync/ps_collective.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + ["sync/ps_collective.py:P2P"] + LOOP,
     "PS `--comm pipelined`": PS + ["sync/ps_layout.py:Partitions", "sync/ps_pipelined.py:_PushPullJob",
