@@ -171,8 +171,7 @@ class GradSync(_DdpContract):
     In the bucketed modes every gradient is a view of its bucket with its parameter's strides (DDP's
     gradient_as_bucket_view): backward accumulates straight into the buckets (adopt_grad when a loop replaced .grad).
     The kit's loop drives the sync itself, so that its clock sees each phase: begin(), broadcast_buffers() before the
-    forward, finish() after backward, as train_step does.
-    """
+    forward, finish() after backward, as train_step does."""
     pipelined = False  # True: the sync applies the update itself, inside the next forward (PipelinedSync)
     averages_parameters = False  # True: parameters, not gradients, are averaged after the update (LocalSGD)
     group = None  # the process group of the exchanges (None: every rank)
@@ -382,8 +381,7 @@ class HierarchicalSync(GradSync):
     Each stage has its own process groups (every rank creates every group, in the same order), and stages 2 and 3
     their own thread (_Relay), which takes the buckets in the order stage 1 started them: every group sees its
     collectives in bucket order on all its members. gloo runs the reduce-scatter as an all-reduce inside the node
-    (more bytes, on the node's loopback only). One node, or one process per node: one level, which is `overlap`.
-    """
+    (more bytes, on the node's loopback only). One node, or one process per node: one level, which is `overlap`."""
 
     def __init__(self, model, bucket_mb=25.0, compress="none", local_size=1, local_rank=None, **contract):
         world, rank = dist.get_world_size(), dist.get_rank()
