@@ -396,13 +396,13 @@ class HierarchicalSync(GradSync):
             raise common.UserError("--sync hierarchical needs the same number of processes on every node "
                                    "(torchrun --nproc-per-node alike everywhere), or use --sync overlap")
         self.levels = 2 if self.nodes > 1 and local_size > 1 else 1
-        self.topology = {"nodes": self.nodes, "procs_per_node": local_size, "levels": self.levels}  # the results'
+        self.topology = {"nodes": self.nodes, "procs_per_node": local_size, "levels": self.levels}  # results: "layout"
         if self.levels == 2:
-            nodes = [list(range(n * local_size, (n + 1) * local_size)) for n in range(self.nodes)]
-            self.local = rank % local_size
+            L = local_size
+            nodes = [list(range(n * L, (n + 1) * L)) for n in range(self.nodes)]
+            self.local = rank % L
             self.node_group, _ = dist.new_subgroups_by_enumeration(nodes)  # stage 1
-            self.across_group, _ = dist.new_subgroups_by_enumeration(
-                [list(range(i, world, local_size)) for i in range(local_size)])
+            self.across_group, _ = dist.new_subgroups_by_enumeration([list(range(i, world, L)) for i in range(L)])
             self.gather_group, _ = dist.new_subgroups_by_enumeration(nodes)  # stage 3: its own group and thread
             self.gather = _Relay(lambda x: ALL_GATHER(x.wire, x.shard, group=self.gather_group, async_op=True),
                                  self.device)
