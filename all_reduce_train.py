@@ -31,8 +31,7 @@ import common
 import data
 import driver
 from modes import DEFAULT_BUCKET_MB, SYNC_MODES, variant_output
-from sync.allreduce import WIRE_DTYPES, GradSync
-from sync.hierarchical import HierarchicalSync
+from sync.allreduce import OVERLAPPED, WIRE_DTYPES, GradSync, HierarchicalSync
 from sync.local_sgd import LocalSGD
 from sync.pipelined_allreduce import PipelinedSync
 
@@ -59,9 +58,8 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------- training
 def make_train_step(model, sync, optimizer, scaler, args, ctx):
-    """One training step with our gradient synchronization; kind "local": the same step with no communication at
-    all (the yardstick's no-communication step); "blocking": the overlapped modes' buckets synchronized after
-    backward. A --sync pipelined "comm" step returns with its exchange in flight: the next forward or flush ends it."""
+    """One training step with our gradient synchronization; the yardstick's kinds: "local" communicates nothing,
+    "blocking" synchronizes after backward. A pipelined "comm" step returns with its exchange in flight."""
     criterion = nn.CrossEntropyLoss()
 
     def train_step(images, targets, clock, lr, kind="comm"):
@@ -106,11 +104,7 @@ def make_sync(model, args, ctx, optimizer, scaler):
     if args.sync == "pipelined":
         return PipelinedSync(model, optimizer, scaler, args.bucket_mb, args.compress)
     if args.sync == "hierarchical":
-        if ctx.rank % ctx.local_world_size != ctx.local_rank:
-            raise common.UserError(f"--sync hierarchical needs ranks numbered node by node, as torchrun does (rank "
-                                   f"{ctx.rank} is local rank {ctx.local_rank} of {ctx.local_world_size}); use "
-                                   "--sync overlap")
-        return HierarchicalSync(model, args.bucket_mb, args.compress, ctx.local_world_size)
+        return HierarchicalSync(model, args.bucket_mb, args.compress, ctx.local_world_size, ctx.local_rank)
     if args.sync == "local":
         return LocalSGD(model, args.local_steps)
     return GradSync(model, args.sync, args.bucket_mb, args.compress)
@@ -147,16 +141,14 @@ def make_method(args, ctx, info, model, weights=None):
     grad_bytes = sum(p.numel() * p.element_size() for p in sync.params)
     wire = grad_bytes if sync.wire_dtype is None else grad_bytes // 2
     local = args.sync == "local"
-    layout = {"nodes": sync.nodes, "procs_per_node": sync.local_size, "levels": sync.levels} \
-        if args.sync == "hierarchical" else None
+    local_steps = {"local_steps": args.local_steps} if local else {}  # local SGD's H: in the settings and results
     return driver.Method(
         kind="all_reduce", description=describe(sync, args),
-        settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress,
-                      **({"local_steps": args.local_steps} if local else {})), model=model,
+        settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress, **local_steps), model=model,
         step=make_train_step(model, sync, optimizer, scaler, args, ctx),
         state={"model": model, "optimizer": optimizer, "scaler": scaler, **({"local_sgd": sync} if local else {})},
         trainers=list(range(ctx.world_size)),
-        overlaps=args.sync in ("overlap", "pipelined", "hierarchical"),
+        overlaps=args.sync in OVERLAPPED,
         run_length=2 if sync.pipelined else 1,  # a pipelined step waits in its forward for the one before
         flush=sync.flush if sync.pipelined else None,
         # the last step ends inside the clock; local SGD: one model to validate, averaged whatever the count
@@ -164,9 +156,8 @@ def make_method(args, ctx, info, model, weights=None):
         replicated=not local,  # local SGD's replicas differ between averages: each rank checkpoints its own
         figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the waits for the exchange
         fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
-                    wire_bytes_per_step=sync.model_bytes / args.local_steps if local else wire,
-                    **({"local_steps": args.local_steps} if local else {}),
-                    **({"layout": layout} if layout else {})))
+                    wire_bytes_per_step=sync.model_bytes / args.local_steps if local else wire, **local_steps,
+                    **({"layout": sync.topology} if args.sync == "hierarchical" else {})))
 
 
 def train(run, train_step, end_of_epoch):

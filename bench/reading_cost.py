@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parent.parent
 # are how the kit measures, called by name like data or checkpoints; the last column counts them too.
 LOOP = ["driver.py:Run", "driver.py:Epoch"]
 CLOCKS = ["measure.py:StepClock", "measure.py:EpochMeter", "measure.py:epoch_record"]
+# The PS keeps the yardstick's kinds apart from the guide's worker step (DDP's and the all-reduce's sit inside
+# their step and are counted there): the last column adds them, with the clock.
+PS_YARDSTICK = ["ps_train.py:yardstick_kinds", "ps_train.py:make_local_step"]
 DDP = ["baseline_multi_card.py:parse_args", "baseline_multi_card.py:make_train_step",
        "baseline_multi_card.py:make_method", "baseline_multi_card.py:train", "baseline_multi_card.py:main"]
 AR = ["all_reduce_train.py:parse_args", "all_reduce_train.py:make_train_step", "all_reduce_train.py:make_sync",
@@ -36,23 +39,28 @@ PS = ["ps_train.py:parse_args", "ps_train.py:make_worker_step", "ps_train.py:ser
       "ps_train.py:make_method", "ps_train.py:train", "ps_train.py:serve", "ps_train.py:main",
       "sync/ps.py:Bucket", "sync/ps.py:Layout", "sync/ps.py:Transport"]
 GUIDE = ["ps_train.py:gather", "ps_train.py:update", "ps_train.py:make_transport"]
-GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract"]  # the class and the contract it inherits
+# the class, the contract it inherits, its buckets and the model-change counter (_Unused runs only with
+# find_unused_parameters=True, which the script never passes)
+GRADSYNC = ["sync/allreduce.py:GradSync", "sync/allreduce.py:_DdpContract", "sync/allreduce.py:_grad_bucket",
+            "sync/allreduce.py:_registered"]
 
 VARIANTS = {
     "DDP": DDP + LOOP,
     "DDP `--comm-hook powersgd`": DDP + ["baseline_multi_card.py:register_hook",
                                          "baseline_multi_card.py:PowerSGDSnapshot"] + LOOP,
     "all-reduce `--sync overlap`": AR + GRADSYNC + LOOP,
-    "all-reduce `--sync ring`": AR + GRADSYNC + ["sync/ring.py:ring_all_reduce",
-                                      "sync/ring.py:_exchange"] + LOOP,
-    "all-reduce `--sync hierarchical`": AR + GRADSYNC + ["sync/hierarchical.py:HierarchicalSync",
-                                              "sync/hierarchical.py:_Relay"] + LOOP,
+    "all-reduce `--sync ring`": AR + GRADSYNC + ["sync/allreduce.py:ring_all_reduce",
+                                                 "sync/allreduce.py:_exchange"] + LOOP,
+    "all-reduce `--sync hierarchical`": AR + GRADSYNC + ["sync/allreduce.py:HierarchicalSync",
+                                                         "sync/allreduce.py:_Relay",
+                                                         "sync/allreduce.py:_Exchange"] + LOOP,
     "all-reduce `--sync pipelined`": AR + GRADSYNC + ["sync/pipelined_allreduce.py:PipelinedSync",
-                                           "sync/pipelined_allreduce.py:_Exchanges",
-                                           "sync/pipelined_allreduce.py:_StandIns",
-                                           "sync/pipelined_allreduce.py:_optimizer_step",
-                                           "sync/pipelined_allreduce.py:next_partition", "sync/buckets.py:run_jobs",
-                                           "sync/buckets.py:sgd_step"] + LOOP,
+                                                      "sync/pipelined_allreduce.py:_Exchanges",
+                                                      "sync/pipelined_allreduce.py:_StandIns",
+                                                      "sync/pipelined_allreduce.py:_AllReduceJob",
+                                                      "sync/pipelined_allreduce.py:_optimizer_step",
+                                                      "sync/pipelined_allreduce.py:next_partition",
+                                                      "sync/buckets.py:run_jobs", "sync/buckets.py:sgd_step"] + LOOP,
     "PS `--comm collective`": PS + GUIDE + ["sync/ps.py:Collective"] + LOOP,
     "PS `--comm p2p`": PS + GUIDE + ["sync/ps.py:P2P"] + LOOP,
     "PS `--comm pipelined`": PS + ["ps_train.py:make_transport", "sync/ps_pipelined.py:Partitions",
@@ -96,10 +104,10 @@ def main():
     p.add_argument("--check", action="store_true", help="only check that every listed definition exists")
     args = p.parse_args()
     cache, gone = {}, []
-    rows = ["| variant | files | lines | with the clock and record: files, lines |", "| --- | --- | ---: | ---: |"]
+    rows = ["| variant | files | lines | with the measuring (clock, record; PS: the yardstick's kinds): files, lines |", "| --- | --- | ---: | ---: |"]
     for variant, entries in VARIANTS.items():
         files, lines, missing = cost(entries, cache)
-        all_files, all_lines, _ = cost(entries + CLOCKS, cache)
+        all_files, all_lines, _ = cost(entries + CLOCKS + (PS_YARDSTICK if variant.startswith("PS") else []), cache)
         gone += missing
         rows.append(f"| {variant} | {len(files)}: {', '.join(f'`{f}`' for f in sorted(files))} | {lines} "
                     f"| {len(all_files)}, {all_lines} |")

@@ -47,18 +47,16 @@ def _optimizer_step(optimizer, scaler, params, lr):
 
 
 class _Exchanges:
-    """PipelinedSync's exchanges, in an order every rank agrees on.
-
-    The order: every rank must start the same collectives in the same order, but which partition is ready when is
-    each rank's own. So the order is decided only from what every rank knows. Each exchange carries, after the
-    gradients, a readiness vector: 1 for every partition this rank's backward had filled when the exchange started,
-    summed by the same all-reduce, so when an exchange ends every rank holds the same counts. Exchange n is chosen
-    when exchange n - credit has ended (at most `credit` in flight), from the vectors of the exchanges ended by then
-    (the same on every rank): next_partition's rule. The first exchange of a step knows nothing yet: partition 0.
-    A communication thread decides, starts and ends the exchanges, on a process group of its own, so the training
-    thread's collectives (buffers, the loss sums, validation) never interleave with them.
-    The gradient hook (_full) tells the thread that a partition is full; the training thread waits in _receive for
-    the partitions it updates."""
+    """PipelinedSync's exchanges, in an order every rank agrees on: every rank must start the same collectives in the
+    same order, but which partition is ready when is each rank's own, so the order is decided only from what every rank
+    knows. Each exchange carries, after the gradients, a readiness vector: 1 for every partition this rank's backward
+    had filled when the exchange started, summed by the same all-reduce, so when an exchange ends every rank holds the
+    same counts. Exchange n is chosen when exchange n - credit has ended (at most `credit` in flight), from the vectors
+    of the exchanges ended by then (the same on every rank): next_partition's rule. The first exchange of a step knows
+    nothing yet: partition 0. A communication thread decides, starts and ends the exchanges, on a process group of its
+    own, so the training thread's collectives (buffers, the loss sums, validation) never interleave with them. The
+    gradient hook (_full) tells the thread that a partition is full; the training thread waits in _receive for the
+    partitions it updates."""
 
     def _full(self, i):  # in the gradient hook (autograd's thread)
         event = record_event(self.device)  # the communication thread's stream waits for it
@@ -157,9 +155,8 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
     fills it and its parameters updated when its exchange has ended: SGD's update is per parameter, so this is the
     same math as one optimizer.step(). An overlapped step returns with exchanges in flight; the next forward waits,
     in a forward pre-hook of each module, only for the partitions holding that module's parameters, and applies their
-    update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all.
-
-    The order of the exchanges, which every rank agrees on, and the thread that starts them: _Exchanges.
+    update there (on a GPU the wait holds back the training stream, not the host). flush() ends them all. The order
+    of the exchanges, which every rank agrees on, and the thread that starts them: _Exchanges.
 
     fp16 (a GradScaler): the scaler's one inf check needs every gradient, so the next forward's first module waits
     for every partition, then scaler.step(optimizer) and scaler.update() run as in the other modes: with fp16 the
@@ -171,8 +168,7 @@ class PipelinedSync(_Exchanges, _StandIns, GradSync):
     loop does to them tells the update's end what to leave in .grad (nothing: the average, which the next backward
     accumulates on; zeroed in place: zeros; set to None: None). no_sync() works as in the other modes: its
     backwards start by taking in the update still due. With find_unused_parameters, a partition whose modules did
-    not run in the next forward is updated when the next backward starts (or by flush).
-    """
+    not run in the next forward is updated when the next backward starts (or by flush)."""
     pipelined = True
 
     def __init__(self, model, optimizer, scaler=None, bucket_mb=25.0, compress="none", credit=2, **contract):

@@ -15,8 +15,8 @@ import torch.nn as nn
 import all_reduce_train as ar
 import common
 from dist_helpers import FAST_ARGS, run_forked, run_in_group
-from sync import allreduce, hierarchical, pipelined_allreduce
-from sync.ring import ring_all_reduce
+from sync import allreduce, pipelined_allreduce
+from sync.allreduce import ring_all_reduce
 
 TINY_MB = 600 / 2 ** 20  # 600 bytes: less than the largest tensor (conv2 weight, 315 floats = 1260 bytes); 3 buckets
 BUCKETED = ("overlap", "bucketed", "ring", "pipelined", "hierarchical")
@@ -57,7 +57,7 @@ def make_sync(model, mode, bucket_mb, compress="none", optimizer=None, scaler=No
         return pipelined_allreduce.PipelinedSync(model, optimizer, scaler or torch.amp.GradScaler("cpu", enabled=False),
                                                  bucket_mb, compress)
     if mode == "hierarchical":
-        return hierarchical.HierarchicalSync(model, bucket_mb, compress, local_size=PER_NODE)
+        return allreduce.HierarchicalSync(model, bucket_mb, compress, local_size=PER_NODE)
     return allreduce.GradSync(model, mode, bucket_mb, compress)
 
 

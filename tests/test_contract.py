@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import common
 from dist_helpers import run_in_group
-from sync import allreduce, hierarchical, pipelined_allreduce
+from sync import allreduce, pipelined_allreduce
 
 MODES = ("per-param", "bucketed", "overlap", "ring", "hierarchical", "pipelined")
 ZEROING = ("optimizer", "optimizer-in-place", "model", "none")
@@ -67,7 +67,7 @@ def make_sync(model, mode, optimizer, **contract):
     if mode == "pipelined":
         return pipelined_allreduce.PipelinedSync(model, optimizer, None, BUCKET_MB, **contract)
     if mode == "hierarchical":
-        return hierarchical.HierarchicalSync(model, BUCKET_MB, local_size=PER_NODE, **contract)
+        return allreduce.HierarchicalSync(model, BUCKET_MB, local_size=PER_NODE, **contract)
     return allreduce.GradSync(model, mode, BUCKET_MB, **contract)
 
 
