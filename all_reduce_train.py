@@ -133,7 +133,8 @@ def describe(sync, args):
 
 
 def make_method(args, ctx, info, model, weights=None):
-    """Our synchronization on `model`, its optimizer and step, as the driver runs them."""
+    """Our synchronization on `model`, its optimizer and step, as the driver runs them; and what the loop runs
+    inside the last step of an epoch (pipelined: the last exchange ends; local SGD: one average), or None."""
     # Same seed on every rank gives the same initial weights; GradSync also broadcasts rank 0's, as DDP does.
     optimizer = common.make_optimizer(args, model.parameters())
     scaler = common.make_scaler(args, ctx)
@@ -142,7 +143,7 @@ def make_method(args, ctx, info, model, weights=None):
     wire = grad_bytes if sync.wire_dtype is None else grad_bytes // 2
     local = args.sync == "local"
     local_steps = {"local_steps": args.local_steps} if local else {}  # local SGD's H: in the settings and results
-    return driver.Method(
+    method = driver.Method(
         kind="all_reduce", description=describe(sync, args),
         settings=dict(sync=args.sync, bucket_mb=args.bucket_mb, compress=args.compress, **local_steps), model=model,
         step=make_train_step(model, sync, optimizer, scaler, args, ctx),
@@ -151,13 +152,13 @@ def make_method(args, ctx, info, model, weights=None):
         overlaps=args.sync in OVERLAPPED,
         run_length=2 if sync.pipelined else 1,  # a pipelined step waits in its forward for the one before
         flush=sync.flush if sync.pipelined else None,
-        # the last step ends inside the clock; local SGD: one model to validate, averaged whatever the count
-        end_of_epoch=sync.flush if sync.pipelined else sync.average_now if local else None,
         replicated=not local,  # local SGD's replicas differ between averages: each rank checkpoints its own
         figures=lambda record, _: {"avg_comm_time": record["phase_times"]["comm"]},  # the waits for the exchange
         fields=dict(weights=weights, num_buckets=len(sync.buckets), gradient_bytes=grad_bytes,
                     wire_bytes_per_step=sync.model_bytes / args.local_steps if local else wire, **local_steps,
                     **({"layout": sync.topology} if args.sync == "hierarchical" else {})))
+    # the last step ends inside the clock; local SGD: one model to validate, averaged whatever the count
+    return method, sync.flush if sync.pipelined else sync.average_now if local else None
 
 
 def train(run, train_step, end_of_epoch):
@@ -178,9 +179,9 @@ def main(argv=None):
     with driver.session(args) as ctx:
         ds = data.open_data(args, ctx, ctx.world_size)
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        method = make_method(args, ctx, ds.info, model, weights)
+        method, end_of_epoch = make_method(args, ctx, ds.info, model, weights)
         with driver.Run(args, ctx, ds, method) as run:
-            train(run, method.step, method.end_of_epoch)
+            train(run, method.step, end_of_epoch)
 
 
 if __name__ == "__main__":

@@ -138,26 +138,21 @@ def make_train_step(model, optimizer, scaler, args, ctx):
 
 
 def make_method(args, ctx, info, model, weights=None):
-    """DDP around `model`, its hook, optimizer and step, as the driver runs them (`method.ddp`: the wrapper)."""
+    """DDP around `model`, its hook, optimizer and step, as the driver runs them; and the DDP wrapper."""
     # Same seed on every rank gives the same initial weights; DDP also broadcasts rank 0's at wrap.
     ddp = DDP(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None, bucket_cap_mb=args.bucket_mb)
     hook_state, wire_bytes = register_hook(ddp, args)
     optimizer = common.make_optimizer(args, ddp.parameters())
     scaler = common.make_scaler(args, ctx)
-    method = driver.Method(
+    return driver.Method(
         kind="baseline_ddp", description=f"buckets of {args.bucket_mb:g} MiB, comm hook {args.comm_hook}",
         settings=dict(comm_hook=args.comm_hook, bucket_mb=args.bucket_mb), model=model,
         step=make_train_step(ddp, optimizer, scaler, args, ctx),
         state={"model": model, "optimizer": optimizer, "scaler": scaler, **hook_state},
         trainers=list(range(ctx.world_size)),
+        figures=lambda record, _: {"ddp_logging": ddp_logging(ddp)},
         fields=dict(weights=weights, gradient_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-                    wire_bytes_per_step=wire_bytes))
-    # After a restore, one step that leaves no trace: DDP then rebuilds its buckets in the order gradients arrive,
-    # as it did early in the interrupted run (the same bucket layout, so the same rounding).
-    method.after_resume = lambda: driver.step_without_trace(args, ctx, info, method)
-    method.figures = lambda record, _: {"ddp_logging": ddp_logging(ddp)}
-    method.ddp = ddp
-    return method
+                    wire_bytes_per_step=wire_bytes)), ddp
 
 
 def ddp_logging(ddp):
@@ -192,8 +187,11 @@ def main(argv=None):
     with driver.session(args) as ctx:
         ds = data.open_data(args, ctx, ctx.world_size)
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        method = make_method(args, ctx, ds.info, model, weights)
+        method, _ = make_method(args, ctx, ds.info, model, weights)
         with driver.Run(args, ctx, ds, method) as run:
+            if run.ckpt.resumed:  # one step that leaves no trace: DDP then rebuilds its buckets in the order the
+                # gradients arrive, as early in the interrupted run (the same bucket layout, so the same rounding)
+                driver.step_without_trace(args, ctx, ds.info, method, run.compute)
             train(run, method.step)
 
 

@@ -271,8 +271,6 @@ class RunCheckpoints:
             return
         for name, obj in method.state.items():
             obj.load_state_dict(resumed["state"][name])
-        if method.after_resume:
-            method.after_resume()
         if not self.restarted:
             results.update(resumed_after_epoch=[*results.data.get("resumed_after_epoch", []), self.epochs_done])
         log(ctx, f"{'restarted' if self.restarted else 'resumed'} after epoch {self.epochs_done}"

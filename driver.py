@@ -34,9 +34,11 @@ import results
 from common import log
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Method:
-    """What one method hands the driver on this rank."""
+    """What one method hands the driver on this rank, built once by its script's make_method. What only the
+    script's own loop calls (the PS's first pull and its server's epochs, the end of a pipelined epoch) stays
+    with the script."""
     kind: str  # baseline_ddp | all_reduce | ps
     description: str  # the variant in words, for the start-up line
     settings: dict  # the flags that make it this variant: {"sync": "overlap", ...}; a checkpoint must match them
@@ -45,25 +47,13 @@ class Method:
     state: dict  # {name: object with state_dict()}: what this rank checkpoints, restores and the yardstick puts back
     trainers: list  # the ranks that train; the first writes the results
     fields: dict = dataclasses.field(default_factory=dict)  # the method's own top-level results fields
-    overlaps: bool = False  # has a "blocking" kind: the hidden share is measured
-    run_length: int = 1  # steps of one kind in a row in the yardstick (2 when a step waits for the one before)
     group: object = None  # the trainers' process group (None: every rank trains)
     replicated: bool = True  # every rank holds the same state: rank 0's is checkpointed and restored everywhere
-    share: Optional[Callable] = None  # every rank: (the server's figures or None) -> those figures on every rank
-    figures: Optional[Callable] = None  # (record, shared) -> the method's own per-epoch figures, on the trainers
-    serve_epoch: Optional[Callable] = None  # (epoch, steps, first step, after_step) -> figures: a server's epoch
-    end_of_epoch: Optional[Callable] = None  # (clock): inside the last step's clock (e.g. the PS's final pull)
-    before_epochs: Optional[Callable] = None  # once, after the yardstick or the resume (e.g. the PS's first pull)
+    overlaps: bool = False  # has a "blocking" kind: the yardstick measures the hidden share
+    run_length: int = 1  # steps of one kind in a row in the yardstick (2 when a step waits for the one before)
     flush: Optional[Callable] = None  # () -> None: ends the exchanges a step left in flight (a pipelined method)
-    after_resume: Optional[Callable] = None  # once, after the state is restored
-    compute: object = None  # the --compute-model on `model` (set by train): the proxy batches train on
-
-    def batch(self, args, info, ctx):
-        """The yardstick's fixed batch, as the model trains on it."""
-        images, targets = measure.fixed_batch(args, info, ctx)
-        images, targets = self.compute.inputs(images, targets) if self.compute else (images, targets)
-        k = args.accumulate  # a step of --accumulate K: K micro-batches, one exchange
-        return (images, targets) if k == 1 else ([images] * k, [targets] * k)
+    figures: Optional[Callable] = None  # every rank after an epoch's steps: (a trainer's record or None, a
+    #                                     server's figures or None) -> the method's own fields for the trainers' epoch
 
     @property
     def name(self):
@@ -99,15 +89,13 @@ class Run(contextlib.AbstractContextManager):
         self.loader = data.train_loader(ds, args, ctx, len(method.trainers), method.trainers.index(ctx.rank)) \
             if self.trains else None
         self.val_loader = data.val_loader(ds, args, ctx, ctx.world_size, ctx.rank)
-        method.compute = compute_model.setup(args, ctx, info, method.model, self.results)  # None without the flag
-        log(ctx, start_line(args, ctx, info, method), rank=writer)
+        self.compute = compute_model.setup(args, ctx, info, method.model, self.results)  # None without the flag
+        log(ctx, start_line(args, ctx, info, method, self.compute), rank=writer)
         self.ckpt.restore(self.results)  # a resumed run's training state put back; a restart recorded
         if args.overhead_pairs and not self.ckpt.resumed:
-            measure.record_yardstick(args, ctx, info, method, self.results)
+            measure.record_yardstick(args, ctx, info, method, self.results, self.compute)
         # Every rank takes the writer's word: a resumed run whose epochs already reached the target does no more.
         self.target = results.Target(args, ctx, self.results, writer, resumed=bool(self.ckpt.resumed))
-        if method.before_epochs:
-            method.before_epochs()
         self.first = self.ckpt.epochs_done + 1
         # SIGTERM / SIGINT: every rank stops at one agreed step; where each rank is, for a hang's report (faults.py)
         self.stop = faults.StopOnSignal(ctx.rank, self.ckpt.global_step(info.steps))
@@ -135,7 +123,7 @@ class Run(contextlib.AbstractContextManager):
     def steps(self):
         """This epoch's steps on a trainer (an Epoch), continuing a resumed epoch where it stopped."""
         return Epoch(self.ctx, self.args, self.epoch, self.loader, self.info.steps, group=self.method.group,
-                     at_step=self.after_step, cold=self.epoch == self.first, proxy=self.method.compute,
+                     at_step=self.after_step, cold=self.epoch == self.first, proxy=self.compute,
                      state=self.in_epoch)
 
     def after_step(self, done, snapshot=None):
@@ -155,12 +143,11 @@ class Run(contextlib.AbstractContextManager):
         link counters, the method's figures, results, checkpoint, the epoch line; then a stop or the target."""
         ctx, method, step = self.ctx, self.method, self.epoch * self.info.steps
         links = self.meter.end_epoch(self.info.steps - self.first_step)  # the busiest link, each node's link
-        shared = method.share(served) if method.share else None
-        val_loss, val_accuracy = measure.evaluate(method.model, self.val_loader, ctx, self.args, proxy=method.compute)
+        figures = method.figures(record, served) if method.figures else {}  # (the PS's: the servers' shared)
+        val_loss, val_accuracy = measure.evaluate(method.model, self.val_loader, ctx, self.args, proxy=self.compute)
         if self.trains:
-            record.update(**links, val_loss=val_loss, val_accuracy=val_accuracy)
-            record.update(method.figures(record, shared) if method.figures else {})
-            self.results.add_run_epoch(record, method, self.args)  # with its scaling efficiency
+            record.update(**links, val_loss=val_loss, val_accuracy=val_accuracy, **figures)
+            self.results.add_run_epoch(record, method, self.args, self.compute)  # with its scaling efficiency
         stopping = self.stop.due(step)
         self.ckpt.at_epoch_end(step, self.epoch, due=stopping)  # its time into the epoch's results
         if self.trains:
@@ -221,25 +208,25 @@ def run_epoch(ctx, args, epoch, loader, steps, train_step, *, end_of_epoch=None,
     return epoch_steps.finish()
 
 
-def step_without_trace(args, ctx, info, method):
+def step_without_trace(args, ctx, info, method, compute=None):
     """One training step on the yardstick's batch whose effects are all undone (DDP rebuilds its buckets after
     its first step: a resumed run gets the bucket layout, and so the rounding, of the run it continues)."""
     with measure.preserved(method.model, *measure.stateful(method)):
-        method.step(*method.batch(args, info, ctx), measure.NoClock(), args.lr)
+        method.step(*measure.yardstick_batch(args, info, ctx, compute), measure.NoClock(), args.lr)
         if method.flush:
             method.flush()
 
 
 # --------------------------------------------------------------------------- the start-up line
-def start_line(args, ctx, info, method):
+def start_line(args, ctx, info, method, compute=None):
     trainers = len(method.trainers)
     who = f"{trainers} trainer(s)" + ("" if trainers == ctx.world_size else f" of {ctx.world_size} processes")
     line = (f"{method.name} ({method.description}): {who} ({ctx.backend}, {common.device_name(ctx.device)}), "
             f"{args.arch} on {info.describe()}, {info.steps} steps/epoch, batch {args.batch_size}/trainer")
     if args.accumulate > 1:
         line += f" x {args.accumulate} micro-batches a step (--accumulate: one exchange per step)"
-    if method.compute:
-        c = method.compute.summary()
+    if compute:
+        c = compute.summary()
         line += (f"; {c['label']}: {1e3 * c['modeled_compute_per_step']:.1f} ms forward+backward a step, the model "
                  f"running on {c['proxy_batch']} images at {c['proxy_image_size']} px")
     return line

@@ -462,21 +462,29 @@ def fixed_batch(args, info, ctx):
     return to_device(images, targets, ctx, args)
 
 
-def yardstick(args, ctx, info, method):
+def yardstick_batch(args, info, ctx, compute=None):
+    """The yardstick's fixed batch, as the model trains on it (through the --compute-model's proxy, if any)."""
+    images, targets = fixed_batch(args, info, ctx)
+    images, targets = compute.inputs(images, targets) if compute else (images, targets)
+    k = args.accumulate  # a step of --accumulate K: K micro-batches, one exchange
+    return (images, targets) if k == 1 else ([images] * k, [targets] * k)
+
+
+def yardstick(args, ctx, info, method, compute=None):
     """The communication overhead of the method's step against its no-communication step (and its blocking
     one), on one fixed batch, leaving the training state exactly as it was. None on a rank that does not train."""
     clock, lr = NoClock(), common.lr_at(args, 0)
     kinds = ("comm", "local", "blocking") if method.overlaps else ("comm", "local")
     steps = {kind: (lambda x, y, kind=kind: method.step(x, y, clock, lr, kind)) for kind in kinds}
     with preserved(method.model, *stateful(method)):
-        overhead = measure_overhead(ctx, args, steps, *method.batch(args, info, ctx),
+        overhead = measure_overhead(ctx, args, steps, *yardstick_batch(args, info, ctx, compute),
                                     group=method.group, run_length=method.run_length, flush=method.flush)
     return overhead if ctx.rank in method.trainers else None
 
 
-def record_yardstick(args, ctx, info, method, results):
+def record_yardstick(args, ctx, info, method, results, compute=None):
     """A fresh run's yardstick (driver.Run), into the results and the log (by the trainers; the first writes)."""
-    overhead = yardstick(args, ctx, info, method)
+    overhead = yardstick(args, ctx, info, method, compute)
     if ctx.rank in method.trainers:
         results.update(comm_overhead=overhead)
         log(ctx, overhead_line(overhead, len(method.trainers)), rank=method.trainers[0])

@@ -282,7 +282,8 @@ def describe(args, where, layout, state_bytes):
 
 
 def make_method(args, ctx, info, model, weights=None):
-    """The layout, the transport, this rank's role (server or trainer) and its state, as the driver runs them."""
+    """The layout, the transport, this rank's role (server or trainer) and its state, as the driver runs them; and
+    what the role's own loop calls (`start`, then a trainer's `end_of_epoch` or a server's `serve_epoch`)."""
     sharded, trainers = args.servers == "all", trainers_of(args, ctx.world_size)
     workers = None if sharded else dist.new_group(ranks=trainers)  # every rank must call new_group
     where = placement(args, ctx.world_size)
@@ -296,19 +297,21 @@ def make_method(args, ctx, info, model, weights=None):
                        args.push_order == "priority")
     role = trainer_role(args, ctx, model, comm, optimizer, scaler, sharded) if ctx.rank in trainers else \
         server_role(args, ctx, comm, optimizer, scaler)
-    share, first_pull = None if sharded else share_of(ctx, info.steps, where, comm), role.pop("first_pull")
+    share = None if sharded else share_of(ctx, info.steps, where, comm)
+    step, figures, first_pull = role.pop("step"), role.pop("figures", lambda *_: {}), role.pop("first_pull")
+    role["start"] = lambda: (first_pull(), share and share.reset())  # the link counters start after the first pull
     sizes = exchange_sizes(layout, comm, args, ctx.world_size)  # state, largest shard, gradients, messages
     return driver.Method(
         kind="ps", description=describe(args, where, layout, sizes["state_bytes"]),
         settings=dict(comm=args.comm, servers=args.servers, mode=args.mode, bucket_mb=args.bucket_mb,
                       server_ranks=args.server_ranks),
-        model=model, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
+        model=model, step=step, trainers=trainers, group=workers, replicated=False, overlaps=comm.overlaps,
         run_length=2,  # a pull waits for the server's update of the step before: runs of 2 in the yardstick
         flush=comm.flush,  # pipelined: a step leaves its exchange in flight (the others: nothing to do)
         state={"model": model, "optimizer": optimizer, "scaler": scaler,
                **({"async": comm} if args.mode == "async" else {})} if owned else {},
-        share=share, before_epochs=lambda: (first_pull(), share and share.reset()),  # the link counters start here
-        fields=dict(weights=weights, num_workers=len(trainers), placement=where, **sizes), **role)
+        figures=lambda record, served: figures(record, share(served) if share else None),  # every rank: shared first
+        fields=dict(weights=weights, num_workers=len(trainers), placement=where, **sizes)), role
 
 
 # --------------------------------------------------------------------------- the loops
@@ -337,12 +340,13 @@ def main(argv=None):
         # The trainers shard the training set among themselves (trainers_of: a user error if none or no server).
         ds = data.open_data(args, ctx, len(trainers_of(args, ctx.world_size)))
         model, weights = common.build_model(args, ctx, ds.info.num_classes)
-        method = make_method(args, ctx, ds.info, model, weights)
+        method, role = make_method(args, ctx, ds.info, model, weights)
         with driver.Run(args, ctx, ds, method) as run:
+            role["start"]()  # the first pull: the trainers get the servers' state (a resumed run's too)
             if run.trains:
-                train(run, method.step, method.end_of_epoch)
+                train(run, method.step, role["end_of_epoch"])
             else:
-                serve(run, method.serve_epoch)
+                serve(run, role["serve_epoch"])
 
 
 if __name__ == "__main__":

@@ -98,12 +98,12 @@ class Results:
         self.data["summary"] = summarize(self.data["epochs"], self.data["summary"])
         self.save()
 
-    def add_run_epoch(self, record, method, args):
+    def add_run_epoch(self, record, method, args, compute=None):
         """A trainer's epoch of a run (driver.Run): its scaling efficiency against the yardstick, the compute
         model's summary beside it; then added."""
         record.update(measure.scaling_efficiency(record, self.data.get("comm_overhead"), method.trainers, args))
-        if method.compute:
-            self.data["compute_model"] = method.compute.summary()
+        if compute:
+            self.data["compute_model"] = compute.summary()
         self.add_epoch(record)
 
     def close(self, ctx, rank):

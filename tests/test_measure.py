@@ -152,9 +152,9 @@ def _yardstick(rank, world_size, name, hook, seconds):
     ctx = _ctx(rank, world_size)
     script, variant = SCRIPTS[name]
     args = script.parse_args(["--batch-size", "4", "--overhead-pairs", "3", *variant])
-    method = script.make_method(args, ctx, INFO, small_net())
+    method, extra = script.make_method(args, ctx, INFO, small_net())
     if name == "ddp":
-        method.ddp.register_comm_hook(None, hook.ddp_hook)
+        extra.register_comm_hook(None, hook.ddp_hook)  # DDP's make_method also returns the wrapper
     x, y = measure.fixed_batch(args, INFO, ctx)
     run = lambda: method.step(x, y, measure.NoClock(), 0.01)  # noqa: E731
     run()  # warm-up
