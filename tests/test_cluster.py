@@ -152,6 +152,7 @@ def _transfer(name, receiver_node, receiver_ip, senders, nbytes):
             rx.kill()
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_links_are_rate_limited_through_the_switch():
     name, rate, nbytes = f"{PREFIX}r", 100e6, 12_000_000
     expected = nbytes * 8 / rate
@@ -185,6 +186,7 @@ def on_one_machine_and_the_cluster(tmp_path, name, nodes, script, args, per_node
     assert_nothing_left(name)
     return tuple(json.loads((tmp_path / f).read_text()) for f in ("one.json", "cluster.json"))
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_blocking_all_reduce_overhead_tracks_the_link_rate_bound(tmp_path, data):
     """The yardstick on a slow link: `--sync bucketed` (one blocking all-reduce per bucket after backward) costs
     what its bytes take at the link rate, and the bytes the nodes' counters see are the ring's 2(N-1)/N x gradients.
@@ -729,6 +731,7 @@ def _node_links(tmp_path, name, slow_node=None):
     return json.loads(out.read_text())["epochs"][0]["node_links"], run.stdout
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_a_slow_link_is_named_with_what_it_cost(tmp_path):
     """Node 1's link at a tenth of the others' rate: the epoch line names it, and the results record each node's
     bytes and the time its link was busy for them; the slow node's link was busy about as long as its bytes take at
@@ -745,6 +748,7 @@ def test_a_slow_link_is_named_with_what_it_cost(tmp_path):
     print(f"\n{said[0]}")
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_equal_links_name_none(tmp_path):
     """Every link at 1 Gbit/s: no slow link is named, in the output or the results."""
     links, stdout = _node_links(tmp_path, f"{PREFIX}e")

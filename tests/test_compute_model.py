@@ -32,6 +32,7 @@ def test_flops_profile_adds_up_and_caps_grouped_backward():
     assert p["calls"]["features.0.0"] == 1
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_playback_takes_the_modeled_time_with_the_cpu_idle_and_hooks_at_modeled_times():
     torch.set_num_threads(1)
     model = _model()

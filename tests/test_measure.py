@@ -193,6 +193,7 @@ def yardstick():
     return {size: run_in_group(_all, size, {m: delay(m) for m in methods}) for size, methods in GROUPS.items()}
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 @pytest.mark.parametrize("method", [m for ms in GROUPS.values() for m in ms])
 def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
     size = next(s for s, ms in GROUPS.items() if method in ms)
@@ -215,6 +216,7 @@ def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
         assert 0.75 * expected - 0.005 < rise < 1.3 * expected + 0.015, (method, "blocking", rise, expected)
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_one_process_has_about_no_overhead():
     out, = run_in_group(_all, 1, {"ddp": 0.0, "ar-overlap": 0.0})
     for method, (overhead, _, _, same) in out.items():
@@ -303,6 +305,7 @@ def _run_ddp(tmp_path, name, slow_rank=None):
     return json.loads(out.read_text())["epochs"][0]["rank_compute"], proc.stderr
 
 
+@pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_a_rank_slowed_on_purpose_is_named_and_none_is_without(tmp_path):
     plain, _ = _run_ddp(tmp_path, "plain")
     assert plain["ranks"] == [0, 1, 2] and plain["straggler"] is None, plain
