@@ -145,13 +145,13 @@ SCRIPTS = {"ddp": (ddp_script, []), "ps-sharded": (ps, ["--servers", "all"]), "p
            **{f"ps-{c}": (ps, ["--comm", c]) for c in ps.COMMS}}
 
 
-def _yardstick(rank, world_size, name, hook, seconds):
+def _yardstick(rank, world_size, name, hook, seconds, pairs=3):
     """Builds method `name` on small_net in this group as its script does, counts the communication calls of one
     step, then measures the overhead without and with `seconds` in every call; returns (plain overhead
     block, delayed block, calls per step, state unchanged by both?) (the blocks are None on the PS server)."""
     ctx = _ctx(rank, world_size)
     script, variant = SCRIPTS[name]
-    args = script.parse_args(["--batch-size", "4", "--overhead-pairs", "3", *variant])
+    args = script.parse_args(["--batch-size", "4", "--overhead-pairs", str(pairs), *variant])
     method, extra = script.make_method(args, ctx, INFO, small_net())
     if name == "ddp":
         extra.register_comm_hook(None, hook.ddp_hook)  # DDP's make_method also returns the wrapper
@@ -169,10 +169,10 @@ def _yardstick(rank, world_size, name, hook, seconds):
     return plain, delayed, calls, _same_state(before, _state(method.model, *method.state.values()))
 
 
-def _all(rank, world_size, delays):
-    """_yardstick for every method of {method: delay in seconds}, in this group."""
+def _all(rank, world_size, delays, pairs=3):
+    """_yardstick for every method of {method: delay in seconds}, in this group, over `pairs` pairs."""
     hook = Delay(0.0)
-    return {method: _yardstick(rank, world_size, method, hook, seconds) for method, seconds in delays.items()}
+    return {method: _yardstick(rank, world_size, method, hook, seconds, pairs) for method, seconds in delays.items()}
 
 
 # ar-local (local SGD) is left out: its "comm" step communicates on every --local-steps-th step only, so the yardstick's
@@ -218,10 +218,13 @@ def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
 
 @pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_one_process_has_about_no_overhead():
-    out, = run_in_group(_all, 1, {"ddp": 0.0, "ar-overlap": 0.0})
+    # What remains with one process is the method's own bookkeeping (hooks, bucket copies, world-1 collectives):
+    # 1.1-3.7 ms on this ~2 ms step on our 2 cores at night (the median of 9 pairs), a fifth of the 20 ms delay per
+    # call whose rise test_injected_delay_raises_the_overhead_by_its_amount must see
+    out, = run_in_group(_all, 1, {"ddp": 0.0, "ar-overlap": 0.0}, 9)
     for method, (overhead, _, _, same) in out.items():
         assert same
-        assert abs(overhead["overhead"]) < max(0.003, 0.15 * overhead["local_step_time"]), (method, overhead)
+        assert abs(overhead["overhead"]) < max(0.005, 0.15 * overhead["local_step_time"]), (method, overhead)
         # the pairs' spread, for a standard-error rule: 1.2533 x stdev / sqrt(pairs)
         assert overhead["overhead_stdev"] >= 0 and overhead["overhead_se"] == pytest.approx(
             1.2533 * overhead["overhead_stdev"] / overhead["pairs"] ** 0.5, rel=1e-3)
