@@ -219,7 +219,7 @@ def test_injected_delay_raises_the_overhead_by_its_amount(yardstick, method):
 @pytest.mark.alone  # compares times: the other worker waits (conftest.py)
 def test_one_process_has_about_no_overhead():
     # What remains with one process is the method's own bookkeeping (hooks, bucket copies, world-1 collectives):
-    # 1.1-3.7 ms on this ~2 ms step on our 2 cores at night (the median of 9 pairs), a fifth of the 20 ms delay per
+    # 1.1-3.7 ms on this ~2 ms step on our 2 cores at night (the median of 9 pairs), a quarter of the 20 ms delay per
     # call whose rise test_injected_delay_raises_the_overhead_by_its_amount must see
     out, = run_in_group(_all, 1, {"ddp": 0.0, "ar-overlap": 0.0}, 9)
     for method, (overhead, _, _, same) in out.items():
