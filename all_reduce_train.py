@@ -117,7 +117,7 @@ def describe(sync, args):
                 f"every {args.local_steps} steps")
     size = f"<= {args.bucket_mb:g} MiB"
     text = f"--sync {args.sync}, {len(sync.params)} gradient tensors in " + (
-        f"{len(sync.buckets)} buckets of {size}" if sync.buckets else "one all-reduce each")
+        "one all-reduce each" if args.sync == "per-param" else f"{len(sync.buckets)} buckets of {size}")
     if args.sync == "pipelined":
         text = (f"--sync pipelined, {len(sync.params)} gradient tensors in {len(sync.buckets)} partitions of {size}, "
                 f"each updated as its exchange ends, the next forward waiting per module; order agreed through a "

@@ -48,11 +48,10 @@ class _Unused:
 
     def __init__(self, sync, missing):
         for p in missing:
-            view = sync.views.get(id(p))
-            if view is not None and p.grad is None:
-                view.zero_()
-            elif view is not None:
-                adopt_grad(p, view)
+            if p.grad is None:
+                sync.views[id(p)].zero_()
+            else:
+                adopt_grad(p, sync.views[id(p)])
         if missing and sync.overlapped:
             for i, bucket in enumerate(sync.buckets):
                 if sync.filled[i] < len(bucket.tensors):
@@ -168,8 +167,8 @@ class GradSync(_DdpContract):
       - every parameter must get a gradient each step, else an error names it, unless find_unused_parameters=True
         (then _Unused: DDP's rule); a tied parameter is one parameter; a parameter added, replaced or (un)frozen
         after construction is an error (a buffer may be reassigned, as under DDP).
-    In the bucketed modes every gradient is a view of its bucket with its parameter's strides (DDP's
-    gradient_as_bucket_view): backward accumulates straight into the buckets (adopt_grad when a loop replaced .grad).
+    Every gradient is a view of its bucket with its parameter's strides (DDP's gradient_as_bucket_view; per-param:
+    a bucket per tensor): backward accumulates straight into the buckets (adopt_grad when a loop replaced .grad).
     The kit's loop drives the sync itself, so that its clock sees each phase: begin(), broadcast_buffers() before the
     forward, finish() after backward, as train_step does."""
     pipelined = False  # True: the sync applies the update itself, inside the next forward (PipelinedSync)
@@ -185,8 +184,9 @@ class GradSync(_DdpContract):
         self.names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
-        # in the order backward produces gradients: the parameters reversed
-        groups = [] if mode == "per-param" else common.split_buckets(self.params[::-1], bucket_mb * 2 ** 20)
+        # in the order backward produces gradients: the parameters reversed; per-param: a bucket for each tensor
+        cap = 0 if mode == "per-param" else bucket_mb * 2 ** 20
+        groups = common.split_buckets(self.params[::-1], cap)
         self.buckets = [_grad_bucket(group, self._tail(len(groups), group)) for group in groups]
         self.views = {id(p): view for bucket in self.buckets for p, view in zip(bucket.tensors, bucket.views)}
         self.bucket_index = {id(p): i for i, b in enumerate(self.buckets) for p in b.tensors}
@@ -199,9 +199,8 @@ class GradSync(_DdpContract):
         self.sync_grads = self.sync_backward = self.buffers_due = self.syncing = True
         self.in_backward, self.ready, self.filled, self.in_flight = False, set(), [0] * len(self.buckets), []
         for p in self.params:
-            if id(p) in self.views:
-                p.grad = self.views[id(p)]
-            p.register_post_accumulate_grad_hook(lambda p, view=self.views.get(id(p)): self._grad_ready(p, view))
+            p.grad = self.views[id(p)]
+            p.register_post_accumulate_grad_hook(lambda p, view=self.views[id(p)]: self._grad_ready(p, view))
         # a closure, not a bound method: a deep copy of the model (compute_model's, an EMA's) shares it, never the sync
         model.register_forward_pre_hook(lambda module, args: self._before_model(module), prepend=True)
         self._broadcast(common.flat_by_dtype([*model.parameters(), *model.buffers()]))
@@ -219,18 +218,15 @@ class GradSync(_DdpContract):
         """Zeroes the gradients for the next backward (in place: they stay views of the buckets)."""
         for bucket in self.buckets:
             bucket.grads.zero_()
-        for p in self.params if not self.buckets else ():
-            p.grad = None
 
     def _grad_ready(self, param, view):
-        """The gradient hook, after backward has accumulated into param.grad (`view`: its bucket view, if any)."""
+        """The gradient hook, after backward has accumulated into param.grad (`view`: its bucket view)."""
         if not self.communicates:
             return
         if not self.in_backward:
             self.in_backward = True
             self._backward_starts()
-        if view is not None:
-            adopt_grad(param, view)
+        adopt_grad(param, view)
         if not self.syncing:
             return
         if id(param) in self.ready:
@@ -259,15 +255,6 @@ class GradSync(_DdpContract):
 
     def _finish(self):
         unused = self._end_backward()
-        if self.mode == "per-param":
-            for p in self.params:
-                if unused is not None and unused.grad_of(p, p) is None:
-                    continue  # no gradient on any rank: .grad untouched, as under DDP
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad.div_(self.world_size)
-            return
         if self.overlapped:  # overlap, hierarchical (an overlapped pipelined step ends in PipelinedSync._finish)
             for work, wire, bucket in self.in_flight:
                 work.wait()
